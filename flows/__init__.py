@@ -1,0 +1,1 @@
+"""Prefect flows: generate, evaluate, refresh, run. Orchestration only."""

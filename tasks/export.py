@@ -1,0 +1,180 @@
+"""Assemble, check and publish the dataset: budget, lineage invariant, manifest, atomic swap into place."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import platform
+import random
+import shutil
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from codeclm.errors import DatasetError
+from codeclm.prompts import load_prompt
+from codeclm.records import (
+    CallStats,
+    Candidate,
+    FailedCall,
+    FilterDecision,
+    Judgement,
+    Metadata,
+    Record,
+    RejectedCandidate,
+    Response,
+    RubricSet,
+    Seed,
+    TrainingPair,
+)
+from codeclm.settings import Settings
+from codeclm.storage import check_schema, publish, write_json, write_jsonl, write_records
+from tasks._base import Ref, codec_task, read
+
+STAGE_TABLES: dict[str, type[Record]] = {
+    "seeds": Seed, "metadata": Metadata, "rubrics": RubricSet, "candidates": Candidate, "responses": Response,
+    "judgements": Judgement, "decisions": FilterDecision, "stats": CallStats,
+}
+PROMPTS = ("encode", "decode", "rubrics", "improve", "respond", "score")
+
+
+def apply_budget(kept: list[TrainingPair], budget: int, seed: int
+                 ) -> tuple[list[TrainingPair], list[RejectedCandidate]]:
+    """Keep `budget` pairs, sampled reproducibly when there are more; the rest are rejected as over budget."""
+    if len(kept) <= budget:
+        return kept, []
+    ordered = sorted(kept, key=lambda p: p.pair_id)
+    chosen = set(random.Random(seed).sample(range(len(ordered)), budget))
+    over = [RejectedCandidate(instruction_id=p.instruction_id, candidate_id=p.candidate_id, metadata_id=p.metadata_id,
+                              round=p.round, instruction=p.instruction, reason="over_budget", gap=p.gap)
+            for i, p in enumerate(ordered) if i not in chosen]
+    return [p for i, p in enumerate(ordered) if i in chosen], over
+
+
+def check_lineage(basic: set[str], kept: list[TrainingPair], rejected: list[RejectedCandidate],
+                  failed: list[FailedCall]) -> None:
+    """Every basic instruction ends exactly once: kept, rejected or failed. None vanish, none double."""
+    ends: dict[str, list[str]] = defaultdict(list)
+    for p in kept:
+        ends[p.instruction_id].append("kept")
+    for r in rejected:
+        ends[r.instruction_id].append("rejected")
+    for f in {f.instruction_id for f in failed if f.instruction_id}:
+        ends[f].append("failed")
+    vanished = sorted(basic - ends.keys())
+    doubled = sorted(i for i, e in ends.items() if len(e) > 1)
+    unknown = sorted(ends.keys() - basic)
+    if vanished or doubled or unknown:
+        raise DatasetError(f"lineage check failed: {len(vanished)} instructions vanished {vanished[:3]}, "
+                           f"{len(doubled)} ended twice {doubled[:3]}, {len(unknown)} unknown {unknown[:3]}; "
+                           "nothing was published")
+
+
+def chat_rows(pairs: list[TrainingPair]) -> list[dict[str, Any]]:
+    """OpenAI / TRL chat fine-tuning format."""
+    return [{"messages": [{"role": "user", "content": p.instruction}, {"role": "assistant", "content": p.response}]}
+            for p in pairs]
+
+
+def _concat(refs: list[Ref], model: type[Record]) -> list[Record]:
+    return [row for ref in refs for row in read(ref, model)]
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    names = ("codeclm-factory", "prefect", "litellm", "pyarrow", "pandas", "pydantic")
+    found = {}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found | {"python": platform.python_version()}
+
+
+def _stage_summary(stats: list[CallStats]) -> list[dict[str, Any]]:
+    frame = pd.DataFrame([s.model_dump() for s in stats])
+    if frame.empty:
+        return []
+    grouped = frame.drop(columns=["batch"]).groupby("stage", sort=False).sum(numeric_only=True).reset_index()
+    grouped["task_runs"] = frame.groupby("stage", sort=False).size().values
+    return grouped.round({"cost_usd": 6, "seconds": 3}).to_dict(orient="records")
+
+
+@codec_task("export", run_name="publish dataset · {out}")
+def export(refs: dict[str, list[Ref]], settings: Settings, out: str, run: dict[str, Any]) -> dict[str, Any]:
+    """Write train/rejected/failed/stages and the manifest aside, validate them, then swap into `out`."""
+    target = Path(out)
+    kept_all = _concat(refs.get("kept", []), TrainingPair)
+    train, over_budget = apply_budget(kept_all, settings.budget, settings.seed)
+    rejected = _concat(refs.get("rejected", []), RejectedCandidate) + over_budget
+    failed = _concat(refs.get("failed", []), FailedCall)
+    candidates = _concat(refs.get("candidates", []), Candidate)
+    basic = {c.instruction_id for c in candidates if c.round == 1} | {
+        r.instruction_id for r in rejected if r.reason in ("seed_overlap", "duplicate")}
+    check_lineage(basic, train, rejected, failed)
+
+    staging = target.with_name(f".{target.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    files = {
+        "train.parquet": write_records(staging / "train.parquet", train, TrainingPair),
+        "rejected.parquet": write_records(staging / "rejected.parquet", rejected, RejectedCandidate),
+        "failed_calls.parquet": write_records(staging / "failed_calls.parquet", failed, FailedCall),
+        "train.jsonl": write_jsonl(staging / "train.jsonl", chat_rows(train)),
+    }
+    tables: dict[str, tuple[list[Record], type[Record]]] = {
+        "train.parquet": (train, TrainingPair), "rejected.parquet": (rejected, RejectedCandidate),
+        "failed_calls.parquet": (failed, FailedCall)}
+    for name, model in STAGE_TABLES.items():
+        rows = _concat(refs.get(name, []), model)
+        files[f"stages/{name}.parquet"] = write_records(staging / "stages" / f"{name}.parquet", rows, model)
+        tables[f"stages/{name}.parquet"] = (rows, model)
+    _validate(staging, tables, len(train))
+
+    stats = _concat(refs.get("stats", []), CallStats)
+    stages = _stage_summary(stats)
+    manifest = {
+        "run": run,
+        "versions": _versions(),
+        "prompts": {p: load_prompt(p).version for p in PROMPTS},
+        "settings": settings.model_dump(mode="json"),
+        "counts": {
+            "seeds": len(tables["stages/seeds.parquet"][0]),
+            "metadata": dict(Counter(m.origin for m in tables["stages/metadata.parquet"][0])),  # type: ignore[attr-defined]
+            "basic_instructions": len(basic),
+            "candidates_per_round": dict(sorted(Counter(c.round for c in candidates).items())),
+            "kept_per_round": dict(sorted(Counter(p.round for p in kept_all).items())),
+            "kept_sources": dict(Counter(p.response_source for p in kept_all)),
+            "train": len(train),
+            "rejected": dict(Counter(r.reason for r in rejected)),
+            "failed_calls": dict(Counter(f.stage for f in failed)),
+            "failed_instructions": len({f.instruction_id for f in failed if f.instruction_id}),
+        },
+        "stages": stages,
+        "totals": {k: sum(s[k] for s in stages) for k in
+                   ("calls", "cached", "failed", "prompt_tokens", "completion_tokens", "cost_usd", "unpriced_calls")},
+        "files": {name: _sha(path) for name, path in sorted(files.items())},
+    }
+    write_json(staging / "manifest.json", manifest)
+    publish(staging, target)
+    return {"out": str(target), "train": len(train), "counts": manifest["counts"], "stages": stages,
+            "totals": manifest["totals"]}
+
+
+def _validate(staging: Path, tables: dict[str, tuple[list[Record], type[Record]]], n_train: int) -> None:
+    """Re-read every file: schema and row count must match what we meant to write."""
+    for name, (rows, model) in tables.items():
+        path = staging / name
+        table = pq.read_table(path)
+        check_schema(path, table.schema, model)
+        if table.num_rows != len(rows):
+            raise DatasetError(f"{path}: {table.num_rows} rows written, {len(rows)} expected; nothing was published")
+    lines = (staging / "train.jsonl").read_text().count("\n")
+    if lines != n_train:
+        raise DatasetError(f"train.jsonl has {lines} lines for {n_train} pairs; nothing was published")

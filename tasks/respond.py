@@ -1,0 +1,37 @@
+"""Contrastive Filtering, part 1 (paper §4.3): the strong and the target model both answer each candidate."""
+
+from __future__ import annotations
+
+from codeclm.gateway import Call
+from codeclm.prompts import load_prompt
+from codeclm.records import Candidate, Response
+from codeclm.settings import Settings
+from tasks._base import Outputs, Ref, Step, codec_task, read
+
+ROLES = ("strong", "target")
+
+
+def answer_calls(prompts: list[tuple[str, str]], role: str, settings: Settings, stage: str) -> list[Call]:
+    """Plain chat calls answering (item id, prompt) pairs; shared with the evaluation flow so its answers
+    hit the same cache entries when the prompt is the same."""
+    prompt = load_prompt("respond")
+    return [Call(role=role, messages=prompt.render(False, instruction=text), output=None,
+                 prompt_version=prompt.version, stage=stage, item_id=item_id,
+                 temperature=settings.response_temperature, max_tokens=settings.response_max_tokens)
+            for item_id, text in prompts]
+
+
+@codec_task("respond", run_name="{name} r{round} · batch {batch}", tags=["role:strong", "role:target"])
+def respond(candidates: Ref, settings: Settings, round: int, batch: str) -> Outputs:
+    """Both answers for every candidate; a candidate whose answer failed fails as a whole."""
+    step = Step("respond", batch, settings, candidates=candidates["sha"], round=round)
+    if (done := step.done()) is not None:
+        return done
+    cands = read(candidates, Candidate)
+    lineage = {c.candidate_id: c.instruction_id for c in cands}
+    items = [(c.candidate_id, c.instruction) for c in cands]
+    calls = [call for role in ROLES for call in answer_calls(items, role, settings, "respond")]
+    responses = [Response(candidate_id=r.call.item_id, role=r.call.role, model=r.model, text=r.value)
+                 for r in step.call(calls, lineage) if r.ok]
+    step.write("responses", responses, Response)
+    return step.finish()

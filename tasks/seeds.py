@@ -1,0 +1,36 @@
+"""Read and validate the seed file, and split it into the batches the flow fans out over."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+from codeclm.records import Seed
+from codeclm.settings import Settings
+from codeclm.storage import load_seeds, write_records
+from tasks._base import Ref, codec_task, ref_to
+
+
+def split(seeds: list[Seed], batch_size: int) -> list[list[Seed]]:
+    n = max(1, math.ceil(len(seeds) / batch_size))
+    return [seeds[i * batch_size:(i + 1) * batch_size] for i in range(n)]
+
+
+@codec_task("seeds", run_name="load seeds · {source}")
+def prepare_seeds(source: str, source_sha: str, settings: Settings) -> list[Ref]:
+    """Validated seeds as one Parquet file per batch; `source_sha` makes the cache follow the file's content."""
+    seeds = load_seeds(Path(source))
+    out = settings.work_dir / "seeds" / hashlib.sha256(f"{source_sha}:{settings.batch_size}".encode()).hexdigest()[:20]
+    return [ref_to(write_records(out / f"batch-{i:04d}.parquet", batch, Seed))
+            for i, batch in enumerate(split(seeds, settings.batch_size))]
+
+
+def source_sha(source: Path) -> str:
+    """Content hash of a seed file or of every Parquet file in a seed directory."""
+    digest = hashlib.sha256()
+    files = sorted(source.glob("*.parquet")) if source.is_dir() else [source]
+    for f in files:
+        digest.update(f.name.encode())
+        digest.update(f.read_bytes())
+    return digest.hexdigest()
