@@ -148,9 +148,9 @@ def preflight(settings: Settings, roles: Sequence[str]) -> None:
     """Fail before any work for an unknown model, a missing key or an unreachable endpoint."""
     litellm = _litellm()
     for role in roles:
-        ep = resolve(settings, role)
-        if ep.config.embedded:
+        if settings.role(role).embedded:
             continue
+        ep = resolve(settings, role)
         try:
             _, provider, _, _ = litellm.get_llm_provider(ep.model, api_base=ep.api_base)
         except Exception:
@@ -323,7 +323,8 @@ class Gateway:
         message = str(exc)[:300]
         if isinstance(exc, litellm.ContextWindowExceededError):
             return _Fatal(f"prompt exceeds the context of {ep.model}: {message}")
-        if isinstance(exc, litellm.AuthenticationError | litellm.PermissionDeniedError) or "Missing credentials" in message:
+        auth = isinstance(exc, litellm.AuthenticationError | litellm.PermissionDeniedError)
+        if auth or "Missing credentials" in message:
             return ModelError(f"{ep.role} model {ep.model}: authentication failed ({status}); check the API key"
                               + (f" in {ep.config.api_key_env}" if ep.config.api_key_env else ""))
         if isinstance(exc, litellm.NotFoundError):
@@ -422,3 +423,38 @@ def gateway_for(settings: Settings) -> Gateway:
         if fingerprint not in _GATEWAYS:
             _GATEWAYS[fingerprint] = Gateway(settings)
         return _GATEWAYS[fingerprint]
+
+
+def context_limit(settings: Settings, role: str) -> int | None:
+    """Tokens a role's model accepts (prompt + answer), from settings, the embedded server or litellm."""
+    cfg = settings.role(role)
+    if cfg.context_tokens:
+        return cfg.context_tokens
+    if cfg.embedded:
+        from codeclm.embedded import CONTEXT_TOKENS
+
+        return CONTEXT_TOKENS
+    try:
+        info = _litellm().get_model_info(cfg.model)
+    except Exception:  # unknown to litellm's map: nothing to check against
+        return None
+    return info.get("max_input_tokens") or info.get("max_tokens")
+
+
+def check_context(texts: Sequence[tuple[str, str]], settings: Settings, role: str, overhead: int,
+                  source: str) -> None:
+    """Refuse texts that cannot fit the role's context with the prompt around them and room to answer."""
+    limit = context_limit(settings, role)
+    if limit is None:
+        return
+    cfg = settings.role(role)
+    room = limit - overhead - cfg.max_tokens
+    model = EMBEDDED_MODEL if cfg.embedded else cfg.model
+    for where, text in texts:
+        if len(text) < room:  # a token is at least one character: short texts cannot overflow
+            continue
+        tokens = _litellm().token_counter(model=model, text=text)
+        if tokens > room:
+            raise ModelError(f"{source}: {where}: instruction is about {tokens} tokens; the {role} model's "
+                             f"context ({limit}) leaves {room} after the prompt and answer; shorten it or raise "
+                             f"{role}.context_tokens / lower {role}.max_tokens")

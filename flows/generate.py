@@ -28,7 +28,7 @@ from tasks.improve import improve
 from tasks.respond import respond
 from tasks.rubrics import rubrics
 from tasks.score import score
-from tasks.seeds import prepare_seeds, source_sha
+from tasks.seeds import prepare_seeds, source_sha, validate_seeds
 
 GENERATION_ROLES = ("strong", "target")
 
@@ -49,7 +49,7 @@ def _collect(refs: dict[str, list[Ref]], outputs: list[Outputs], skip: tuple[str
                 refs[kind].append(ref)
 
 
-def _roles(settings: Settings) -> tuple[str, ...]:
+def generation_roles(settings: Settings) -> tuple[str, ...]:
     return (*GENERATION_ROLES, "judge") if settings.scorer == "judge" else GENERATION_ROLES
 
 
@@ -107,8 +107,9 @@ def pipeline(seeds: str, out: str, settings: Settings) -> dict[str, Any]:
 def generate(seeds: str, out: str, settings: Settings | None = None) -> dict[str, Any]:
     """Make a CodecLM dataset from a seed file into `out` (published atomically when complete)."""
     settings = settings or Settings()
-    with models_ready(settings, _roles(settings)):
-        preflight(settings, _roles(settings))
+    validate_seeds(Path(seeds), settings)
+    with models_ready(settings, generation_roles(settings)):
+        preflight(settings, generation_roles(settings))
         summary = pipeline.with_options(task_runner=task_runner(settings))(seeds, out, settings)
     print(f"published {summary['train']} training pairs to {summary['out']}")
     return summary

@@ -6,6 +6,8 @@ import hashlib
 import math
 from pathlib import Path
 
+from codeclm.errors import SeedFileError
+from codeclm.gateway import check_context
 from codeclm.records import Seed
 from codeclm.settings import Settings
 from codeclm.storage import load_seeds, write_records
@@ -26,8 +28,21 @@ def prepare_seeds(source: str, source_sha: str, settings: Settings) -> list[Ref]
             for i, batch in enumerate(split(seeds, settings.batch_size))]
 
 
+ENCODE_OVERHEAD_TOKENS = 600
+
+
+def validate_seeds(source: Path, settings: Settings) -> list[Seed]:
+    """Every check that needs no Prefect and no LLM call, so bad input fails in a second with one line."""
+    seeds = load_seeds(source)
+    check_context([(f"seed {s.seed_id}", s.instruction) for s in seeds], settings, "strong",
+                  ENCODE_OVERHEAD_TOKENS, str(source))
+    return seeds
+
+
 def source_sha(source: Path) -> str:
     """Content hash of a seed file or of every Parquet file in a seed directory."""
+    if not source.exists():
+        raise SeedFileError(f"{source}: no such file or directory; pass a Parquet, JSONL or CSV file of seeds")
     digest = hashlib.sha256()
     files = sorted(source.glob("*.parquet")) if source.is_dir() else [source]
     for f in files:
