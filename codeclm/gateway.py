@@ -63,6 +63,7 @@ class Call:
     temperature: float | None = None
     max_tokens: int | None = None
     text_parser: Callable[[str], BaseModel] | None = None
+    free_text: bool = False  # one free-text answer: no schema sent, `text_parser` reads it (cheap on llama.cpp)
 
 
 @dataclass
@@ -219,10 +220,14 @@ class Gateway:
             messages=call.messages,
             temperature=self._temperature(call, ep),
             max_tokens=call.max_tokens or ep.config.max_tokens,
-            output_mode=ep.output_mode if call.output else "text",
-            schema=call.output.model_json_schema() if call.output else None,
+            output_mode=self._mode(call, ep),
+            schema=call.output.model_json_schema() if self._mode(call, ep) != "text" and call.output else None,
             prompt_version=call.prompt_version,
         )
+
+    @staticmethod
+    def _mode(call: Call, ep: Endpoint) -> str:
+        return "text" if call.output is None or call.free_text else ep.output_mode
 
     @staticmethod
     def _temperature(call: Call, ep: Endpoint) -> float:
@@ -309,7 +314,7 @@ class Gateway:
             kwargs["api_key"] = ep.api_key
         elif ep.api_base and not os.environ.get("OPENAI_API_KEY"):
             kwargs["api_key"] = "sk-no-key"  # OpenAI-compatible servers often need none; the SDK insists on one
-        if call.output is not None:
+        if call.output is not None and self._mode(call, ep) != "text":
             kwargs["response_format"] = _response_format(call.output, ep.output_mode)
         try:
             return await litellm.acompletion(**kwargs)
@@ -364,7 +369,7 @@ class Gateway:
                 raise ParseError("empty answer")
             return text
         errors: list[str] = []
-        if ep.output_mode != "text":
+        if Gateway._mode(call, ep) != "text":
             try:
                 return call.output.model_validate_json(_FENCE.sub("", text.strip()))
             except ValidationError as exc:

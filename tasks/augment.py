@@ -16,16 +16,19 @@ from tasks.encode import metadata_of
 
 def mix_and_match(originals: list[Metadata], target: int, max_skills: int, seed: int) -> list[Metadata]:
     """Merge duplicates, then add (one use case, 1..max_skills skills without replacement) pairs until
-    `target` or until no new pair turns up (few seeds give few pairs); originals are always kept."""
+    `target` or until no new pair turns up (few seeds give few pairs). With more distinct originals than
+    `target`, a reproducible sample of `target` originals is used instead."""
     merged: dict[str, Metadata] = {}
     for m in originals:
         if m.metadata_id in merged:
             merged[m.metadata_id].seed_ids = sorted({*merged[m.metadata_id].seed_ids, *m.seed_ids})
         else:
             merged[m.metadata_id] = m.model_copy(deep=True)
+    rng = random.Random(seed)
+    if len(merged) > target:
+        return [merged[k] for k in sorted(rng.sample(sorted(merged), target))]
     use_cases = sorted({m.use_case for m in merged.values()})
     skills = sorted({s for m in merged.values() for s in m.skills})
-    rng = random.Random(seed)
     misses = 0
     while len(merged) < target and skills and misses < 50 * target:
         use_case = rng.choice(use_cases)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from codeclm.errors import ParseError
 from codeclm.gateway import Call
-from codeclm.parsing import parse_numbered_list
+from codeclm.parsing import parse_improved_instruction, parse_numbered_list
 from codeclm.prompts import load_prompt
 from codeclm.records import Candidate, Metadata, RejectedCandidate, Seed, content_id
 from codeclm.settings import Settings
@@ -20,6 +21,14 @@ def _from_text(text: str) -> Instructions:
     return Instructions(instructions=parse_numbered_list(text))
 
 
+def _one_from_text(text: str) -> Instructions:
+    """Asked for one instruction, a model may answer with just that instruction, without a list."""
+    try:
+        return _from_text(text)
+    except ParseError:
+        return Instructions(instructions=[parse_improved_instruction(text)])
+
+
 def _normal(text: str) -> str:
     return " ".join(text.lower().split())
 
@@ -31,12 +40,13 @@ def decode(metadata: Ref, seeds: list[Ref], settings: Settings, per_metadata: in
     if (done := step.done()) is not None:
         return done
     prompt = load_prompt("decode")
-    structured = step.structured("strong")
+    single = per_metadata == 1  # one free-text answer needs no schema (and no slow grammar on llama.cpp)
+    structured = step.structured("strong") and not single
     metas = read(metadata, Metadata)
     calls = [Call(role="strong", messages=prompt.render(structured, n=per_metadata, use_case=m.use_case,
                                                         skills=", ".join(m.skills)),
-                  output=Instructions, text_parser=_from_text, prompt_version=prompt.version,
-                  stage="decode", item_id=m.metadata_id) for m in metas]
+                  output=Instructions, text_parser=_one_from_text if single else _from_text, free_text=single,
+                  prompt_version=prompt.version, stage="decode", item_id=m.metadata_id) for m in metas]
     seed_texts = {_normal(s.instruction) for ref in seeds for s in read(ref, Seed)}
     candidates: list[Candidate] = []
     rejected: list[RejectedCandidate] = []

@@ -37,7 +37,6 @@ def improve(pending: Ref, rubric_sets: Ref, settings: Settings, round: int, batc
     if (done := step.done()) is not None:
         return done
     prompt = load_prompt("improve")
-    structured = step.structured("strong")
     actions = {r.metadata_id: r.actions for r in read(rubric_sets, RubricSet)}
     todo: list[tuple[Candidate, str]] = []
     for cand in read(pending, Candidate):
@@ -46,9 +45,9 @@ def improve(pending: Ref, rubric_sets: Ref, settings: Settings, round: int, batc
         else:
             step.fail(cand.candidate_id, "strong", "", "MissingRubrics", "no actions for this metadata: the rubrics "
                       "call failed", instruction_id=cand.instruction_id)
-    calls = [Call(role="strong", messages=prompt.render(structured, action=action, instruction=cand.instruction),
-                  output=Improved, text_parser=_from_text, prompt_version=prompt.version, stage="improve",
-                  item_id=cand.candidate_id) for cand, action in todo]
+    calls = [Call(role="strong", messages=prompt.render(False, action=action, instruction=cand.instruction),
+                  output=Improved, text_parser=_from_text, free_text=True, prompt_version=prompt.version,
+                  stage="improve", item_id=cand.candidate_id) for cand, action in todo]
     results = step.call(calls, {c.candidate_id: c.instruction_id for c, _ in todo})
     improved = []
     for (cand, action), result in zip(todo, results, strict=True):

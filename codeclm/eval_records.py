@@ -1,0 +1,86 @@
+"""Rows the CRR evaluation writes: questions, answers, per-question verdicts and the per-cell summary."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from codeclm.records import Record
+
+Outcome = Literal["win", "tie", "loss", "failed"]
+
+
+class EvalQuestion(Record):
+    """One benchmark question as the evaluation tasks read it."""
+
+    table: ClassVar[str] = "eval_questions"
+    benchmark: str
+    question_id: str
+    prompt: str
+    category: str | None = None
+
+
+class EvalAnswer(Record):
+    """One model's answer to a benchmark question; `model` is the model string the user gave."""
+
+    table: ClassVar[str] = "eval_answers"
+    benchmark: str
+    question_id: str
+    role: Literal["strong", "target"]
+    model: str
+    text: str
+
+
+class EvalQuestionResult(Record):
+    """The judged comparison of one question (A: target shown first, B: strong first).
+
+    A question whose answer or judgement failed has outcome `failed`, no scores, the reason in `failure` and
+    the judge's last raw output in `judge_output`: it is left out of the CRR denominator and counted apart,
+    never turned into a tie.
+    """
+
+    table: ClassVar[str] = "eval_questions_judged"
+    benchmark: str
+    question_id: str
+    prompt: str
+    target_model: str
+    strong_model: str
+    judge_model: str
+    target_answer: str | None = None
+    strong_answer: str | None = None
+    target_score_a: float | None = None
+    strong_score_a: float | None = None
+    target_score_b: float | None = None
+    strong_score_b: float | None = None
+    explanation_a: str | None = None
+    explanation_b: str | None = None
+    outcome: Outcome
+    flipped: bool | None = None
+    failure: str | None = None
+    judge_output: str | None = None
+
+
+class EvalSummary(Record):
+    """One leaderboard row: a target against the strong model on one benchmark.
+
+    `total` is the number of judged questions (the CRR denominator); `failures` are the questions that could
+    not be judged. CRR and its bounds are percentages; lengths are mean answer lengths in characters.
+    """
+
+    table: ClassVar[str] = "eval_summary"
+    benchmark: str
+    target: str
+    strong: str
+    judge: str
+    rule: str
+    wins: int
+    ties: int
+    losses: int
+    failures: int
+    total: int
+    crr: float
+    ci_low: float
+    ci_high: float
+    flip_rate: float
+    mean_target_length: float
+    mean_strong_length: float
+    judge_is_strong: bool

@@ -1,0 +1,124 @@
+"""CRR evaluation without Prefect: check the request before any call, and sum judged questions into CRR.
+
+Everything a user can get wrong (benchmark, column, limit, the same model as target and strong) fails here,
+in a second and with one line, before a model is started or a flow writes anything.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from codeclm.benchmarks import BenchmarkQuestion, load_benchmark
+from codeclm.crr import Rule, summarize
+from codeclm.errors import BenchmarkError, ConfigError, ModelError
+from codeclm.eval_records import EvalQuestionResult, EvalSummary
+from codeclm.settings import EMBEDDED, Settings
+
+DEFAULT_BENCHMARK_ENV = "CODECLM_DEFAULT_BENCHMARK"
+RULES: tuple[Rule, ...] = ("codeclm", "alpagasus")
+RESULT_KEYS = ("benchmark", "target", "strong", "judge", "wins", "ties", "losses", "failures", "total", "crr",
+               "ci_low", "ci_high", "flip_rate", "mean_target_length", "mean_strong_length", "judge_is_strong")
+
+
+@dataclass
+class EvalPlan:
+    """What one evaluation will do: the settings per target (cache keys stay per model), the questions per
+    benchmark label, and the warnings to log."""
+
+    settings: Settings
+    targets: list[Settings]
+    questions: dict[str, list[BenchmarkQuestion]]
+    rule: Rule
+    judge_is_strong: bool
+    warnings: list[str] = field(default_factory=list)
+
+    def endpoints(self) -> list[tuple[Settings, tuple[str, ...]]]:
+        """Each settings object with the roles it calls: strong and judge once, the target once per model."""
+        return [(self.settings, ("strong", "judge")), *((t, ("target",)) for t in self.targets)]
+
+
+def target_settings(settings: Settings, targets: Sequence[str] | None) -> list[Settings]:
+    """One Settings per target model; each keeps the [target] connection settings and changes only the model."""
+    if not targets:
+        return [settings]
+    return [settings.model_copy(update={"target": settings.target.model_copy(update={"model": model})})
+            for model in dict.fromkeys(m.strip() for m in targets)]
+
+
+def plan_evaluation(benchmarks: Sequence[str], settings: Settings, targets: Sequence[str] | None = None,
+                    limit: int | None = None, rule: str = "codeclm", prompt_column: str | None = None) -> EvalPlan:
+    """Validate the request and load every benchmark; raises a CodecError naming the first problem."""
+    if rule not in RULES:
+        raise ConfigError(f"unknown rule {rule!r}; use one of {', '.join(RULES)}")
+    if not benchmarks:
+        raise BenchmarkError("no benchmark given; pass --benchmark with a name (vicuna, koala, ...) or a file path")
+    if targets is not None and not [t for t in targets if t.strip()]:
+        raise ConfigError("no target model given; pass --target MODEL or leave it out to use the configured target")
+    plan = EvalPlan(settings=settings, targets=target_settings(settings, targets), questions={}, rule=rule,  # type: ignore[arg-type]
+                    judge_is_strong=settings.judge.model == settings.strong.model)
+    for target in plan.targets:
+        _check_not_self(target, plan.warnings)
+    if plan.judge_is_strong:
+        plan.warnings.append(f"the judge is the strong model ({settings.judge.model}); a judge tends to prefer its "
+                             "own answers, so CRR is biased low; use a different --judge for reportable numbers")
+    for spec in benchmarks:
+        questions = load_benchmark(spec, cache_dir=settings.home / "benchmarks", limit=limit,
+                                   prompt_column=prompt_column)
+        label = questions[0].benchmark
+        if label in plan.questions:
+            raise BenchmarkError(f"two benchmarks are named {label!r} ({spec}); rename one of the files")
+        plan.questions[label] = questions
+    return plan
+
+
+def _check_not_self(target: Settings, warnings: list[str]) -> None:
+    """CRR of a model against itself measures nothing; only the embedded default may do it, as a smoke test."""
+    same = target.target.model == target.strong.model and target.target.api_base == target.strong.api_base
+    if not same:
+        return
+    if target.target.model == EMBEDDED:
+        warnings.append("target and strong are both the embedded model: this CRR only proves the machinery "
+                        "works; set --target and --strong to measure a model")
+        return
+    raise ConfigError(f"target and strong are the same model ({target.target.model}); CRR of a model against "
+                      "itself is meaningless: pass a different --target or --strong")
+
+
+def summarize_cell(rows: Sequence[EvalQuestionResult], benchmark: str, target: Settings, rule: str,
+                   judge_is_strong: bool) -> EvalSummary:
+    """One leaderboard row; failed questions are counted but stay out of the CRR denominator."""
+    judged = [r for r in rows if r.outcome != "failed"]
+    failed = [r for r in rows if r.outcome == "failed"]
+    if not judged:
+        raise _nothing_judged(benchmark, target, failed)
+    stats = summarize([r.outcome for r in judged], [bool(r.flipped) for r in judged],
+                      [len(r.target_answer or "") for r in judged], [len(r.strong_answer or "") for r in judged])
+    return EvalSummary(benchmark=benchmark, target=target.target.model, strong=target.strong.model,
+                       judge=target.judge.model, rule=rule, failures=len(failed), judge_is_strong=judge_is_strong,
+                       **stats.model_dump())
+
+
+def _nothing_judged(benchmark: str, target: Settings, failed: Sequence[EvalQuestionResult]) -> ModelError:
+    if not failed:
+        return ModelError(f"{benchmark}: no question was evaluated for target {target.target.model}")
+    judge_failures = [r for r in failed if (r.failure or "").startswith("judge")]
+    if len(judge_failures) == len(failed):
+        raw = next((r.judge_output for r in judge_failures if r.judge_output is not None), None)
+        return ModelError(f"judge model {target.judge.model} never returned scores on {benchmark} for target "
+                          f"{target.target.model}: all {len(failed)} judgements failed; first raw output: "
+                          f"{(raw or '')[:200]!r}; use a judge that follows the output format")
+    return ModelError(f"{benchmark}: no question could be judged for target {target.target.model}; "
+                      f"first failure: {failed[0].failure}")
+
+
+def results_of(summaries: Sequence[EvalSummary]) -> list[dict[str, Any]]:
+    """The flow's return rows (read by the refresh flow)."""
+    return [{key: getattr(s, key) for key in RESULT_KEYS} for s in summaries]
+
+
+def default_benchmark() -> str:
+    """The benchmark `codeclm run` evaluates on: a local Vicuna copy from the env, else the download."""
+    return os.environ.get(DEFAULT_BENCHMARK_ENV) or "vicuna"
