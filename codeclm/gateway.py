@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import json
 import logging
 import os
@@ -48,6 +49,7 @@ class Endpoint:
     identity: str
     output_mode: str
     config: RoleConfig
+    priced: bool = False  # litellm has a price for it; unpriced models skip the (costly, raising) cost lookup
 
 
 @dataclass
@@ -99,6 +101,10 @@ class _Fatal(Exception):
     """A call failed in a way retrying cannot fix (400, context length, retry-after above the cap)."""
 
 
+class EmptyResponse(Exception):
+    """The client library returned no response at all (litellm does so after a second HTTP 422)."""
+
+
 @dataclass
 class _RoleState:
     semaphore: asyncio.Semaphore
@@ -135,7 +141,12 @@ def resolve(settings: Settings, role: str) -> Endpoint:
     if mode == "auto":
         mode = "json_schema" if _supports_schema(cfg.model) else "text"
     return Endpoint(role, cfg.model, cfg.api_base, api_key, f"{cfg.model}@{cfg.api_base or 'default'}",
-                    mode, cfg)
+                    mode, cfg, priced=_priced(cfg.model))
+
+
+def _priced(model: str) -> bool:
+    litellm = _litellm()
+    return model in litellm.model_cost or model.split("/", 1)[-1] in litellm.model_cost
 
 
 def _supports_schema(model: str) -> bool:
@@ -181,9 +192,7 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.cache = CallCache(settings.cache_dir)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="codeclm-llm", daemon=True)
-        self._thread.start()
+        self._loop = _shared_loop()
         self._roles: dict[str, _RoleState] = {}
         self._endpoints: dict[str, Endpoint] = {}
 
@@ -221,7 +230,7 @@ class Gateway:
             temperature=self._temperature(call, ep),
             max_tokens=call.max_tokens or ep.config.max_tokens,
             output_mode=self._mode(call, ep),
-            schema=call.output.model_json_schema() if self._mode(call, ep) != "text" and call.output else None,
+            schema=schema_of(call.output) if self._mode(call, ep) != "text" and call.output else None,
             prompt_version=call.prompt_version,
         )
 
@@ -317,9 +326,12 @@ class Gateway:
         if call.output is not None and self._mode(call, ep) != "text":
             kwargs["response_format"] = _response_format(call.output, ep.output_mode)
         try:
-            return await litellm.acompletion(**kwargs)
+            response = await litellm.acompletion(**kwargs)
         except Exception as exc:
             raise self._classify(exc, ep) from exc
+        if response is None:  # litellm (drop_params) answers a 422 it could not fix by dropping params with None
+            raise _Fatal("the endpoint rejected the request as unprocessable (HTTP 422)") from EmptyResponse()
+        return response
 
     def _classify(self, exc: Exception, ep: Endpoint) -> Exception:
         litellm = _litellm()
@@ -328,7 +340,8 @@ class Gateway:
         message = str(exc)[:300]
         if isinstance(exc, litellm.ContextWindowExceededError):
             return _Fatal(f"prompt exceeds the context of {ep.model}: {message}")
-        auth = isinstance(exc, litellm.AuthenticationError | litellm.PermissionDeniedError)
+        # litellm maps a 403 from OpenAI-compatible servers to a plain APIError, hence the status check
+        auth = isinstance(exc, litellm.AuthenticationError | litellm.PermissionDeniedError) or status in (401, 403)
         if auth or "Missing credentials" in message:
             return ModelError(f"{ep.role} model {ep.model}: authentication failed ({status}); check the API key"
                               + (f" in {ep.config.api_key_env}" if ep.config.api_key_env else ""))
@@ -354,7 +367,7 @@ class Gateway:
         result.prompt_tokens += getattr(usage, "prompt_tokens", 0) or 0
         result.completion_tokens += getattr(usage, "completion_tokens", 0) or 0
         cost = None
-        if not ep.config.embedded:
+        if ep.priced:
             try:
                 cost = _litellm().completion_cost(completion_response=response, model=ep.model)
             except Exception:  # unpriced (self-hosted) models raise; they are counted and flagged instead
@@ -383,12 +396,18 @@ class Gateway:
 
 
 def _response_format(output: type[BaseModel], mode: str) -> dict[str, Any] | None:
-    schema = output.model_json_schema()
+    schema = schema_of(output)
     if mode == "json_schema":
         return {"type": "json_schema", "json_schema": {"name": output.__name__, "schema": schema}}
     if mode == "json_object":
         return {"type": "json_object", "schema": schema}
     return None
+
+
+@functools.cache
+def schema_of(output: type[BaseModel]) -> dict[str, Any]:
+    """JSON schema of an output model, built once (pydantic rebuilds it on every call otherwise)."""
+    return output.model_json_schema()
 
 
 def retry_after(exc: Exception) -> float | None:
@@ -419,6 +438,19 @@ def retry_after(exc: Exception) -> float | None:
 
 _GATEWAYS: dict[str, Gateway] = {}
 _LOCK = threading.Lock()
+_LOOP_LOCK = threading.Lock()  # separate from _LOCK: Gateway() runs under _LOCK and asks for the loop
+_LOOP: asyncio.AbstractEventLoop | None = None
+
+
+def _shared_loop() -> asyncio.AbstractEventLoop:
+    """The one background event loop of this process: litellm binds its logging worker to the loop it first
+    sees, so a loop per Gateway left one pending worker task behind per Gateway ("Task was destroyed")."""
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None:
+            _LOOP = asyncio.new_event_loop()
+            threading.Thread(target=_LOOP.run_forever, name="codeclm-llm", daemon=True).start()
+        return _LOOP
 
 
 def gateway_for(settings: Settings) -> Gateway:
