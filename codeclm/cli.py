@@ -9,12 +9,14 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# A fresh ephemeral Prefect server migrates its database first; 20 s (Prefect's default) is too short on 2 cores.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 app = typer.Typer(help="CodecLM data factory: tailored synthetic instruction data, made and measured on Prefect.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -26,6 +28,9 @@ BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="seeds per ba
 RoundsOpt = Annotated[int | None, typer.Option("--max-rounds", help="Self-Rubrics rounds, basic = 1 (default 4)")]
 ThresholdOpt = Annotated[float | None, typer.Option(help="keep a pair when |score gap| > this (default 3)")]
 BudgetOpt = Annotated[int | None, typer.Option(help="training pairs wanted (default 2000)")]
+JudgeOpt = Annotated[str | None, typer.Option(help="judge model (litellm string); default: embedded SmolLM2")]
+BenchmarkHelp = "benchmark name (vicuna, self-instruct, koala, evol-instruct) or a JSONL/JSON/Parquet/CSV file; repeat"
+LimitOpt = Annotated[int | None, typer.Option(help="evaluate only the first N questions of each benchmark")]
 
 
 class _ShortCodecErrors(logging.Filter):
@@ -128,5 +133,125 @@ def generate(
     _run(go)
 
 
+def _with_judge(settings: Any, judge: str | None) -> Any:
+    """Apply --judge to the model only, keeping the judge's own settings (its temperature 0.0 above all)."""
+    if judge is None:
+        return settings
+    return settings.model_copy(update={"judge": settings.judge.model_copy(update={"model": judge})})
+
+
+def _print_leaderboard(results: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="CRR against the strong model")
+    for name in ("benchmark", "target"):
+        table.add_column(name, overflow="fold")  # model strings are long; fold rather than cut them
+    for name in ("W", "T", "L", "failed", "CRR %", "95% CI", "flip rate"):
+        table.add_column(name, justify="right")
+    for r in results:
+        table.add_row(r["benchmark"], r["target"], str(r["wins"]), str(r["ties"]), str(r["losses"]),
+                      str(r["failures"]), f"{r['crr']:.2f}", f"{r['ci_low']:.1f}-{r['ci_high']:.1f}",
+                      f"{r['flip_rate']:.0%}")
+    Console().print(table)
+    if any(r["judge_is_strong"] for r in results):
+        typer.echo("warning: the judge is the strong model; it tends to prefer its own answers", err=True)
+
+
+@app.command()
+def evaluate(
+    benchmark: Annotated[list[str], typer.Option("--benchmark", "-b", help=BenchmarkHelp)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="report directory (replaced atomically when done)")],
+    target: Annotated[list[str] | None, typer.Option(
+        help="target model (litellm string); repeat to compare several; default: the configured target")] = None,
+    strong: StrongOpt = None,
+    judge: JudgeOpt = None,
+    limit: LimitOpt = None,
+    rule: Annotated[Literal["codeclm", "alpagasus"], typer.Option(
+        help="codeclm: a win must win both orders; alpagasus: a win and a draw also count")] = "codeclm",
+    config: ConfigOpt = None,
+    prompt_column: Annotated[str | None, typer.Option(help="column holding the prompt in a benchmark file")] = None,
+) -> None:
+    """Measure CRR: each target against the strong model on benchmarks, judged in both answer orders."""
+
+    def go() -> None:
+        settings = _with_judge(_settings(config, strong=strong), judge)
+        from codeclm.evaluation import plan_evaluation
+
+        plan_evaluation(benchmark, settings, target, limit, rule, prompt_column)  # bad input fails before Prefect
+        from flows.evaluate import evaluate as evaluate_flow
+
+        summary = evaluate_flow(benchmark, str(out), target, settings, limit, rule, prompt_column)
+        _print_leaderboard(summary["results"])
+        typer.echo(f"report in {summary['out']}")
+
+    _run(go)
+
+
+@app.command("run")
+def run_job(
+    seeds: Annotated[Path, typer.Argument(help="seed instructions: Parquet file or directory, JSONL or CSV")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="writes OUT/dataset and OUT/eval")],
+    config: ConfigOpt = None,
+    benchmark: Annotated[list[str] | None, typer.Option(
+        "--benchmark", "-b", help=BenchmarkHelp + "; default: $CODECLM_DEFAULT_BENCHMARK, else vicuna")] = None,
+    limit: Annotated[int, typer.Option(help="questions per benchmark to evaluate on")] = 8,
+) -> None:
+    """The main job: generate a dataset from SEEDS, then measure the target against the strong model."""
+
+    def go() -> None:
+        settings = _settings(config)
+        from codeclm.evaluation import default_benchmark, plan_evaluation
+
+        benchmarks = benchmark or [default_benchmark()]
+        plan_evaluation(benchmarks, settings, limit=limit)  # bad input fails before Prefect
+        from flows.run import run as run_flow
+        from tasks.seeds import validate_seeds
+
+        validate_seeds(seeds, settings)
+        summary = run_flow(str(seeds), str(out), settings, benchmarks, limit)
+        typer.echo(f"{summary['dataset']['train']} training pairs in {summary['dataset']['out']}")
+        _print_leaderboard(summary["evaluation"]["results"])
+        typer.echo(f"report in {summary['evaluation']['out']}")
+
+    _run(go)
+
+
+@app.command()
+def refresh(
+    seeds: Annotated[Path, typer.Argument(help="directory of *.parquet seed drops; it may grow between runs")],
+    root: Annotated[Path, typer.Option("--root", "-r", help="version store: ROOT/versions/v0001, ROOT/latest")],
+    config: ConfigOpt = None,
+    benchmark: Annotated[list[str] | None, typer.Option(
+        "--benchmark", "-b", help="benchmark name or file; default: $CODECLM_DEFAULT_BENCHMARK, else vicuna")] = None,
+    target: Annotated[list[str] | None, typer.Option(
+        help="target model to evaluate; {version} is replaced by the new version id")] = None,
+    limit: Annotated[int, typer.Option(help="questions per benchmark to evaluate on")] = 8,
+    evaluate: Annotated[bool, typer.Option(help="evaluate the new version and report the CRR change")] = True,
+    slot: Annotated[str | None, typer.Option(help="idempotency key; the same slot never makes two versions")] = None,
+) -> None:
+    """Append a dataset version under --root from the seeds in SEEDS that no version has processed yet."""
+
+    def go() -> None:
+        settings = _settings(config)
+        from flows.refresh import refresh as refresh_flow
+
+        result = refresh_flow(str(seeds), str(root), settings, benchmark, target, limit, evaluate, slot)
+        if result["status"] != "published":
+            typer.echo(f"{result['status']}: latest is {result['version'] or 'none'} in {result['root']}")
+            return
+        typer.echo(f"{result['version']}: {result['new_seeds']} new seeds, {result['train']} training pairs "
+                   f"(cost ${result['totals']['cost_usd']:.4f}) in {result['root']}/versions/{result['version']}")
+        for d in result["crr_delta"]:
+            change = f"{d['delta_pp']:+.2f} pp vs {d['previous_version']}" if d["delta_pp"] is not None else "first"
+            typer.echo(f"  {d['benchmark']} · {d['target']}: CRR {d['crr']:.2f}% ({change})")
+
+    _run(go)
+
+
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -20,14 +20,16 @@ class EvalQuestion(Record):
 
 
 class EvalAnswer(Record):
-    """One model's answer to a benchmark question; `model` is the model string the user gave."""
+    """One model's answer to a benchmark question (`model` is the model string the user gave), or why there
+    is none: `text` is None and `failure` holds the last error."""
 
     table: ClassVar[str] = "eval_answers"
     benchmark: str
     question_id: str
     role: Literal["strong", "target"]
     model: str
-    text: str
+    text: str | None = None
+    failure: str | None = None
 
 
 class EvalQuestionResult(Record):

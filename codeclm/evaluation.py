@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from codeclm.benchmarks import BenchmarkQuestion, load_benchmark
 from codeclm.crr import Rule, summarize
 from codeclm.errors import BenchmarkError, ConfigError, ModelError
 from codeclm.eval_records import EvalQuestionResult, EvalSummary
+from codeclm.prompts import load_prompt
 from codeclm.settings import EMBEDDED, Settings
 
 DEFAULT_BENCHMARK_ENV = "CODECLM_DEFAULT_BENCHMARK"
@@ -57,8 +58,8 @@ def plan_evaluation(benchmarks: Sequence[str], settings: Settings, targets: Sequ
         raise BenchmarkError("no benchmark given; pass --benchmark with a name (vicuna, koala, ...) or a file path")
     if targets is not None and not [t for t in targets if t.strip()]:
         raise ConfigError("no target model given; pass --target MODEL or leave it out to use the configured target")
-    plan = EvalPlan(settings=settings, targets=target_settings(settings, targets), questions={}, rule=rule,  # type: ignore[arg-type]
-                    judge_is_strong=settings.judge.model == settings.strong.model)
+    plan = EvalPlan(settings=settings, targets=target_settings(settings, targets), questions={},
+                    rule=cast(Rule, rule), judge_is_strong=settings.judge.model == settings.strong.model)
     for target in plan.targets:
         _check_not_self(target, plan.warnings)
     if plan.judge_is_strong:
@@ -112,6 +113,29 @@ def _nothing_judged(benchmark: str, target: Settings, failed: Sequence[EvalQuest
                           f"{(raw or '')[:200]!r}; use a judge that follows the output format")
     return ModelError(f"{benchmark}: no question could be judged for target {target.target.model}; "
                       f"first failure: {failed[0].failure}")
+
+
+def summarize_plan(plan: EvalPlan, rows: Sequence[EvalQuestionResult]
+                   ) -> tuple[list[EvalQuestionResult], list[EvalSummary]]:
+    """Rows ordered by benchmark, target and question, and one summary per benchmark x target."""
+    position = {(b, q.question_id): i for b, questions in plan.questions.items() for i, q in enumerate(questions)}
+    ordered, summaries = [], []
+    for benchmark in plan.questions:
+        for target in plan.targets:
+            cell = sorted((r for r in rows if r.benchmark == benchmark and r.target_model == target.target.model),
+                          key=lambda r: position[r.benchmark, r.question_id])
+            summaries.append(summarize_cell(cell, benchmark, target, plan.rule, plan.judge_is_strong))
+            ordered += cell
+    return ordered, summaries
+
+
+def report_meta(plan: EvalPlan, limit: int | None, flow_run_id: str) -> dict[str, Any]:
+    """What summary.json and the report say about the run, so a number can be traced to how it was made."""
+    return {"flow_run_id": flow_run_id, "benchmarks": {b: len(q) for b, q in plan.questions.items()},
+            "limit": limit, "targets": [t.target.model for t in plan.targets], "strong": plan.settings.strong.model,
+            "judge": plan.settings.judge.model, "judge_temperature": plan.settings.judge.temperature,
+            "rule": plan.rule, "warnings": plan.warnings,
+            "prompts": {name: load_prompt(name).version for name in ("respond", "judge")}}
 
 
 def results_of(summaries: Sequence[EvalSummary]) -> list[dict[str, Any]]:

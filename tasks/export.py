@@ -8,6 +8,8 @@ import platform
 import random
 import shutil
 from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -119,52 +121,67 @@ def export(refs: dict[str, list[Ref]], settings: Settings, out: str, run: dict[s
     basic = {c.instruction_id for c in candidates if c.round == 1} | {
         r.instruction_id for r in rejected if r.reason in ("seed_overlap", "duplicate")}
     check_lineage(basic, train, rejected, failed)
+    if not train and not rejected:  # every instruction failed (or none was made): never replace a dataset with that
+        by_stage = ", ".join(f"{stage} {n}" for stage, n in Counter(f.stage for f in failed).items()) or "none"
+        raise DatasetError(f"no instruction was kept or rejected, so there is nothing to publish (failed calls: "
+                           f"{by_stage}; first: {failed[0].error_type if failed else '-'}); nothing was published")
 
+    with _staging(target) as staging:
+        files = {
+            "train.parquet": write_records(staging / "train.parquet", train, TrainingPair),
+            "rejected.parquet": write_records(staging / "rejected.parquet", rejected, RejectedCandidate),
+            "failed_calls.parquet": write_records(staging / "failed_calls.parquet", failed, FailedCall),
+            "train.jsonl": write_jsonl(staging / "train.jsonl", chat_rows(train)),
+        }
+        tables: dict[str, tuple[list[Record], type[Record]]] = {
+            "train.parquet": (train, TrainingPair), "rejected.parquet": (rejected, RejectedCandidate),
+            "failed_calls.parquet": (failed, FailedCall)}
+        for name, model in STAGE_TABLES.items():
+            rows = _concat(refs.get(name, []), model)
+            files[f"stages/{name}.parquet"] = write_records(staging / "stages" / f"{name}.parquet", rows, model)
+            tables[f"stages/{name}.parquet"] = (rows, model)
+        _validate(staging, tables, len(train))
+
+        stats = _concat(refs.get("stats", []), CallStats)
+        stages = _stage_summary(stats)
+        manifest = {
+            "run": run,
+            "versions": _versions(),
+            "prompts": {p: load_prompt(p).version for p in PROMPTS},
+            "settings": settings.model_dump(mode="json"),
+            "counts": {
+                "seeds": len(tables["stages/seeds.parquet"][0]),
+                "metadata": dict(Counter(m.origin for m in tables["stages/metadata.parquet"][0])),  # type: ignore[attr-defined]
+                "basic_instructions": len(basic),
+                "candidates_per_round": dict(sorted(Counter(c.round for c in candidates).items())),
+                "kept_per_round": dict(sorted(Counter(p.round for p in kept_all).items())),
+                "kept_sources": dict(Counter(p.response_source for p in kept_all)),
+                "train": len(train),
+                "rejected": dict(Counter(r.reason for r in rejected)),
+                "failed_calls": dict(Counter(f.stage for f in failed)),
+                "failed_instructions": len({f.instruction_id for f in failed if f.instruction_id}),
+            },
+            "stages": stages,
+            "totals": {k: sum(s[k] for s in stages) for k in ("calls", "cached", "failed", "prompt_tokens",
+                                                              "completion_tokens", "cost_usd", "unpriced_calls")},
+            "files": {name: _sha(path) for name, path in sorted(files.items())},
+        }
+        write_json(staging / "manifest.json", manifest)
+        publish(staging, target)
+        return {"out": str(target), "train": len(train), "counts": manifest["counts"], "stages": stages,
+                "totals": manifest["totals"]}
+
+
+@contextmanager
+def _staging(target: Path) -> Iterator[Path]:
+    """A fresh hidden directory next to `target`, removed again if anything fails before it is published."""
     staging = target.with_name(f".{target.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
-    files = {
-        "train.parquet": write_records(staging / "train.parquet", train, TrainingPair),
-        "rejected.parquet": write_records(staging / "rejected.parquet", rejected, RejectedCandidate),
-        "failed_calls.parquet": write_records(staging / "failed_calls.parquet", failed, FailedCall),
-        "train.jsonl": write_jsonl(staging / "train.jsonl", chat_rows(train)),
-    }
-    tables: dict[str, tuple[list[Record], type[Record]]] = {
-        "train.parquet": (train, TrainingPair), "rejected.parquet": (rejected, RejectedCandidate),
-        "failed_calls.parquet": (failed, FailedCall)}
-    for name, model in STAGE_TABLES.items():
-        rows = _concat(refs.get(name, []), model)
-        files[f"stages/{name}.parquet"] = write_records(staging / "stages" / f"{name}.parquet", rows, model)
-        tables[f"stages/{name}.parquet"] = (rows, model)
-    _validate(staging, tables, len(train))
-
-    stats = _concat(refs.get("stats", []), CallStats)
-    stages = _stage_summary(stats)
-    manifest = {
-        "run": run,
-        "versions": _versions(),
-        "prompts": {p: load_prompt(p).version for p in PROMPTS},
-        "settings": settings.model_dump(mode="json"),
-        "counts": {
-            "seeds": len(tables["stages/seeds.parquet"][0]),
-            "metadata": dict(Counter(m.origin for m in tables["stages/metadata.parquet"][0])),  # type: ignore[attr-defined]
-            "basic_instructions": len(basic),
-            "candidates_per_round": dict(sorted(Counter(c.round for c in candidates).items())),
-            "kept_per_round": dict(sorted(Counter(p.round for p in kept_all).items())),
-            "kept_sources": dict(Counter(p.response_source for p in kept_all)),
-            "train": len(train),
-            "rejected": dict(Counter(r.reason for r in rejected)),
-            "failed_calls": dict(Counter(f.stage for f in failed)),
-            "failed_instructions": len({f.instruction_id for f in failed if f.instruction_id}),
-        },
-        "stages": stages,
-        "totals": {k: sum(s[k] for s in stages) for k in
-                   ("calls", "cached", "failed", "prompt_tokens", "completion_tokens", "cost_usd", "unpriced_calls")},
-        "files": {name: _sha(path) for name, path in sorted(files.items())},
-    }
-    write_json(staging / "manifest.json", manifest)
-    publish(staging, target)
-    return {"out": str(target), "train": len(train), "counts": manifest["counts"], "stages": stages,
-            "totals": manifest["totals"]}
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _validate(staging: Path, tables: dict[str, tuple[list[Record], type[Record]]], n_train: int) -> None:

@@ -1,0 +1,159 @@
+"""Flow `refresh`: the scheduled job. New seed drops in, one new dataset version out, CRR change reported.
+
+scan the drop directory (skip seeds any version already processed, by content hash) -> generate on the new
+seeds only -> evaluate -> publish the version and register it in one atomic step. The same schedule slot
+run twice makes one version; a killed run leaves the previous version and `latest` as they were.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from codeclm.embedded import models_ready
+from codeclm.evaluation import default_benchmark, plan_evaluation
+from codeclm.settings import Settings
+from codeclm.versions import (
+    NewSeed,
+    VersionStore,
+    crr_deltas,
+    eval_rows,
+    history_table,
+    now_iso,
+    report_markdown,
+    slot_of,
+)
+from flows.evaluate import evaluate
+from flows.generate import generate
+
+ROLES = ("strong", "target", "judge")
+DEFAULT_EVAL_LIMIT = 8
+VERSION_PLACEHOLDER = "{version}"
+
+
+def current_slot(slot: str | None) -> str:
+    """An explicit slot wins (a manual re-run of a night); otherwise the run's scheduled start."""
+    return slot or slot_of(flow_run.scheduled_start_time)
+
+
+def _run_name() -> str:
+    params = flow_run.parameters
+    return f"refresh · {current_slot(params.get('slot'))} · {params.get('seeds')} → {params.get('root')}"
+
+
+class _Progress:
+    """One progress artifact for the whole refresh, moved at each step (generate's stages have their own)."""
+
+    def __init__(self) -> None:
+        self.id: UUID | None = create_progress_artifact(0.0, key="refresh-progress",
+                                                        description="refresh: scan, generate, evaluate, publish")
+
+    def to(self, percent: float) -> None:
+        if self.id is not None:
+            update_progress_artifact(self.id, percent)
+
+
+@task(name="scan seeds", task_run_name="scan seeds · {seeds}", cache_policy=NO_CACHE, persist_result=False)
+def scan_seeds(store: VersionStore, seeds: str) -> list[NewSeed]:
+    """Seeds in the drop directory that no registered version has processed."""
+    new = store.new_seeds(Path(seeds))
+    by_file: dict[str, list[str]] = {}
+    for s in new:
+        by_file.setdefault(s.source, []).append(s.seed.seed_id)
+    logger = get_run_logger()
+    for source, ids in by_file.items():
+        shown = ", ".join(ids[:10]) + (f", ... (+{len(ids) - 10})" if len(ids) > 10 else "")
+        logger.info("%s: %d new seeds: %s", source, len(ids), shown)
+    return new
+
+
+@task(name="publish version", task_run_name="publish version · {entry[version]}", cache_policy=NO_CACHE,
+      persist_result=False)
+def publish_version(store: VersionStore, staging: Path, entry: dict[str, Any]) -> str:
+    """Rename the finished version into place and register it (history + latest) with one atomic replace."""
+    final = store.commit(staging, entry)
+    get_run_logger().info("published %s at %s; latest -> %s", entry["version"], final, entry["version"])
+    return str(final)
+
+
+def _report(store: VersionStore, markdown: str) -> None:
+    create_markdown_artifact(markdown, key="refresh-report", description="what this refresh added and CRR change")
+    if rows := history_table(store.history()):
+        create_table_artifact(rows, key="refresh-history", description="dataset versions: seeds, pairs, cost, CRR")
+
+
+@flow(name="codeclm-refresh", flow_run_name=_run_name, log_prints=True)
+def refresh(seeds: str, root: str, settings: Settings | None = None, benchmarks: list[str] | None = None,
+            targets: list[str] | None = None, eval_limit: int | None = DEFAULT_EVAL_LIMIT, run_eval: bool = True,
+            slot: str | None = None) -> dict[str, Any]:
+    """Append a dataset version under ROOT made from the seeds in SEEDS no version has processed yet.
+
+    `targets` may contain `{version}` (e.g. `openai/tuned-{version}`) to evaluate the model tuned on this
+    version; CRR deltas are matched on the target as written, so they compare like with like."""
+    settings = settings or Settings()
+    store = VersionStore(Path(root))
+    slot = current_slot(slot)
+    logger = get_run_logger()
+    progress = _Progress()
+    with store.lock():
+        if removed := store.recover():
+            logger.warning("removed leftovers of an interrupted refresh: %s", ", ".join(removed))
+        previous = store.latest()
+        if (done := store.version_for_slot(slot)) is not None:
+            logger.info("slot %s already made %s; nothing to do", slot, done)
+            progress.to(100.0)
+            _report(store, f"# Refresh · slot {slot}\n\nThis slot already made **{done}**; nothing was done.\n")
+            return {"status": "slot-done", "version": done, "previous": previous, "slot": slot, "root": str(store.root)}
+        new = scan_seeds(store, seeds)
+        progress.to(10.0)
+        if not new:
+            logger.info("no new seeds in %s; latest stays %s", seeds, previous)
+            progress.to(100.0)
+            _report(store, f"# Refresh · slot {slot}\n\nNo new seeds in `{seeds}`; latest stays **{previous}**.\n")
+            return {"status": "no-new-seeds", "version": previous, "previous": previous, "slot": slot,
+                    "root": str(store.root)}
+
+        version = store.next_version()
+        specs = {t.replace(VERSION_PLACEHOLDER, version): t for t in targets or []}
+        bench = benchmarks or [default_benchmark()]
+        if run_eval:  # a bad benchmark or target fails now, before any generation call
+            plan_evaluation(bench, settings, list(specs) or None, eval_limit)
+        staging = store.stage(version)
+        seeds_file = store.write_seeds(staging, new)
+        logger.info("building %s from %d new seeds in %s", version, len(new), staging)
+        with models_ready(settings, ROLES):
+            dataset = generate.with_options(flow_run_name=f"{version} · generate · {len(new)} new seeds")(
+                str(seeds_file), str(staging / "dataset"), settings)
+            progress.to(70.0)
+            results = []
+            if run_eval:
+                results = evaluate.with_options(flow_run_name=f"{version} · evaluate · {', '.join(bench)}")(
+                    bench, str(staging / "eval"), targets=list(specs) or None, settings=settings,
+                    limit=eval_limit)["results"]
+        progress.to(95.0)
+        rows = eval_rows(results, specs)
+        entry = {"version": version, "slot": slot, "parent": previous, "created_at": now_iso(),
+                 "flow_run_id": str(flow_run.get_id() or ""), "seeds_new": len(new),
+                 "seed_files": sorted({s.source for s in new}), "train": dataset["train"],
+                 "totals": dataset["totals"], "eval": rows,
+                 "crr_delta": crr_deltas(store.entry(previous) if previous else None, rows)}
+        publish_version(store, staging, entry)
+    progress.to(100.0)
+    _report(store, report_markdown(entry))
+    for d in entry["crr_delta"]:
+        change = f"{d['delta_pp']:+.2f} pp vs {d['previous_version']}" if d["delta_pp"] is not None else "first"
+        print(f"{version} · {d['benchmark']} · {d['target']}: CRR {d['crr']:.2f}% ({change})")
+    return {"status": "published", "version": version, "previous": previous, "slot": slot, "root": str(store.root),
+            "new_seeds": len(new), "train": dataset["train"], "totals": dataset["totals"], "eval": rows,
+            "crr_delta": entry["crr_delta"]}

@@ -1,0 +1,97 @@
+"""CRR evaluation, step 2 (paper §5.3, Fig. 12): the judge scores target and strong answers in both orders.
+
+Order A shows the target's answer as Assistant 1, order B shows the strong model's first. A question whose
+answer or judgement failed (the gateway already retried unparseable output) is kept as `failed`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pydantic import BaseModel, Field
+
+from codeclm.crr import Rule, outcome, position_flipped
+from codeclm.eval_records import EvalAnswer, EvalQuestion, EvalQuestionResult
+from codeclm.gateway import Call, Result
+from codeclm.parsing import parse_two_scores
+from codeclm.prompts import load_prompt
+from codeclm.settings import Settings
+from tasks._base import Outputs, Ref, Step, codec_task, read
+from tasks.answer import item_id
+
+FAILURE_TEXT = 300
+
+
+class Verdict(BaseModel):
+    """The judge's reply: Assistant 1's and Assistant 2's scores, then why."""
+
+    score_1: float = Field(ge=1, le=10)
+    score_2: float = Field(ge=1, le=10)
+    explanation: str = ""
+
+
+def verdict_from_text(text: str) -> Verdict:
+    """Fig. 12 text format: the scores on the first line, the explanation on the lines after it."""
+    first, second = parse_two_scores(text)
+    _, _, explanation = text.strip().partition("\n")
+    return Verdict(score_1=first, score_2=second, explanation=explanation.strip())
+
+
+def verdict_calls(question: str, item: str, target: str, strong: str, structured: bool) -> list[Call]:
+    """Order A (target first) then order B (strong first), at the judge role's own temperature."""
+    prompt = load_prompt("judge")
+    return [Call(role="judge", messages=prompt.render(structured, question=question, answer_1=first, answer_2=second),
+                 output=Verdict, text_parser=verdict_from_text, prompt_version=prompt.version, stage="judge",
+                 item_id=f"{item}#{order}")
+            for order, first, second in (("A", target, strong), ("B", strong, target))]
+
+
+def question_result(question: EvalQuestion, target: EvalAnswer, strong: EvalAnswer, orders: Sequence[Result],
+                    settings: Settings, rule: Rule) -> EvalQuestionResult:
+    """The verdict of one question, or `failed` with the reason when an answer or a judgement is missing."""
+    row = EvalQuestionResult(benchmark=question.benchmark, question_id=question.question_id, prompt=question.prompt,
+                             target_model=target.model, strong_model=strong.model, judge_model=settings.judge.model,
+                             target_answer=target.text, strong_answer=strong.text, outcome="failed")
+    for answer in (target, strong):
+        if answer.text is None:
+            row.failure = f"{answer.role} answer failed: {(answer.failure or '')[:FAILURE_TEXT]}"
+            return row
+    for order, result in zip("AB", orders, strict=True):
+        if not result.ok:
+            row.failure = f"judge, order {order}: {result.error_type}: {result.message[:FAILURE_TEXT]}"
+            row.judge_output = result.text
+            return row
+    a, b = orders[0].value, orders[1].value
+    row.target_score_a, row.strong_score_a, row.explanation_a = a.score_1, a.score_2, a.explanation
+    row.strong_score_b, row.target_score_b, row.explanation_b = b.score_1, b.score_2, b.explanation
+    row.outcome = outcome(a.score_1, a.score_2, b.score_2, b.score_1, rule)
+    row.flipped = position_flipped(a.score_1, a.score_2, b.score_2, b.score_1)
+    return row
+
+
+@codec_task("judge", run_name="{name} · {batch} · {target_model}", tags=["eval", "role:judge"])
+def judge(questions: Ref, strong_answers: Ref, target_answers: Ref, settings: Settings, target_model: str,
+          rule: Rule, batch: str) -> Outputs:
+    """Judge every question of a batch that has both answers; every question gets exactly one result row.
+    `settings` is the run's own (not a per-target copy), so all targets share the judge's concurrency limit;
+    `target_model` names the run in the UI."""
+    step = Step("judge", batch, settings, questions=questions["sha"], strong=strong_answers["sha"],
+                target=target_answers["sha"], target_model=target_model, rule=rule)
+    if (done := step.done()) is not None:
+        return done
+    rows = read(questions, EvalQuestion)
+    strong = {(a.benchmark, a.question_id): a for a in read(strong_answers, EvalAnswer)}
+    target = {(a.benchmark, a.question_id): a for a in read(target_answers, EvalAnswer)}
+    pairs = [(q, target[_key(q)], strong[_key(q)]) for q in rows]
+    judged = [(q, t, s) for q, t, s in pairs if t.text is not None and s.text is not None]
+    structured = step.structured("judge")
+    results = step.call([call for q, t, s in judged for call in verdict_calls(
+        q.prompt, item_id(q.benchmark, q.question_id), t.text or "", s.text or "", structured)])
+    orders = {_key(q): results[2 * i:2 * i + 2] for i, (q, _, _) in enumerate(judged)}
+    step.write("results", [question_result(q, t, s, orders.get(_key(q), []), settings, rule) for q, t, s in pairs],
+               EvalQuestionResult)
+    return step.finish()
+
+
+def _key(question: EvalQuestion) -> tuple[str, str]:
+    return question.benchmark, question.question_id

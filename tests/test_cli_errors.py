@@ -1,0 +1,134 @@
+"""`codeclm generate` on bad input: one `error:` line on stderr, no traceback, a non-zero exit, nothing published,
+and no Prefect run started (every check here runs before Prefect and before any LLM call)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from codeclm.fake_llm import FakeLLMServer
+
+CODECLM = str(Path(sys.executable).with_name("codeclm"))
+GOOD = [{"seed_id": "a", "instruction": "Write a haiku about rain."},
+        {"seed_id": "b", "instruction": "Explain recursion to a child."}]
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _config(path: Path, url: str, strong: str = "", target: str = "") -> Path:
+    path.write_text(f'[strong]\nmodel = "openai/fake-strong"\napi_base = "{url}"\n{strong}\n'
+                    f'[target]\nmodel = "openai/fake-target"\napi_base = "{url}"\n{target}\n')
+    return path
+
+
+# Each case builds its input in tmp and returns the CLI arguments after `generate`; `match` is part of the message.
+Case = Callable[[Path, str], list[str]]
+CASES: dict[str, tuple[Case, str]] = {
+    "missing file": (lambda tmp, url: [str(tmp / "nope.jsonl")], "no such file"),
+    "empty file": (lambda tmp, url: [str(_touch(tmp / "seeds.jsonl"))], "file is empty"),
+    "text file": (lambda tmp, url: [str(_write(tmp / "seeds.txt", "Write a poem.\n"))], "unsupported file type .txt"),
+    "corrupt parquet": (lambda tmp, url: [str(_write(tmp / "seeds.parquet", "PAR1 not really"))],
+                        "cannot read seeds"),
+    "directory without parquet": (lambda tmp, url: [str(_mkdir(tmp / "seeds"))], "holds no *.parquet"),
+    "no instruction column": (lambda tmp, url: [str(_jsonl(tmp / "s.jsonl", [{"seed_id": "a", "task": "x"}]))],
+                              "no instruction column"),
+    "non-string instruction": (lambda tmp, url: [str(_jsonl(tmp / "s.jsonl", [{"instruction": 5}]))],
+                               "row 0: instruction must be text"),
+    "empty instruction": (lambda tmp, url: [str(_jsonl(tmp / "s.jsonl", [*GOOD, {"instruction": "   "}]))],
+                          "row 2: instruction is empty"),
+    "duplicate seed ids": (lambda tmp, url: [str(_parquet(tmp / "s.parquet", [*GOOD, {**GOOD[0], "instruction": "x"}]))],
+                           "repeats the seed_id 'a' of row 0"),
+    "instruction over the context": (lambda tmp, url: [
+        str(_jsonl(tmp / "s.jsonl", [*GOOD, {"seed_id": "long", "instruction": "word " * 3000}])),
+        "--config", str(_config(tmp / "c.toml", url, strong="context_tokens = 2000\nmax_tokens = 256"))],
+        "seed long: instruction is about"),
+    "unknown model string": (lambda tmp, url: [
+        str(_jsonl(tmp / "s.jsonl", GOOD)), "--config", str(_config(tmp / "c.toml", url)),
+        "--strong", "notaprovider/some-model"], "not a model string litellm knows"),
+    "missing API key": (lambda tmp, url: [
+        str(_jsonl(tmp / "s.jsonl", GOOD)),
+        "--config", str(_config(tmp / "c.toml", url, target='api_key_env = "CODECLM_TEST_UNSET_KEY"'))],
+        "env var CODECLM_TEST_UNSET_KEY is not set"),
+    "unreachable endpoint": (lambda tmp, url: [
+        str(_jsonl(tmp / "s.jsonl", GOOD)),
+        "--config", str(_config(tmp / "c.toml", f"http://127.0.0.1:{_closed_port()}/v1"))], "is unreachable"),
+    "negative threshold": (lambda tmp, url: [str(_jsonl(tmp / "s.jsonl", GOOD)), "--threshold", "-1"],
+                           "invalid setting threshold"),
+    "zero batch size": (lambda tmp, url: [str(_jsonl(tmp / "s.jsonl", GOOD)), "--batch-size", "0"],
+                        "invalid setting batch_size"),
+    "bad TOML": (lambda tmp, url: [str(_jsonl(tmp / "s.jsonl", GOOD)),
+                                   "--config", str(_write(tmp / "c.toml", "[strong\nmodel = 1\n"))], "not valid TOML"),
+    "unknown setting": (lambda tmp, url: [str(_jsonl(tmp / "s.jsonl", GOOD)),
+                                          "--config", str(_write(tmp / "c.toml", "treshold = 3\n"))],
+                        "invalid setting treshold"),
+    "missing config file": (lambda tmp, url: [str(_jsonl(tmp / "s.jsonl", GOOD)), "--config", str(tmp / "no.toml")],
+                            "config file not found"),
+}
+
+
+def _touch(path: Path) -> Path:
+    path.touch()
+    return path
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    (path / "notes.txt").write_text("no parquet here")
+    return path
+
+
+def _parquet(path: Path, rows: list[dict]) -> Path:
+    pq.write_table(pa.Table.from_pandas(pd.DataFrame(rows), preserve_index=False), path)
+    return path
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_gives_one_error_line_and_publishes_nothing(case: str, tmp_path: Path,
+                                                              fake_llm: FakeLLMServer) -> None:
+    make, words = CASES[case]
+    home, prefect_home, out = tmp_path / "home", tmp_path / "prefect", tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "CODECLM_"))}
+    env |= {"CODECLM_HOME": str(home), "PREFECT_HOME": str(prefect_home),
+            "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(prefect_home / "storage")}
+    args = [CODECLM, "generate", *make(tmp_path, fake_llm.url), "--out", str(out)]
+    if "--strong" not in args and "--config" not in args:
+        args += ["--strong", "openai/fake-strong", "--target", "openai/fake-target"]
+    started = time.monotonic()
+    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - started
+
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert words in lines[0]
+    assert "Traceback" not in done.stdout + done.stderr
+    assert not out.exists() and not out.with_name(".out.staging").exists()
+    assert not (home / "work").exists()  # no step ran
+    assert not (prefect_home / "prefect.db").exists()  # and no Prefect server was started
+    assert elapsed < 60
+    assert fake_llm.requests == []  # no LLM call was made

@@ -1,0 +1,105 @@
+"""Operations end to end, the way a user runs them: a real `prefect server start`, the process pool,
+`prefect deploy --prefect-file deployments.yaml --all`, a CLI-triggered `generate` run picked up by
+`prefect worker start --run-once`, and the REST API to check runs, artifacts, logs and the nightly schedule.
+
+Run: `pytest -m server` (about 2-3 minutes on 2 cores; the browser test reuses the same server and run).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+import pytest
+from live_server import (
+    GENERATE_SEEDS,
+    REPO,
+    STAGE_KEYS,
+    DeployedRun,
+    LiveServer,
+    deployed_generate_run,
+    live_prefect_server,
+    run_family,
+)
+
+pytestmark = pytest.mark.server
+__all__ = ["deployed_generate_run", "live_prefect_server"]  # fixtures shared with the browser module
+
+
+def _deployments(server: LiveServer) -> dict[str, dict]:
+    return {d["name"]: d for d in server.post("/deployments/filter", {})}
+
+
+def test_deploy_creates_the_three_deployments(deployed_generate_run: DeployedRun,
+                                              live_prefect_server: LiveServer) -> None:
+    server = live_prefect_server
+    deployments = _deployments(server)
+    assert set(deployments) == {"generate", "evaluate", "nightly"}
+    pull = [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+    for d in deployments.values():
+        assert d["pull_steps"] == pull, d["name"]
+        assert d["work_pool_name"] == "codeclm-process"
+        assert d["enforce_parameter_schema"] is True
+        # the UI renders this schema as the run form; `settings` is a typed nested form, not a JSON blob
+        schema = d["parameter_openapi_schema"]
+        assert "Settings" in schema["definitions"]
+        assert schema["properties"]["settings"]["anyOf"][0] == {"$ref": "#/definitions/Settings"}
+
+    nightly = deployments["nightly"]
+    (schedule,) = nightly["schedules"]
+    assert schedule["schedule"]["cron"] == "0 2 * * *" and schedule["schedule"]["timezone"] == "UTC"
+    assert schedule["parameters"] == {"seeds": "data/drops", "root": ".codeclm/refresh", "eval_limit": 8}
+    assert nightly["global_concurrency_limit"]["limit"] == 1  # refreshes never overlap
+    assert nightly["work_queue_name"] == "refresh" and deployments["generate"]["work_queue_name"] == "default"
+    assert {"seeds", "root", "benchmarks", "targets", "slot", "run_eval"} <= set(
+        nightly["parameter_openapi_schema"]["properties"])
+
+    # a real server schedules the cron: upcoming nightly runs exist, carrying the schedule's parameters
+    deadline = time.monotonic() + 60
+    while True:
+        upcoming = server.post("/flow_runs/filter", {"deployments": {"id": {"any_": [nightly["id"]]}},
+                                                    "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}})
+        if upcoming or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert upcoming, "the scheduler made no upcoming run for the nightly refresh"
+    assert all(r["parameters"]["eval_limit"] == 8 for r in upcoming)
+    assert all(r["expected_start_time"].endswith("T02:00:00Z") for r in upcoming)
+
+
+def test_cli_triggered_generate_run_completes_with_monitoring(deployed_generate_run: DeployedRun,
+                                                             live_prefect_server: LiveServer) -> None:
+    server, run = live_prefect_server, deployed_generate_run
+    family = run_family(server, run.run_id)
+    assert len(family) == 2 and run.pipeline_id == family[1]
+    runs = {r["id"]: r for r in server.post("/flow_runs/filter", {"flow_runs": {"id": {"any_": family}}})}
+    assert all(r["state_type"] == "COMPLETED" for r in runs.values())
+    assert runs[run.run_id]["name"] == f"generate · {GENERATE_SEEDS} → {run.out}"
+    assert runs[run.pipeline_id]["name"] == f"pipeline · {GENERATE_SEEDS}"
+    assert runs[run.run_id]["parameters"]["settings"]["strong"]["model"] == "openai/fake-strong"
+
+    # what the run published, in the directory it was told (seeds resolved from the repo root)
+    train = pd.read_parquet(run.out / "train.parquet")
+    assert (run.out / "manifest.json").is_file() and list(train.columns)[:2] == ["pair_id", "instruction"]
+
+    # a progress artifact per stage, at 100 %, and the per-stage table with counts, tokens and cost
+    found = {a["key"]: a for a in server.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": family}}})}
+    assert set(STAGE_KEYS) <= set(found) and set(STAGE_KEYS) <= set(run.artifact_keys)
+    for key in STAGE_KEYS[:-1]:
+        assert found[key]["type"] == "progress" and float(found[key]["data"]) == 100.0, key
+    table = found["generate-stages"]
+    assert table["type"] == "table"
+    assert {"stage", "calls", "prompt_tokens", "completion_tokens", "cost_usd"} <= set(table["data"].split('"'))
+
+    # task runs say stage and batch, and carry the role tags
+    tasks = server.post("/task_runs/filter", {"flow_runs": {"id": {"any_": family}}})
+    names = {t["name"] for t in tasks}
+    assert {"encode · batch 000", "decode · batch 000", "respond r1 · batch 000", "score r1 · batch 000"} <= names
+    encode = next(t for t in tasks if t["name"] == "encode · batch 000")
+    assert {"codeclm", "encode", "role:strong"} <= set(encode["tags"])
+    assert all(t["state_type"] == "COMPLETED" for t in tasks)
+
+    # logs reached the API and name batches
+    logs = server.post("/logs/filter", {"logs": {"flow_run_id": {"any_": family}}, "limit": 200})
+    messages = "\n".join(entry["message"] for entry in logs)
+    assert "published" in messages and "batches" in messages

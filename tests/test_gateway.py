@@ -1,0 +1,328 @@
+"""The LLM gateway against the fake server over a real socket: attempt counts, Retry-After, timeouts, parsing,
+caching, tokens and cost, plain-text formats, preflight (reliability F2-F5, F8, D5, D7). No Prefect here."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import settings_for
+from pydantic import BaseModel
+
+from codeclm.errors import ModelError
+from codeclm.fake_llm import FakeLLMServer
+from codeclm.gateway import Call, Gateway, Result, preflight
+from codeclm.prompts import load_prompt
+from tasks.decode import Instructions
+from tasks.decode import _from_text as instructions_from_text
+from tasks.encode import EncodedMetadata
+from tasks.encode import _from_text as metadata_from_text
+from tasks.improve import Improved
+from tasks.improve import _from_text as improved_from_text
+from tasks.score import ScorePair
+from tasks.score import _from_text as scores_from_text
+
+
+class Answer(BaseModel):
+    answer: str
+
+
+def _call(text: str = "hello", output: type[BaseModel] | None = Answer, role: str = "strong", **kw: Any) -> Call:
+    return Call(role=role, messages=[{"role": "user", "content": text}], output=output, prompt_version="test",
+                stage="test", item_id=text, **kw)
+
+
+def _run_one(gateway: Gateway, call: Call) -> Result:
+    (result,) = gateway.run([call])
+    return result
+
+
+def _gateway(server: FakeLLMServer, tmp_path: Path, **overrides: Any) -> Gateway:
+    return Gateway(settings_for(server, tmp_path, **overrides))
+
+
+def _statuses(server: FakeLLMServer) -> list[int | None]:
+    return [r["status"] for r in server.requests]
+
+
+# --- attempt accounting (F2, F3) ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_attempts", [1, 3, 4])
+def test_always_429_makes_exactly_max_attempts_requests(fake_llm: FakeLLMServer, tmp_path: Path,
+                                                        max_attempts: int) -> None:
+    fake_llm.set_faults([{"kind": "http", "status": 429}])
+    result = _run_one(_gateway(fake_llm, tmp_path, max_attempts=max_attempts, parse_attempts=3), _call())
+    assert not result.ok and result.error_type == "RateLimitError"
+    assert result.attempts == max_attempts
+    assert _statuses(fake_llm) == [429] * max_attempts  # never 7: no SDK retries stacked on ours
+
+
+def test_transient_faults_recover_within_the_budget(fake_llm: FakeLLMServer, tmp_path: Path) -> None:
+    fake_llm.set_faults([{"kind": "http", "status": 503, "times": 1}, {"kind": "reset", "times": 1},
+                         {"kind": "http", "status": 429, "times": 1}])
+    result = _run_one(_gateway(fake_llm, tmp_path, max_attempts=4), _call())
+    assert result.ok and result.attempts == 4
+    assert _statuses(fake_llm) == [503, None, 429, 200]
+
+
+CONTEXT_400 = {"error": {"message": "This model's maximum context length is 128 tokens. However, your messages "
+                                    "resulted in 4000 tokens.", "type": "invalid_request_error",
+                         "param": "messages", "code": "context_length_exceeded"}}
+
+
+@pytest.mark.parametrize(("fault", "error_type"), [
+    ({"kind": "http", "status": 400}, "BadRequestError"),
+    ({"kind": "http", "status": 400, "body": CONTEXT_400}, "ContextWindowExceededError"),
+    ({"kind": "http", "status": 422}, None),
+], ids=["400", "context-length", "422"])
+def test_non_transient_errors_fail_after_one_attempt(fake_llm: FakeLLMServer, tmp_path: Path,
+                                                     fault: dict[str, Any], error_type: str | None) -> None:
+    fake_llm.set_faults([fault])
+    result = _run_one(_gateway(fake_llm, tmp_path, max_attempts=4, parse_attempts=3), _call())
+    assert not result.ok and result.attempts == 1
+    if error_type:
+        assert result.error_type == error_type
+    # litellm (drop_params) re-sends a 422 once without optional params; our layer adds nothing on top
+    assert len(fake_llm.requests) == (2 if fault["status"] == 422 else 1)
+
+
+@pytest.mark.parametrize(("status", "words"), [(401, "authentication failed"), (403, "authentication failed"),
+                                               (404, "not found")])
+def test_auth_and_missing_model_stop_the_run(fake_llm: FakeLLMServer, tmp_path: Path, status: int,
+                                             words: str) -> None:
+    fake_llm.set_faults([{"kind": "http", "status": status}])
+    with pytest.raises(ModelError, match=words) as info:
+        _gateway(fake_llm, tmp_path, max_attempts=4).run([_call()])
+    assert "\n" not in str(info.value)
+    assert len(fake_llm.requests) == 1
+
+
+# --- Retry-After (F4) and hangs (F5) -----------------------------------------------------------------------
+
+
+def test_retry_after_is_honoured(fake_llm: FakeLLMServer, tmp_path: Path) -> None:
+    fake_llm.set_faults([{"kind": "http", "status": 429, "retry_after": 2, "times": 1}])
+    result = _run_one(_gateway(fake_llm, tmp_path, backoff_base=0.0), _call())
+    assert result.ok and result.attempts == 2
+    first, second = fake_llm.requests
+    assert 2.0 <= second["t"] - first["t_end"] <= 2.5
+
+
+def test_retry_after_ms_is_honoured(fake_llm: FakeLLMServer, tmp_path: Path) -> None:
+    fake_llm.set_faults([{"kind": "http", "status": 503, "retry_after_ms": 700, "times": 1}])
+    result = _run_one(_gateway(fake_llm, tmp_path, backoff_base=0.0), _call())
+    assert result.ok
+    first, second = fake_llm.requests
+    assert 0.7 <= second["t"] - first["t_end"] <= 1.2
+
+
+def test_retry_after_above_the_cap_fails_at_once(fake_llm: FakeLLMServer, tmp_path: Path) -> None:
+    fake_llm.set_faults([{"kind": "http", "status": 429, "retry_after": 600}])
+    gateway = _gateway(fake_llm, tmp_path, retry_after_cap=30, max_attempts=4)
+    _run_one(gateway, _call("warm-up", output=None, role="target"))  # pays litellm's import outside the timing
+    started = time.monotonic()
+    result = _run_one(gateway, _call())
+    assert time.monotonic() - started < 1.5
+    assert not result.ok and result.attempts == 1 and "retry_after_cap" in result.message
+    assert [r["status"] for r in fake_llm.requests if r["model"] == "fake-strong"] == [429]
+
+
+def test_hang_is_cut_by_the_timeout_and_retried(fake_llm: FakeLLMServer, tmp_path: Path) -> None:
+    fake_llm.set_faults([{"kind": "hang", "seconds": 2, "match": "hang here"}])
+    gateway = _gateway(fake_llm, tmp_path, timeout=0.4, max_attempts=3, parse_attempts=2, backoff_base=0.05,
+                       backoff_max=0.1)
+    _run_one(gateway, _call("warm-up"))
+    started = time.monotonic()
+    result = _run_one(gateway, _call("hang here"))
+    elapsed = time.monotonic() - started
+    assert not result.ok and result.error_type == "Timeout" and result.attempts == 3
+    assert 3 * 0.4 <= elapsed <= 3 * 0.4 + 2 * 0.15 + 1.0  # timeout x attempts + backoff, never the 6,000 s default
+    deadline = time.monotonic() + 5
+    while len(fake_llm.requests) < 4 and time.monotonic() < deadline:  # hung requests log when they end
+        time.sleep(0.1)
+    assert [r["fault"] for r in fake_llm.requests].count("hang") == 3
+
+
+# --- structured output (F8) --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kind", "error_type", "raw"), [
+    ("invalid_json", "ParseError", '{"answer": '),
+    ("empty", "ParseError", ""),
+    ("truncate", "Truncated", None),
+])
+def test_bad_output_is_retried_then_failed_with_raw_text(fake_llm: FakeLLMServer, tmp_path: Path, kind: str,
+                                                         error_type: str, raw: str | None) -> None:
+    fake_llm.set_faults([{"kind": kind}])
+    result = _run_one(_gateway(fake_llm, tmp_path, parse_attempts=3, max_attempts=4), _call())
+    assert not result.ok and result.error_type == error_type and result.value is None
+    assert len(fake_llm.requests) == 3 and result.attempts == 3
+    assert result.text is not None
+    if raw is not None:
+        assert result.text == raw
+    else:
+        assert result.text and not result.text.rstrip().endswith("}")  # half a JSON object, kept for diagnosis
+
+
+@pytest.mark.parametrize("content", ['{"answer": 5}', '{"other": "x"}', "[1, 2]", "not json at all"])
+def test_schema_violations_are_parse_failures(fake_llm: FakeLLMServer, tmp_path: Path, content: str) -> None:
+    fake_llm.responder = lambda body: content
+    result = _run_one(_gateway(fake_llm, tmp_path, parse_attempts=2), _call())
+    assert not result.ok and result.error_type == "ParseError" and result.text == content
+    assert len(fake_llm.requests) == 2
+
+
+def test_fenced_json_is_accepted(fake_llm: FakeLLMServer, tmp_path: Path) -> None:
+    fake_llm.responder = lambda body: '```json\n{"answer": "fenced"}\n```'
+    result = _run_one(_gateway(fake_llm, tmp_path), _call())
+    assert result.ok and result.value == Answer(answer="fenced")
+
+
+def test_a_parse_failure_recovers_on_the_next_call(fake_llm: FakeLLMServer, tmp_path: Path) -> None:
+    fake_llm.set_faults([{"kind": "invalid_json", "times": 1}])
+    result = _run_one(_gateway(fake_llm, tmp_path, parse_attempts=3), _call())
+    assert result.ok and isinstance(result.value, Answer) and result.attempts == 2
+
+
+# --- cache (D5) --------------------------------------------------------------------------------------------
+
+
+def test_failures_are_never_cached(fake_llm: FakeLLMServer, tmp_path: Path) -> None:
+    settings = settings_for(fake_llm, tmp_path, max_attempts=1, parse_attempts=1)
+    fake_llm.set_faults([{"kind": "http", "status": 500}])
+    assert not _run_one(Gateway(settings), _call()).ok
+    fake_llm.set_faults([{"kind": "invalid_json"}])
+    assert not _run_one(Gateway(settings), _call()).ok
+    assert not list(settings.cache_dir.rglob("*.json"))
+    fake_llm.set_faults([])
+    result = _run_one(Gateway(settings), _call())
+    assert result.ok and not result.cached
+    assert _statuses(fake_llm) == [500, 200, 200]
+
+
+def test_success_is_cached_on_disk_for_a_new_gateway(fake_llm: FakeLLMServer, tmp_path: Path) -> None:
+    settings = settings_for(fake_llm, tmp_path)
+    calls = [_call(f"question {i}") for i in range(5)]
+    first = Gateway(settings).run(calls)
+    assert all(r.ok and not r.cached for r in first) and len(fake_llm.requests) == 5
+    again = Gateway(settings).run(calls)  # as a new process would: nothing shared but the home directory
+    assert len(fake_llm.requests) == 5
+    assert all(r.ok and r.cached for r in again)
+    assert [r.value for r in again] == [r.value for r in first]
+
+
+def test_unreadable_cache_entry_is_a_miss(fake_llm: FakeLLMServer, tmp_path: Path) -> None:
+    settings = settings_for(fake_llm, tmp_path)
+    gateway = Gateway(settings)
+    _run_one(gateway, _call())
+    (entry,) = settings.cache_dir.rglob("*.json")
+    entry.write_text('{"text": "trunc')  # a torn write, as after a crash on a filesystem without atomic rename
+    result = _run_one(Gateway(settings), _call())
+    assert result.ok and not result.cached and len(fake_llm.requests) == 2
+    assert json.loads(entry.read_text())["text"] == result.text  # and the entry is repaired
+
+
+# --- tokens and cost (D7) ----------------------------------------------------------------------------------
+
+
+def test_tokens_are_the_servers_usage_summed_and_unpriced_cost_is_zero(fake_llm: FakeLLMServer,
+                                                                       tmp_path: Path) -> None:
+    fake_llm.responder = lambda body: "one two three four five"
+    fake_llm.set_faults([{"kind": "empty", "times": 1}])  # a first answer that fails still used tokens
+    result = _run_one(_gateway(fake_llm, tmp_path, parse_attempts=2), _call("alpha beta gamma", output=None))
+    assert result.ok and result.value == "one two three four five"
+    assert result.prompt_tokens == 3 + 3  # the fake server counts words of the prompt, per response
+    assert result.completion_tokens == 0 + 5
+    assert result.cost_usd == 0.0 and result.unpriced
+
+
+# --- concurrency -------------------------------------------------------------------------------------------
+
+
+def test_requests_in_flight_stay_within_the_role_limit(fake_llm: FakeLLMServer, tmp_path: Path) -> None:
+    fake_llm.latency = 0.1
+    results = _gateway(fake_llm, tmp_path, max_concurrency=3).run([_call(f"q{i}") for i in range(12)])
+    assert all(r.ok for r in results)
+    assert fake_llm.max_concurrency_seen == 3
+    assert [r.call.item_id for r in results] == [f"q{i}" for i in range(12)]  # results keep the calls' order
+
+
+# --- plain-text mode: the paper's formats ------------------------------------------------------------------
+
+
+def _paper_formats(body: dict[str, Any]) -> str:
+    """Answers in the plain-text formats the paper's prompts ask for, decorated like real models do."""
+    system, user = body["messages"][0]["content"], body["messages"][-1]["content"]
+    assert "response_format" not in body
+    if "analyse instructions" in system:
+        return "**Use case:** Creative writing\n**Skills:** poetry, rhyme schemes, humour"
+    if "write instructions" in system:
+        return "Here you go:\n1. Write a sonnet about tea.\n2) Compose a limerick on Mondays.\n3. Draft an ode."
+    if "improve instructions" in system:
+        return "Improved instruction: Write a sonnet about tea using only iambic pentameter."
+    if "quality of an answer" in system:
+        return "8 6"
+    raise AssertionError(f"unexpected prompt: {user[:80]}")
+
+
+@pytest.mark.parametrize(("prompt", "values", "output", "parser", "expected"), [
+    ("encode", {"instruction": "Write a poem.", "max_skills": 3}, EncodedMetadata, metadata_from_text,
+     EncodedMetadata(use_case="Creative writing", skills=["poetry", "rhyme schemes", "humour"])),
+    ("decode", {"n": 3, "use_case": "creative writing", "skills": "poetry"}, Instructions, instructions_from_text,
+     Instructions(instructions=["Write a sonnet about tea.", "Compose a limerick on Mondays.", "Draft an ode."])),
+    ("improve", {"action": "add a constraint", "instruction": "Write a sonnet."}, Improved, improved_from_text,
+     Improved(improved_instruction="Write a sonnet about tea using only iambic pentameter.")),
+    ("score", {"question": "q", "answer_1": "a", "answer_2": "b"}, ScorePair, scores_from_text,
+     ScorePair(score_1=8, score_2=6)),
+])
+def test_plain_text_mode_parses_the_paper_formats(fake_llm: FakeLLMServer, tmp_path: Path, prompt: str,
+                                                  values: dict[str, Any], output: type[BaseModel], parser: Any,
+                                                  expected: BaseModel) -> None:
+    fake_llm.responder = _paper_formats
+    template = load_prompt(prompt)
+    call = Call(role="strong", messages=template.render(False, **values), output=output, text_parser=parser,
+                prompt_version=template.version, stage=prompt, item_id="x")
+    result = _run_one(_gateway(fake_llm, tmp_path, output_mode="text"), call)
+    assert result.ok, result.message
+    assert result.value == expected
+    assert fake_llm.requests[0]["response_format"] is None
+
+
+def test_text_mode_without_a_text_parser_fails_cleanly(fake_llm: FakeLLMServer, tmp_path: Path) -> None:
+    result = _run_one(_gateway(fake_llm, tmp_path, output_mode="text", parse_attempts=1), _call())
+    assert not result.ok and result.error_type == "ParseError"
+
+
+# --- preflight ---------------------------------------------------------------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_endpoint_fails_preflight_with_one_line(fake_llm: FakeLLMServer, tmp_path: Path) -> None:
+    settings = settings_for(fake_llm, tmp_path)
+    preflight(settings, ["strong", "target"])  # the running fake server passes
+    dead = f"http://127.0.0.1:{_closed_port()}/v1"
+    settings.target.api_base = dead
+    with pytest.raises(ModelError) as info:
+        preflight(settings, ["strong", "target"])
+    message = str(info.value)
+    assert "\n" not in message and dead in message and re.match(r"^target endpoint .* unreachable", message)
+
+
+def test_missing_api_key_fails_preflight(fake_llm: FakeLLMServer, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CODECLM_TEST_UNSET_KEY", raising=False)
+    settings = settings_for(fake_llm, tmp_path, api_key_env="CODECLM_TEST_UNSET_KEY")
+    with pytest.raises(ModelError, match="CODECLM_TEST_UNSET_KEY is not set"):
+        preflight(settings, ["strong"])
+    assert fake_llm.requests == []
