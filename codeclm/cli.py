@@ -118,6 +118,9 @@ def generate(
     def go() -> None:
         settings = _settings(config, strong=strong, target=target, batch_size=batch_size, max_rounds=max_rounds,
                              threshold=threshold, budget=budget)
+        from codeclm.storage import load_seeds
+
+        load_seeds(seeds)  # a bad seed file fails in about a second, before Prefect and litellm are imported
         from codeclm.gateway import preflight
         from flows.generate import generate as generate_flow
         from flows.generate import generation_roles
@@ -194,7 +197,7 @@ def run_job(
     out: Annotated[Path, typer.Option("--out", "-o", help="writes OUT/dataset and OUT/eval")],
     config: ConfigOpt = None,
     benchmark: Annotated[list[str] | None, typer.Option(
-        "--benchmark", "-b", help=BenchmarkHelp + "; default: $CODECLM_DEFAULT_BENCHMARK, else vicuna")] = None,
+        "--benchmark", "-b", help=BenchmarkHelp + "; default: $CODECLM_DEFAULT_BENCHMARK, else data/eval_questions.jsonl")] = None,
     limit: Annotated[int, typer.Option(help="questions per benchmark to evaluate on")] = 8,
 ) -> None:
     """The main job: generate a dataset from SEEDS, then measure the target against the strong model."""
@@ -223,7 +226,7 @@ def refresh(
     root: Annotated[Path, typer.Option("--root", "-r", help="version store: ROOT/versions/v0001, ROOT/latest")],
     config: ConfigOpt = None,
     benchmark: Annotated[list[str] | None, typer.Option(
-        "--benchmark", "-b", help="benchmark name or file; default: $CODECLM_DEFAULT_BENCHMARK, else vicuna")] = None,
+        "--benchmark", "-b", help="benchmark name or file; default: $CODECLM_DEFAULT_BENCHMARK, else data/eval_questions.jsonl")] = None,
     target: Annotated[list[str] | None, typer.Option(
         help="target model to evaluate; {version} is replaced by the new version id")] = None,
     limit: Annotated[int, typer.Option(help="questions per benchmark to evaluate on")] = 8,

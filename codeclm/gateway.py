@@ -9,6 +9,7 @@ tasks in many threads share the per-role concurrency limits and litellm's connec
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import functools
 import json
@@ -66,6 +67,11 @@ class Call:
     max_tokens: int | None = None
     text_parser: Callable[[str], BaseModel] | None = None
     free_text: bool = False  # one free-text answer: no schema sent, `text_parser` reads it (cheap on llama.cpp)
+    truncation_ok: bool | None = None  # usable when cut at max_tokens; default: only plain answers (no output)
+
+    @property
+    def accepts_truncation(self) -> bool:
+        return self.output is None if self.truncation_ok is None else self.truncation_ok
 
 
 @dataclass
@@ -195,6 +201,7 @@ class Gateway:
         self._loop = _shared_loop()
         self._roles: dict[str, _RoleState] = {}
         self._endpoints: dict[str, Endpoint] = {}
+        self._inflight: dict[str, asyncio.Future[Result]] = {}
 
     def endpoint(self, role: str) -> Endpoint:
         if role not in self._endpoints:
@@ -256,13 +263,31 @@ class Gateway:
             result.text, result.ok, result.cached = hit["text"], True, True
             report_calls(call.stage, cached=1)
             return result
+        shared = self._inflight.get(key)
+        if shared is not None:  # the same request is already on its way (e.g. strong and target are one model)
+            first = await asyncio.shield(shared)
+            report_calls(call.stage, cached=1)
+            return dataclasses.replace(first, call=call, cached=first.ok, attempts=0, prompt_tokens=0,
+                                       completion_tokens=0, cost_usd=0.0)
+        self._inflight[key] = asyncio.get_running_loop().create_future()
+        try:
+            result = await self._fresh(call, ep, key, result)
+            self._inflight[key].set_result(result)
+            return result
+        except BaseException as exc:
+            self._inflight[key].set_exception(exc)
+            raise
+        finally:
+            self._inflight.pop(key, None)
+
+    async def _fresh(self, call: Call, ep: Endpoint, key: str, result: Result) -> Result:
         state = self._state(ep)
         async with state.semaphore:
             for _ in range(self.settings.parse_attempts):
                 if not await self._attempt_http(call, ep, result, state):
                     break
                 try:
-                    if result.truncated:
+                    if result.truncated and not call.accepts_truncation:
                         raise ParseError("output stopped at max_tokens; raise max_tokens for this role")
                     result.value = self._parse(call, ep, result.text or "")
                 except ParseError as exc:

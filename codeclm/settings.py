@@ -83,6 +83,14 @@ class Settings(BaseSettings):
     retry_after_cap: float = Field(120.0, ge=0, description="a longer Retry-After fails the call at once")
     breaker_failures: int = Field(20, ge=1, description="consecutive connection failures that stop a run")
 
+    @field_validator("judge", mode="before")
+    @classmethod
+    def _judge_is_deterministic(cls, value: object) -> object:
+        """The judge defaults to temperature 0 (paper §5.3) even when only its model is configured."""
+        if isinstance(value, dict) and "temperature" not in value:
+            return {**value, "temperature": 0.0}
+        return value
+
     @field_validator("home")
     @classmethod
     def _absolute_home(cls, value: Path) -> Path:

@@ -55,6 +55,8 @@ def slot_of(when: datetime) -> str:
 
 @dataclass(frozen=True)
 class NewSeed:
+    """A seed no version has processed, with its content hash and the drop file it came from."""
+
     seed: Seed
     sha: str
     source: str

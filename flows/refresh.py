@@ -87,6 +87,15 @@ def publish_version(store: VersionStore, staging: Path, entry: dict[str, Any]) -
     return str(final)
 
 
+def _unchanged(store: VersionStore, progress: _Progress, status: str, version: str | None, slot: str,
+               why: str) -> dict[str, Any]:
+    """A refresh that adds no version still says so in the UI, and returns what `latest` is."""
+    get_run_logger().info("%s; latest stays %s", why, store.latest())
+    progress.to(100.0)
+    _report(store, f"# Refresh · slot {slot}\n\n{why}; latest stays **{store.latest()}**.\n")
+    return {"status": status, "version": version, "previous": store.latest(), "slot": slot, "root": str(store.root)}
+
+
 def _report(store: VersionStore, markdown: str) -> None:
     create_markdown_artifact(markdown, key="refresh-report", description="what this refresh added and CRR change")
     if rows := history_table(store.history()):
@@ -111,18 +120,11 @@ def refresh(seeds: str, root: str, settings: Settings | None = None, benchmarks:
             logger.warning("removed leftovers of an interrupted refresh: %s", ", ".join(removed))
         previous = store.latest()
         if (done := store.version_for_slot(slot)) is not None:
-            logger.info("slot %s already made %s; nothing to do", slot, done)
-            progress.to(100.0)
-            _report(store, f"# Refresh · slot {slot}\n\nThis slot already made **{done}**; nothing was done.\n")
-            return {"status": "slot-done", "version": done, "previous": previous, "slot": slot, "root": str(store.root)}
+            return _unchanged(store, progress, "slot-done", done, slot, f"slot {slot} already made {done}")
         new = scan_seeds(store, seeds)
         progress.to(10.0)
         if not new:
-            logger.info("no new seeds in %s; latest stays %s", seeds, previous)
-            progress.to(100.0)
-            _report(store, f"# Refresh · slot {slot}\n\nNo new seeds in `{seeds}`; latest stays **{previous}**.\n")
-            return {"status": "no-new-seeds", "version": previous, "previous": previous, "slot": slot,
-                    "root": str(store.root)}
+            return _unchanged(store, progress, "no-new-seeds", previous, slot, f"no new seeds in {seeds}")
 
         version = store.next_version()
         specs = {t.replace(VERSION_PLACEHOLDER, version): t for t in targets or []}
@@ -136,7 +138,7 @@ def refresh(seeds: str, root: str, settings: Settings | None = None, benchmarks:
             dataset = generate.with_options(flow_run_name=f"{version} · generate · {len(new)} new seeds")(
                 str(seeds_file), str(staging / "dataset"), settings)
             progress.to(70.0)
-            results = []
+            results: list[dict[str, Any]] = []
             if run_eval:
                 results = evaluate.with_options(flow_run_name=f"{version} · evaluate · {', '.join(bench)}")(
                     bench, str(staging / "eval"), targets=list(specs) or None, settings=settings,

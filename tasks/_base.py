@@ -12,11 +12,13 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypedDict, TypeVar
+from typing import Any, TypeVar
 
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.tasks import exponential_backoff
+from prefect.transactions import get_transaction
+from typing_extensions import TypedDict  # pydantic (Prefect parameters) rejects typing.TypedDict on 3.11
 
 from codeclm.errors import CodecError, ModelError
 from codeclm.gateway import Call, Result, gateway_for
@@ -143,8 +145,13 @@ class Step:
         self.outputs[name] = ref_to(write_records(self.dir / f"{name}.parquet", records, model))
 
     def finish(self) -> Outputs:
+        """Write outputs; only a batch without failed calls is marked done and cached by Prefect, so a rerun
+        retries exactly the failed calls (the gateway cache answers the rest)."""
         self.stats.seconds = round(time.monotonic() - self._started, 3)
         self.write("failed", self.failed, FailedCall)
         self.write("stats", [self.stats], CallStats)
-        write_json(self.dir / "_done.json", self.outputs)
+        if not self.failed:
+            write_json(self.dir / "_done.json", self.outputs)
+        elif (txn := get_transaction()) is not None:
+            txn.write_on_commit = False
         return self.outputs

@@ -42,7 +42,7 @@ def verdict_calls(question: str, item: str, target: str, strong: str, structured
     prompt = load_prompt("judge")
     return [Call(role="judge", messages=prompt.render(structured, question=question, answer_1=first, answer_2=second),
                  output=Verdict, text_parser=verdict_from_text, prompt_version=prompt.version, stage="judge",
-                 item_id=f"{item}#{order}")
+                 item_id=f"{item}#{order}", truncation_ok=True)  # the scores come first; a cut explanation is fine
             for order, first, second in (("A", target, strong), ("B", strong, target))]
 
 

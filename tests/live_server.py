@@ -179,10 +179,6 @@ def artifacts(server: LiveServer, run_ids: list[str]) -> list[dict[str, Any]]:
     return server.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": run_ids}}})
 
 
-def dump(obj: Any) -> str:
-    return json.dumps(obj, indent=1, default=str)[:3000]
-
-
 POOL = "codeclm-process"
 GENERATE_SEEDS = "data/seeds.parquet"  # relative: resolves only if the pull step set the working directory
 STAGE_KEYS = ("progress-encode", "progress-decode", "progress-rubrics", "progress-respond-r1", "progress-score-r1",
@@ -211,6 +207,31 @@ def fake_roles(url: str) -> dict[str, Any]:
     return {name: {"model": f"openai/fake-{name}", **role} for name in ("strong", "target", "judge")}
 
 
+def trigger(server: LiveServer, deployment: str, **params: Any) -> str:
+    """`prefect deployment run DEPLOYMENT --param k=v ...` (JSON for nested values); returns the run id."""
+    args = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in params.items()]
+    created = server.cli("deployment", "run", deployment, *(a for arg in args for a in ("--param", arg)))
+    return next(line.split("UUID:")[1].strip() for line in created.splitlines() if "UUID:" in line)
+
+
+def work_once(server: LiveServer, queue: str, log: Path, home: Path, timeout: float = 420) -> None:
+    """`prefect worker start --run-once` on one queue of the pool, as a user would start it, with a timeout."""
+    worker = server.spawn([PREFECT, "worker", "start", "--pool", POOL, "--work-queue", queue, "--run-once"], log,
+                          env=server.env(CODECLM_HOME=str(home)))
+    try:
+        worker.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(worker)
+        pytest.fail(f"worker did not finish in {timeout:.0f} s:\n{log.read_text()[-4000:]}")
+
+
+def completed(server: LiveServer, run_id: str, log: Path) -> dict[str, Any]:
+    run = flow_run(server, run_id)
+    if run["state_type"] != "COMPLETED":
+        pytest.fail(f"run {run_id} ended {run['state_type']}:\n{log.read_text()[-4000:]}")
+    return run
+
+
 def _deploy_and_run(server: LiveServer, llm_url: str, work: Path) -> DeployedRun:
     timings: dict[str, float] = {}
     started = time.monotonic()
@@ -219,25 +240,14 @@ def _deploy_and_run(server: LiveServer, llm_url: str, work: Path) -> DeployedRun
     timings["pool+deploy"] = time.monotonic() - started
 
     out = work / "dataset"
-    params = {"seeds": GENERATE_SEEDS, "out": str(out),
-              "settings": {**fake_roles(llm_url), "n_metadata": 6, "instructions_per_metadata": 2, "n_rubrics": 2,
-                           "max_rounds": 1, "budget": 50, "batch_size": 10, "max_parallel_batches": 3}}
+    settings = {**fake_roles(llm_url), "n_metadata": 6, "instructions_per_metadata": 2, "n_rubrics": 2,
+                "max_rounds": 1, "budget": 50, "batch_size": 10, "max_parallel_batches": 3}
     started = time.monotonic()
-    created = server.cli("deployment", "run", "codeclm-generate/generate", "--params", json.dumps(params))
-    run_id = next(line.split("UUID:")[1].strip() for line in created.splitlines() if "UUID:" in line)
-
+    run_id = trigger(server, "codeclm-generate/generate", seeds=GENERATE_SEEDS, out=str(out), settings=settings)
     worker_log = work / "worker.log"
-    worker = server.spawn([PREFECT, "worker", "start", "--pool", POOL, "--work-queue", "default", "--run-once"],
-                          worker_log, env=server.env(CODECLM_HOME=str(work / "home")))
-    try:
-        worker.wait(timeout=420)
-    except subprocess.TimeoutExpired:
-        kill_tree(worker)
-        pytest.fail(f"worker did not finish the run in 420 s:\n{worker_log.read_text()[-4000:]}")
+    work_once(server, "default", worker_log, work / "home")
     timings["run (worker)"] = time.monotonic() - started
-    run = flow_run(server, run_id)
-    if run["state_type"] != "COMPLETED":
-        pytest.fail(f"run {run_id} ended {run['state_type']}:\n{worker_log.read_text()[-4000:]}")
+    run = completed(server, run_id, worker_log)
     family = run_family(server, run_id)
     ids = {a["key"]: a["id"] for a in artifacts(server, family) if a["key"]}
     return DeployedRun(run_id, family[1], run["name"], out, worker_log, ids, timings)

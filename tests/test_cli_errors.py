@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,7 +55,8 @@ CASES: dict[str, tuple[Case, str]] = {
                                "row 0: instruction must be text"),
     "empty instruction": (lambda tmp, url: [str(_jsonl(tmp / "s.jsonl", [*GOOD, {"instruction": "   "}]))],
                           "row 2: instruction is empty"),
-    "duplicate seed ids": (lambda tmp, url: [str(_parquet(tmp / "s.parquet", [*GOOD, {**GOOD[0], "instruction": "x"}]))],
+    "duplicate seed ids": (lambda tmp, url: [str(_parquet(tmp / "s.parquet",
+                                                          [*GOOD, {**GOOD[0], "instruction": "x"}]))],
                            "repeats the seed_id 'a' of row 0"),
     "instruction over the context": (lambda tmp, url: [
         str(_jsonl(tmp / "s.jsonl", [*GOOD, {"seed_id": "long", "instruction": "word " * 3000}])),
@@ -118,9 +118,7 @@ def test_bad_input_gives_one_error_line_and_publishes_nothing(case: str, tmp_pat
     args = [CODECLM, "generate", *make(tmp_path, fake_llm.url), "--out", str(out)]
     if "--strong" not in args and "--config" not in args:
         args += ["--strong", "openai/fake-strong", "--target", "openai/fake-target"]
-    started = time.monotonic()
     done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    elapsed = time.monotonic() - started
 
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2, done.stderr
@@ -130,5 +128,4 @@ def test_bad_input_gives_one_error_line_and_publishes_nothing(case: str, tmp_pat
     assert not out.exists() and not out.with_name(".out.staging").exists()
     assert not (home / "work").exists()  # no step ran
     assert not (prefect_home / "prefect.db").exists()  # and no Prefect server was started
-    assert elapsed < 60
     assert fake_llm.requests == []  # no LLM call was made

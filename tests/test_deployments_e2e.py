@@ -7,7 +7,9 @@ Run: `pytest -m server` (about 2-3 minutes on 2 cores; the browser test reuses t
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -17,10 +19,18 @@ from live_server import (
     STAGE_KEYS,
     DeployedRun,
     LiveServer,
+    artifacts,
+    completed,
     deployed_generate_run,
+    fake_roles,
     live_prefect_server,
     run_family,
+    trigger,
+    work_once,
 )
+
+from codeclm.fake_llm import FakeLLMServer
+from codeclm.versions import VersionStore
 
 pytestmark = pytest.mark.server
 __all__ = ["deployed_generate_run", "live_prefect_server"]  # fixtures shared with the browser module
@@ -39,6 +49,7 @@ def test_deploy_creates_the_three_deployments(deployed_generate_run: DeployedRun
     for d in deployments.values():
         assert d["pull_steps"] == pull, d["name"]
         assert d["work_pool_name"] == "codeclm-process"
+        assert d["job_variables"] == {"working_dir": str(REPO)}  # the run starts in the repo: its pyproject applies
         assert d["enforce_parameter_schema"] is True
         # the UI renders this schema as the run form; `settings` is a typed nested form, not a JSON blob
         schema = d["parameter_openapi_schema"]
@@ -103,3 +114,43 @@ def test_cli_triggered_generate_run_completes_with_monitoring(deployed_generate_
     logs = server.post("/logs/filter", {"logs": {"flow_run_id": {"any_": family}}, "limit": 200})
     messages = "\n".join(entry["message"] for entry in logs)
     assert "published" in messages and "batches" in messages
+
+
+def test_nightly_refresh_deployment_publishes_once_per_slot(deployed_generate_run: DeployedRun,
+                                                            live_prefect_server: LiveServer, tmp_path: Path) -> None:
+    """The refresh deployment run by a worker from the `refresh` queue; the same slot triggered again (as the
+    scheduler and a manual run would) makes no second version."""
+    server = live_prefect_server
+    drops, root, bench = tmp_path / "drops", tmp_path / "root", tmp_path / "bench.jsonl"
+    drops.mkdir()
+    pd.DataFrame([("n1", "Write a haiku about spring fog."), ("n2", "Explain recursion to a new programmer.")],
+                 columns=["seed_id", "instruction"]).to_parquet(drops / "drop-001.parquet")
+    bench.write_text("".join(json.dumps({"question_id": f"q{i}", "prompt": p}) + "\n"
+                             for i, p in enumerate(["Name a prime number.", "Describe a cat in one sentence."])))
+    with FakeLLMServer() as llm:
+        params = {"seeds": str(drops), "root": str(root), "benchmarks": [str(bench)], "eval_limit": 2,
+                  "targets": ["openai/fake-tuned-{version}"], "slot": "2026-11-26T02:00Z",
+                  "settings": {**fake_roles(llm.url), "n_metadata": 3, "instructions_per_metadata": 2,
+                               "n_rubrics": 2, "max_rounds": 1, "budget": 20}}
+        first = trigger(server, "codeclm-refresh/nightly", **params)
+        work_once(server, "refresh", tmp_path / "worker-1.log", tmp_path / "home")
+        second = trigger(server, "codeclm-refresh/nightly", **params)
+        work_once(server, "refresh", tmp_path / "worker-2.log", tmp_path / "home")
+
+    run = completed(server, first, tmp_path / "worker-1.log")
+    completed(server, second, tmp_path / "worker-2.log")
+    assert run["name"] == f"refresh · 2026-11-26T02:00Z · {drops} → {root}"
+    store = VersionStore(root)
+    assert [e["version"] for e in store.history()] == ["v0001"] and store.latest() == "v0001"
+    assert store.entry("v0001")["flow_run_id"] == first
+
+    family = run_family(server, first)
+    names = {r["name"] for r in server.post("/flow_runs/filter", {"flow_runs": {"id": {"any_": family}}})}
+    assert {"v0001 · generate · 2 new seeds", f"v0001 · evaluate · {bench}"} <= names
+    found = {a["key"]: a for a in artifacts(server, family)}
+    assert {"refresh-progress", "refresh-report", "refresh-history", "generate-stages", "crr-report"} <= set(found)
+    assert float(found["refresh-progress"]["data"]) == 100.0
+    assert "Refresh v0001" in found["refresh-report"]["data"] and "openai/fake-tuned-v0001" in found[
+        "refresh-report"]["data"]
+    again = {a["key"]: a for a in artifacts(server, [second])}
+    assert "already made v0001" in again["refresh-report"]["data"]

@@ -3,6 +3,7 @@ check that no LLM call completed before the kill is paid for again, and what the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -37,7 +38,7 @@ SEEDS = [
     ("r3", "Summarise the causes of the French Revolution in five bullet points."),
     ("r4", "Plan a three-day vegetarian meal plan for a student on a budget."),
 ]
-KILL_AFTER = 45         # completed requests seen by the server before the kill
+KILL_AFTER = 30         # completed requests seen by the server before the kill (of about 95), mid round 1
 CONCURRENCY = 2         # per endpoint; two endpoints (strong, target), so at most 4 calls in flight
 SETTLED = 1.0           # a response logged this long before the kill has surely reached the gateway cache
 
@@ -73,10 +74,8 @@ def _end(pids: list[int]) -> None:
     while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
         time.sleep(0.1)
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def test_sigkill_mid_run_then_rerun_repeats_no_completed_call(fake_llm: FakeLLMServer, tmp_path: Path) -> None:
@@ -84,7 +83,7 @@ def test_sigkill_mid_run_then_rerun_repeats_no_completed_call(fake_llm: FakeLLMS
     prefect_home = tmp_path / "prefect"
     marker = f"PREFECT_HOME={prefect_home}"
     settings = settings_for(fake_llm, tmp_path, n_metadata=6, instructions_per_metadata=2, n_rubrics=2,
-                            max_rounds=2, budget=100, batch_size=2, max_parallel_batches=2,
+                            max_rounds=2, budget=100, batch_size=4, max_parallel_batches=2,
                             max_concurrency=CONCURRENCY)
     (tmp_path / "settings.json").write_text(settings.model_dump_json())
     (tmp_path / "run.py").write_text(SCRIPT)
@@ -105,7 +104,7 @@ def test_sigkill_mid_run_then_rerun_repeats_no_completed_call(fake_llm: FakeLLMS
     t_start = time.monotonic()
     deadline = time.monotonic() + 240
     while len(fake_llm.requests) < KILL_AFTER:
-        assert killed.poll() is None, "the run ended before it could be killed:\n" + (tmp_path / "killed.log").read_text()
+        assert killed.poll() is None, f"the run ended before the kill:\n{(tmp_path / 'killed.log').read_text()}"
         assert time.monotonic() < deadline, "the run made too few requests in time"
         time.sleep(0.02)
     killed.send_signal(signal.SIGKILL)
