@@ -46,18 +46,31 @@ class _ShortCodecErrors(logging.Filter):
         return True
 
 
+def _termination_signal() -> type[BaseException]:
+    """Prefect turns SIGTERM into its own exception; treat it like Ctrl-C."""
+    from prefect.exceptions import TerminationSignal
+
+    return TerminationSignal
+
+
 @contextmanager
 def _user_errors() -> Iterator[None]:
     from codeclm.errors import CodecError
 
-    for handler in logging.getLogger("prefect").handlers:
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()  # Prefect adds its console handler here; later flow runs update it incrementally
+    for handler in logging.getLogger().handlers:
         handler.addFilter(_ShortCodecErrors())
     try:
         yield
     except CodecError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _termination_signal()):
+        from codeclm.gateway import cancel_all
+
+        cancel_all()
         typer.echo("interrupted: completed calls are cached; run the same command again to finish", err=True)
         raise typer.Exit(130) from None
 
@@ -91,9 +104,16 @@ def _progress() -> Iterator[None]:
 
 
 def _settings(config: Path | None, **overrides: Any) -> Any:
+    """Settings from file, env and flags; the Dask runner's need for a Prefect server is checked now, not after
+    a temporary server has started."""
     from codeclm.settings import Settings
 
-    return Settings.load(config, **overrides)
+    settings = Settings.load(config, **overrides)
+    if settings.task_runner == "dask":
+        from codeclm.scaleout import api_env
+
+        api_env()
+    return settings
 
 
 def _run(fn: Callable[[], Any]) -> Any:
@@ -197,7 +217,8 @@ def run_job(
     out: Annotated[Path, typer.Option("--out", "-o", help="writes OUT/dataset and OUT/eval")],
     config: ConfigOpt = None,
     benchmark: Annotated[list[str] | None, typer.Option(
-        "--benchmark", "-b", help=BenchmarkHelp + "; default: $CODECLM_DEFAULT_BENCHMARK, else data/eval_questions.jsonl")] = None,
+        "--benchmark", "-b",
+        help=BenchmarkHelp + "; default: $CODECLM_DEFAULT_BENCHMARK, else data/eval_questions.jsonl")] = None,
     limit: Annotated[int, typer.Option(help="questions per benchmark to evaluate on")] = 8,
 ) -> None:
     """The main job: generate a dataset from SEEDS, then measure the target against the strong model."""
@@ -226,7 +247,8 @@ def refresh(
     root: Annotated[Path, typer.Option("--root", "-r", help="version store: ROOT/versions/v0001, ROOT/latest")],
     config: ConfigOpt = None,
     benchmark: Annotated[list[str] | None, typer.Option(
-        "--benchmark", "-b", help="benchmark name or file; default: $CODECLM_DEFAULT_BENCHMARK, else data/eval_questions.jsonl")] = None,
+        "--benchmark", "-b",
+        help="benchmark name or file; default: $CODECLM_DEFAULT_BENCHMARK, else data/eval_questions.jsonl")] = None,
     target: Annotated[list[str] | None, typer.Option(
         help="target model to evaluate; {version} is replaced by the new version id")] = None,
     limit: Annotated[int, typer.Option(help="questions per benchmark to evaluate on")] = 8,

@@ -211,6 +211,8 @@ class Gateway:
     def run(self, calls: Sequence[Call]) -> list[Result]:
         """Make all calls concurrently (bounded per role) and return results in order; never raises for a
         single failed call, only for errors that doom the whole run (ModelError)."""
+        if _CANCELLED.is_set():
+            raise ModelError("the run was interrupted; completed calls are cached")
         future = asyncio.run_coroutine_threadsafe(self._run_all(list(calls)), self._loop)
         return future.result()
 
@@ -465,6 +467,15 @@ _GATEWAYS: dict[str, Gateway] = {}
 _LOCK = threading.Lock()
 _LOOP_LOCK = threading.Lock()  # separate from _LOCK: Gateway() runs under _LOCK and asks for the loop
 _LOOP: asyncio.AbstractEventLoop | None = None
+_CANCELLED = threading.Event()
+
+
+def cancel_all() -> None:
+    """Stop every call in flight and refuse new ones: an interrupted run must exit now, not after retries."""
+    _CANCELLED.set()
+    loop = _LOOP
+    if loop is not None and loop.is_running():
+        loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(loop)])
 
 
 def _shared_loop() -> asyncio.AbstractEventLoop:

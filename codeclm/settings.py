@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     judge: RoleConfig = Field(default_factory=lambda: RoleConfig(temperature=0.0))
 
     # CodecLM pipeline (paper §5.3, A.3)
+    seed_sample: int | None = Field(None, ge=1, description="use a reproducible sample of N seeds (the paper "
+                                    "seeds from a 20% split of each benchmark); None uses all")
     n_metadata: int = Field(200, ge=1, description="metadata after mix-and-match augmentation")
     max_skills: int = Field(3, ge=1, le=10, description="skills kept per encoded seed")
     augment_max_skills: int = Field(3, ge=1, le=10, description="skills per augmented metadata (1..this)")

@@ -6,11 +6,13 @@ answer or judgement failed (the gateway already retried unparseable output) is k
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from pydantic import BaseModel, Field
 
 from codeclm.crr import Rule, outcome, position_flipped
+from codeclm.errors import ParseError
 from codeclm.eval_records import EvalAnswer, EvalQuestion, EvalQuestionResult
 from codeclm.gateway import Call, Result
 from codeclm.parsing import parse_two_scores
@@ -30,9 +32,19 @@ class Verdict(BaseModel):
     explanation: str = ""
 
 
+_JSON_SCORES = re.compile(r'"score_1"\s*:\s*(\d+(?:\.\d+)?)\s*,\s*"score_2"\s*:\s*(\d+(?:\.\d+)?)')
+
+
 def verdict_from_text(text: str) -> Verdict:
-    """Fig. 12 text format: the scores on the first line, the explanation on the lines after it."""
-    first, second = parse_two_scores(text)
+    """Fig. 12 text format: the scores on the first line, the explanation on the lines after it. Also reads the
+    scores of a JSON verdict cut short in its explanation (scores come first, so they are complete)."""
+    try:
+        first, second = parse_two_scores(text)
+    except ParseError:
+        found = _JSON_SCORES.search(text)
+        if found is None:
+            raise
+        return Verdict(score_1=float(found[1]), score_2=float(found[2]))
     _, _, explanation = text.strip().partition("\n")
     return Verdict(score_1=first, score_2=second, explanation=explanation.strip())
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import random
 from pathlib import Path
 
 from codeclm.errors import SeedFileError
@@ -14,6 +15,14 @@ from codeclm.storage import load_seeds, write_records
 from tasks._base import Ref, codec_task, ref_to
 
 
+def sample(seeds: list[Seed], settings: Settings) -> list[Seed]:
+    """The seeds a run uses: all, or a reproducible sample in file order."""
+    if settings.seed_sample is None or settings.seed_sample >= len(seeds):
+        return seeds
+    keep = set(random.Random(settings.seed).sample(range(len(seeds)), settings.seed_sample))
+    return [s for i, s in enumerate(seeds) if i in keep]
+
+
 def split(seeds: list[Seed], batch_size: int) -> list[list[Seed]]:
     n = max(1, math.ceil(len(seeds) / batch_size))
     return [seeds[i * batch_size:(i + 1) * batch_size] for i in range(n)]
@@ -22,8 +31,9 @@ def split(seeds: list[Seed], batch_size: int) -> list[list[Seed]]:
 @codec_task("seeds", run_name="load seeds · {source}")
 def prepare_seeds(source: str, source_sha: str, settings: Settings) -> list[Ref]:
     """Validated seeds as one Parquet file per batch; `source_sha` makes the cache follow the file's content."""
-    seeds = load_seeds(Path(source))
-    out = settings.work_dir / "seeds" / hashlib.sha256(f"{source_sha}:{settings.batch_size}".encode()).hexdigest()[:20]
+    seeds = sample(load_seeds(Path(source)), settings)
+    key = f"{source_sha}:{settings.batch_size}:{settings.seed_sample}:{settings.seed}"
+    out = settings.work_dir / "seeds" / hashlib.sha256(key.encode()).hexdigest()[:20]
     return [ref_to(write_records(out / f"batch-{i:04d}.parquet", batch, Seed))
             for i, batch in enumerate(split(seeds, settings.batch_size))]
 

@@ -8,7 +8,9 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -107,25 +109,51 @@ def _parquet(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_gives_one_error_line_and_publishes_nothing(case: str, tmp_path: Path,
-                                                              fake_llm: FakeLLMServer) -> None:
-    make, words = CASES[case]
-    home, prefect_home, out = tmp_path / "home", tmp_path / "prefect", tmp_path / "out"
+SLOW = ("instruction over the context", "unknown model string", "missing API key", "unreachable endpoint")
+
+
+@dataclass
+class Run:
+    done: subprocess.CompletedProcess[str]
+    tmp: Path
+    requests: int
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future[Run]]]:
+    """Every case runs in its own subprocess and tmp dir; three at a time, the slow ones (litellm's 5-10 s
+    import) first, so the module takes about a third of the time. Each test then checks its own case."""
+    with FakeLLMServer() as server, ThreadPoolExecutor(max_workers=3) as pool:
+        order = [*SLOW, *(c for c in CASES if c not in SLOW)]
+        futures = {case: pool.submit(_run_case, case, tmp_path_factory.mktemp("cli"), server) for case in order}
+        yield futures
+        for future in futures.values():
+            future.cancel()
+
+
+def _run_case(case: str, tmp: Path, server: FakeLLMServer) -> Run:
+    make, _ = CASES[case]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "CODECLM_"))}
-    env |= {"CODECLM_HOME": str(home), "PREFECT_HOME": str(prefect_home),
-            "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(prefect_home / "storage")}
-    args = [CODECLM, "generate", *make(tmp_path, fake_llm.url), "--out", str(out)]
+    env |= {"CODECLM_HOME": str(tmp / "home"), "PREFECT_HOME": str(tmp / "prefect"),
+            "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp / "prefect" / "storage")}
+    args = [CODECLM, "generate", *make(tmp, server.url), "--out", str(tmp / "out")]
     if "--strong" not in args and "--config" not in args:
         args += ["--strong", "openai/fake-strong", "--target", "openai/fake-target"]
-    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    before = len(server.requests)
+    done = subprocess.run(args, cwd=tmp, env=env, capture_output=True, text=True, timeout=180)
+    return Run(done, tmp, len(server.requests) - before)
 
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_gives_one_error_line_and_publishes_nothing(case: str, runs: dict[str, Future[Run]]) -> None:
+    run = runs[case].result()
+    done, tmp = run.done, run.tmp
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2, done.stderr
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
-    assert words in lines[0]
+    assert CASES[case][1] in lines[0]
     assert "Traceback" not in done.stdout + done.stderr
-    assert not out.exists() and not out.with_name(".out.staging").exists()
-    assert not (home / "work").exists()  # no step ran
-    assert not (prefect_home / "prefect.db").exists()  # and no Prefect server was started
-    assert fake_llm.requests == []  # no LLM call was made
+    assert not (tmp / "out").exists() and not (tmp / ".out.staging").exists()
+    assert not (tmp / "home" / "work").exists()  # no step ran
+    assert not (tmp / "prefect" / "prefect.db").exists()  # and no Prefect server was started
+    assert run.requests == 0  # no LLM call was made
