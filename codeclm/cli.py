@@ -55,9 +55,9 @@ def _termination_signal() -> type[BaseException]:
 
 @contextmanager
 def _user_errors() -> Iterator[None]:
-    from codeclm.errors import CodecError
-
     from prefect.logging.configuration import setup_logging
+
+    from codeclm.errors import CodecError
 
     setup_logging()  # Prefect adds its console handler here; later flow runs update it incrementally
     for handler in logging.getLogger().handlers:
