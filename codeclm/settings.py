@@ -62,8 +62,6 @@ class Settings(BaseSettings):
     action_sampling: Literal["without_replacement", "with_replacement"] = "without_replacement"
     keep_target_when_better: bool = Field(True, description="keep the target answer when G < -threshold")
     drop_seed_overlap: bool = Field(True, description="reject generated instructions equal to a seed")
-    response_temperature: float = Field(0.7, ge=0, le=2, description="temperature when answering")
-    response_max_tokens: int = Field(1024, ge=1, description="max tokens of an answer")
     scorer: Literal["strong", "judge"] = Field("strong", description="who scores in Contrastive Filtering")
     score_temperature: float = Field(0.0, ge=0, le=2, description="temperature of pairwise scoring")
     seed: int = Field(0, description="random seed for augmentation, action choice and budget sampling")

@@ -45,7 +45,7 @@ def answer(questions: Ref, settings: Settings, role: AnswerRole, batch: str) -> 
     if (done := step.done()) is not None:
         return done
     rows = read(questions, EvalQuestion)
-    calls = answer_calls([(item_id(q.benchmark, q.question_id), q.prompt) for q in rows], role, settings, "answer")
+    calls = answer_calls([(item_id(q.benchmark, q.question_id), q.prompt) for q in rows], role, "answer")
     model = settings.role(role).model
     answers = [EvalAnswer(benchmark=q.benchmark, question_id=q.question_id, role=role, model=model,
                           text=r.value if r.ok else None, failure=None if r.ok else f"{r.error_type}: {r.message}")

@@ -11,13 +11,12 @@ from tasks._base import Outputs, Ref, Step, codec_task, read
 ROLES = ("strong", "target")
 
 
-def answer_calls(prompts: list[tuple[str, str]], role: str, settings: Settings, stage: str) -> list[Call]:
-    """Plain chat calls answering (item id, prompt) pairs; shared with the evaluation flow so its answers
-    hit the same cache entries when the prompt is the same."""
+def answer_calls(prompts: list[tuple[str, str]], role: str, stage: str) -> list[Call]:
+    """Plain chat calls answering (item id, prompt) pairs, at the role's own temperature and max_tokens; shared
+    with the evaluation flow so its answers hit the same cache entries when the prompt is the same."""
     prompt = load_prompt("respond")
     return [Call(role=role, messages=prompt.render(False, instruction=text), output=None,
-                 prompt_version=prompt.version, stage=stage, item_id=item_id,
-                 temperature=settings.response_temperature, max_tokens=settings.response_max_tokens)
+                 prompt_version=prompt.version, stage=stage, item_id=item_id)
             for item_id, text in prompts]
 
 
@@ -30,7 +29,7 @@ def respond(candidates: Ref, settings: Settings, round: int, batch: str) -> Outp
     cands = read(candidates, Candidate)
     lineage = {c.candidate_id: c.instruction_id for c in cands}
     items = [(c.candidate_id, c.instruction) for c in cands]
-    calls = [call for role in ROLES for call in answer_calls(items, role, settings, "respond")]
+    calls = [call for role in ROLES for call in answer_calls(items, role, "respond")]
     responses = [Response(candidate_id=r.call.item_id, role=r.call.role, model=r.model, text=r.value)
                  for r in step.call(calls, lineage) if r.ok]
     step.write("responses", responses, Response)

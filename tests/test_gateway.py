@@ -46,8 +46,18 @@ def _gateway(server: FakeLLMServer, tmp_path: Path, **overrides: Any) -> Gateway
     return Gateway(settings_for(server, tmp_path, **overrides))
 
 
-def _statuses(server: FakeLLMServer) -> list[int | None]:
-    return [r["status"] for r in server.requests]
+def _logged(server: FakeLLMServer, at_least: int) -> list[dict[str, Any]]:
+    """The server's request log once it holds `at_least` entries: the server logs a request after sending its
+    response, so the client can be done a moment before the entry appears."""
+    deadline = time.monotonic() + 5
+    while len(server.requests) < at_least and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)  # room for an entry too many to show up
+    return server.requests
+
+
+def _statuses(server: FakeLLMServer, expected: int) -> list[int | None]:
+    return [r["status"] for r in _logged(server, expected)]
 
 
 # --- attempt accounting (F2, F3) ---------------------------------------------------------------------------
@@ -60,7 +70,7 @@ def test_always_429_makes_exactly_max_attempts_requests(fake_llm: FakeLLMServer,
     result = _run_one(_gateway(fake_llm, tmp_path, max_attempts=max_attempts, parse_attempts=3), _call())
     assert not result.ok and result.error_type == "RateLimitError"
     assert result.attempts == max_attempts
-    assert _statuses(fake_llm) == [429] * max_attempts  # never 7: no SDK retries stacked on ours
+    assert _statuses(fake_llm, max_attempts) == [429] * max_attempts  # never 7: no SDK retries stacked on ours
 
 
 def test_transient_faults_recover_within_the_budget(fake_llm: FakeLLMServer, tmp_path: Path) -> None:
@@ -68,7 +78,7 @@ def test_transient_faults_recover_within_the_budget(fake_llm: FakeLLMServer, tmp
                          {"kind": "http", "status": 429, "times": 1}])
     result = _run_one(_gateway(fake_llm, tmp_path, max_attempts=4), _call())
     assert result.ok and result.attempts == 4
-    assert _statuses(fake_llm) == [503, None, 429, 200]
+    assert _statuses(fake_llm, 4) == [503, None, 429, 200]
 
 
 CONTEXT_400 = {"error": {"message": "This model's maximum context length is 128 tokens. However, your messages "
@@ -89,7 +99,8 @@ def test_non_transient_errors_fail_after_one_attempt(fake_llm: FakeLLMServer, tm
     if error_type:
         assert result.error_type == error_type
     # litellm (drop_params) re-sends a 422 once without optional params; our layer adds nothing on top
-    assert len(fake_llm.requests) == (2 if fault["status"] == 422 else 1)
+    expected = 2 if fault["status"] == 422 else 1
+    assert len(_logged(fake_llm, expected)) == expected
 
 
 @pytest.mark.parametrize(("status", "words"), [(401, "authentication failed"), (403, "authentication failed"),
@@ -100,7 +111,7 @@ def test_auth_and_missing_model_stop_the_run(fake_llm: FakeLLMServer, tmp_path: 
     with pytest.raises(ModelError, match=words) as info:
         _gateway(fake_llm, tmp_path, max_attempts=4).run([_call()])
     assert "\n" not in str(info.value)
-    assert len(fake_llm.requests) == 1
+    assert len(_logged(fake_llm, 1)) == 1
 
 
 # --- Retry-After (F4) and hangs (F5) -----------------------------------------------------------------------
@@ -110,7 +121,7 @@ def test_retry_after_is_honoured(fake_llm: FakeLLMServer, tmp_path: Path) -> Non
     fake_llm.set_faults([{"kind": "http", "status": 429, "retry_after": 2, "times": 1}])
     result = _run_one(_gateway(fake_llm, tmp_path, backoff_base=0.0), _call())
     assert result.ok and result.attempts == 2
-    first, second = fake_llm.requests
+    first, second = _logged(fake_llm, 2)
     assert 2.0 <= second["t"] - first["t_end"] <= 2.5
 
 
@@ -118,7 +129,7 @@ def test_retry_after_ms_is_honoured(fake_llm: FakeLLMServer, tmp_path: Path) -> 
     fake_llm.set_faults([{"kind": "http", "status": 503, "retry_after_ms": 700, "times": 1}])
     result = _run_one(_gateway(fake_llm, tmp_path, backoff_base=0.0), _call())
     assert result.ok
-    first, second = fake_llm.requests
+    first, second = _logged(fake_llm, 2)
     assert 0.7 <= second["t"] - first["t_end"] <= 1.2
 
 
@@ -130,7 +141,7 @@ def test_retry_after_above_the_cap_fails_at_once(fake_llm: FakeLLMServer, tmp_pa
     result = _run_one(gateway, _call())
     assert time.monotonic() - started < 1.5
     assert not result.ok and result.attempts == 1 and "retry_after_cap" in result.message
-    assert [r["status"] for r in fake_llm.requests if r["model"] == "fake-strong"] == [429]
+    assert [r["status"] for r in _logged(fake_llm, 2) if r["model"] == "fake-strong"] == [429]
 
 
 def test_hang_is_cut_by_the_timeout_and_retried(fake_llm: FakeLLMServer, tmp_path: Path) -> None:
@@ -143,10 +154,7 @@ def test_hang_is_cut_by_the_timeout_and_retried(fake_llm: FakeLLMServer, tmp_pat
     elapsed = time.monotonic() - started
     assert not result.ok and result.error_type == "Timeout" and result.attempts == 3
     assert 3 * 0.4 <= elapsed <= 3 * 0.4 + 2 * 0.15 + 1.0  # timeout x attempts + backoff, never the 6,000 s default
-    deadline = time.monotonic() + 5
-    while len(fake_llm.requests) < 4 and time.monotonic() < deadline:  # hung requests log when they end
-        time.sleep(0.1)
-    assert [r["fault"] for r in fake_llm.requests].count("hang") == 3
+    assert [r["fault"] for r in _logged(fake_llm, 4)].count("hang") == 3  # hung requests log when they end
 
 
 # --- structured output (F8) --------------------------------------------------------------------------------
@@ -162,7 +170,7 @@ def test_bad_output_is_retried_then_failed_with_raw_text(fake_llm: FakeLLMServer
     fake_llm.set_faults([{"kind": kind}])
     result = _run_one(_gateway(fake_llm, tmp_path, parse_attempts=3, max_attempts=4), _call())
     assert not result.ok and result.error_type == error_type and result.value is None
-    assert len(fake_llm.requests) == 3 and result.attempts == 3
+    assert len(_logged(fake_llm, 3)) == 3 and result.attempts == 3
     assert result.text is not None
     if raw is not None:
         assert result.text == raw
@@ -175,7 +183,7 @@ def test_schema_violations_are_parse_failures(fake_llm: FakeLLMServer, tmp_path:
     fake_llm.responder = lambda body: content
     result = _run_one(_gateway(fake_llm, tmp_path, parse_attempts=2), _call())
     assert not result.ok and result.error_type == "ParseError" and result.text == content
-    assert len(fake_llm.requests) == 2
+    assert len(_logged(fake_llm, 2)) == 2
 
 
 def test_fenced_json_is_accepted(fake_llm: FakeLLMServer, tmp_path: Path) -> None:
@@ -203,16 +211,16 @@ def test_failures_are_never_cached(fake_llm: FakeLLMServer, tmp_path: Path) -> N
     fake_llm.set_faults([])
     result = _run_one(Gateway(settings), _call())
     assert result.ok and not result.cached
-    assert _statuses(fake_llm) == [500, 200, 200]
+    assert _statuses(fake_llm, 3) == [500, 200, 200]
 
 
 def test_success_is_cached_on_disk_for_a_new_gateway(fake_llm: FakeLLMServer, tmp_path: Path) -> None:
     settings = settings_for(fake_llm, tmp_path)
     calls = [_call(f"question {i}") for i in range(5)]
     first = Gateway(settings).run(calls)
-    assert all(r.ok and not r.cached for r in first) and len(fake_llm.requests) == 5
+    assert all(r.ok and not r.cached for r in first) and len(_logged(fake_llm, 5)) == 5
     again = Gateway(settings).run(calls)  # as a new process would: nothing shared but the home directory
-    assert len(fake_llm.requests) == 5
+    assert len(_logged(fake_llm, 5)) == 5
     assert all(r.ok and r.cached for r in again)
     assert [r.value for r in again] == [r.value for r in first]
 
@@ -224,7 +232,7 @@ def test_unreadable_cache_entry_is_a_miss(fake_llm: FakeLLMServer, tmp_path: Pat
     (entry,) = settings.cache_dir.rglob("*.json")
     entry.write_text('{"text": "trunc')  # a torn write, as after a crash on a filesystem without atomic rename
     result = _run_one(Gateway(settings), _call())
-    assert result.ok and not result.cached and len(fake_llm.requests) == 2
+    assert result.ok and not result.cached and len(_logged(fake_llm, 2)) == 2
     assert json.loads(entry.read_text())["text"] == result.text  # and the entry is repaired
 
 
@@ -291,7 +299,7 @@ def test_plain_text_mode_parses_the_paper_formats(fake_llm: FakeLLMServer, tmp_p
     result = _run_one(_gateway(fake_llm, tmp_path, output_mode="text"), call)
     assert result.ok, result.message
     assert result.value == expected
-    assert fake_llm.requests[0]["response_format"] is None
+    assert _logged(fake_llm, 1)[0]["response_format"] is None
 
 
 def test_text_mode_without_a_text_parser_fails_cleanly(fake_llm: FakeLLMServer, tmp_path: Path) -> None:
