@@ -27,7 +27,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from codeclm.cache import CallCache, call_key
-from codeclm.errors import ModelError, ParseError
+from codeclm.errors import ConfigError, ModelError, ParseError
 from codeclm.progress import report_calls
 from codeclm.settings import RoleConfig, Settings
 
@@ -522,6 +522,10 @@ def check_context(texts: Sequence[tuple[str, str]], settings: Settings, role: st
         return
     cfg = settings.role(role)
     room = limit - overhead - cfg.max_tokens
+    if room <= 0:  # no instruction can fit: say which settings clash instead of blaming the first seed
+        raise ConfigError(f"the {role} model's context ({limit} tokens) cannot hold the prompt (about {overhead} "
+                          f"tokens) plus {role}.max_tokens ({cfg.max_tokens}); raise {role}.context_tokens or "
+                          f"lower {role}.max_tokens")
     model = EMBEDDED_MODEL if cfg.embedded else cfg.model
     for where, text in texts:
         if len(text) < room:  # a token is at least one character: short texts cannot overflow

@@ -71,7 +71,12 @@ def publish(staging: Path, out: Path) -> None:
     old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
     if out.exists():
         os.replace(out, old)
-    os.replace(staging, out)
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        if old.exists() and not out.exists():
+            os.replace(old, out)  # put the published version back rather than leave nothing at `out`
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -7,6 +7,7 @@ import importlib.metadata
 import platform
 import random
 import shutil
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -174,9 +175,9 @@ def export(refs: dict[str, list[Ref]], settings: Settings, out: str, run: dict[s
 
 @contextmanager
 def _staging(target: Path) -> Iterator[Path]:
-    """A fresh hidden directory next to `target`, removed again if anything fails before it is published."""
-    staging = target.with_name(f".{target.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
+    """A hidden directory next to `target`, removed again if anything fails before it is published; unique per
+    export, so two runs publishing to the same place never write into each other's copy."""
+    staging = target.with_name(f".{target.name}.staging-{uuid.uuid4().hex[:8]}")
     try:
         yield staging
     except BaseException:

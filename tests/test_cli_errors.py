@@ -64,6 +64,10 @@ CASES: dict[str, tuple[Case, str]] = {
         str(_jsonl(tmp / "s.jsonl", [*GOOD, {"seed_id": "long", "instruction": "word " * 3000}])),
         "--config", str(_config(tmp / "c.toml", url, strong="context_tokens = 2000\nmax_tokens = 256"))],
         "seed long: instruction is about"),
+    "context too small for any prompt": (lambda tmp, url: [
+        str(_jsonl(tmp / "s.jsonl", GOOD)),
+        "--config", str(_config(tmp / "c.toml", url, strong="context_tokens = 300"))],
+        "strong model's context (300 tokens) cannot hold the prompt"),
     "unknown model string": (lambda tmp, url: [
         str(_jsonl(tmp / "s.jsonl", GOOD)), "--config", str(_config(tmp / "c.toml", url)),
         "--strong", "notaprovider/some-model"], "not a model string litellm knows"),
@@ -109,7 +113,8 @@ def _parquet(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-SLOW = ("instruction over the context", "unknown model string", "missing API key", "unreachable endpoint")
+SLOW = ("instruction over the context", "unknown model string", "missing API key", "unreachable endpoint",
+        "context too small for any prompt")
 
 
 @dataclass
@@ -121,9 +126,9 @@ class Run:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future[Run]]]:
-    """Every case runs in its own subprocess and tmp dir; three at a time, the slow ones (litellm's 5-10 s
-    import) first, so the module takes about a third of the time. Each test then checks its own case."""
-    with FakeLLMServer() as server, ThreadPoolExecutor(max_workers=3) as pool:
+    """Every case runs in its own subprocess and tmp dir; two at a time, the slow ones (litellm's 5-10 s
+    import) first, so the module takes about half the time on two cores. Each test then checks its own case."""
+    with FakeLLMServer() as server, ThreadPoolExecutor(max_workers=2) as pool:
         order = [*SLOW, *(c for c in CASES if c not in SLOW)]
         futures = {case: pool.submit(_run_case, case, tmp_path_factory.mktemp("cli"), server) for case in order}
         yield futures

@@ -90,15 +90,19 @@ def _no_leftovers(out: Path) -> None:
 
 def test_generate_publishes_a_valid_dataset_and_a_rerun_is_free(prefect_harness: None, fake_llm: FakeLLMServer,
                                                                 tmp_path: Path) -> None:
-    settings = settings_for(fake_llm, tmp_path, **SMALL)
+    # one round here (the round loop has its own test, and the resume test reruns two); a budget below the kept
+    # pairs, so budget sampling runs end to end
+    settings = settings_for(fake_llm, tmp_path, **SMALL | {"max_rounds": 1, "budget": 2})
     seeds, out = _seed_file(tmp_path), tmp_path / "out"
     summary = _generate(seeds, out, settings)
     published = _check_published(out)
     _no_leftovers(out)
     manifest = published["manifest"]
     requests = len(fake_llm.requests)
-    assert summary["train"] == len(published["train.parquet"]) > 0
-    assert manifest["counts"]["seeds"] == len(SEEDS) and manifest["counts"]["metadata"]["seed"] == len(SEEDS)
+    counts = manifest["counts"]
+    assert summary["train"] == len(published["train.parquet"]) == 2
+    assert sum(counts["kept_per_round"].values()) == 2 + counts["rejected"]["over_budget"] > 2
+    assert counts["seeds"] == len(SEEDS) and counts["metadata"]["seed"] == len(SEEDS)
     assert manifest["totals"]["calls"] == requests and manifest["totals"]["failed"] == 0
     assert manifest["totals"]["unpriced_calls"] == requests and manifest["totals"]["cost_usd"] == 0
     assert manifest["run"]["flow_run_id"] and manifest["settings"]["strong"]["api_base"] == fake_llm.url
@@ -122,7 +126,7 @@ def test_faults_end_in_failed_calls_and_never_in_train(prefect_harness: None, fa
         {"kind": "reset", "match": "helpful, accurate assistant", "times": 3},
         {"kind": "http", "status": 429, "times": 2},                       # and anything else, early on
     ])
-    settings = settings_for(fake_llm, tmp_path, **SMALL, max_attempts=3, parse_attempts=2)
+    settings = settings_for(fake_llm, tmp_path, **SMALL | {"max_rounds": 1}, max_attempts=3, parse_attempts=2)
     out = tmp_path / "out"
     _generate(_seed_file(tmp_path), out, settings)
     published = _check_published(out)
