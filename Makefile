@@ -22,7 +22,7 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	bash tests/ui_setup.sh
-	$(BIN)/pytest -q -m "server or browser"
+	$(BIN)/pytest -q -m "embedded or server or browser"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
