@@ -30,6 +30,9 @@ ThresholdOpt = Annotated[float | None, typer.Option(help="keep a pair when |scor
 BudgetOpt = Annotated[int | None, typer.Option(help="training pairs wanted (default 2000)")]
 JudgeOpt = Annotated[str | None, typer.Option(help="judge model (litellm string); default: embedded SmolLM2")]
 BenchmarkHelp = "benchmark name (vicuna, self-instruct, koala, evol-instruct) or a JSONL/JSON/Parquet/CSV file; repeat"
+DefaultBenchmarkOpt = Annotated[list[str] | None, typer.Option(
+    "--benchmark", "-b", help=BenchmarkHelp + "; default: $CODECLM_DEFAULT_BENCHMARK, else data/eval_questions.jsonl")]
+SubsetOpt = Annotated[int, typer.Option(help="questions per benchmark to evaluate on")]
 LimitOpt = Annotated[int | None, typer.Option(help="evaluate only the first N questions of each benchmark")]
 
 
@@ -216,10 +219,8 @@ def run_job(
     seeds: Annotated[Path, typer.Argument(help="seed instructions: Parquet file or directory, JSONL or CSV")],
     out: Annotated[Path, typer.Option("--out", "-o", help="writes OUT/dataset and OUT/eval")],
     config: ConfigOpt = None,
-    benchmark: Annotated[list[str] | None, typer.Option(
-        "--benchmark", "-b",
-        help=BenchmarkHelp + "; default: $CODECLM_DEFAULT_BENCHMARK, else data/eval_questions.jsonl")] = None,
-    limit: Annotated[int, typer.Option(help="questions per benchmark to evaluate on")] = 8,
+    benchmark: DefaultBenchmarkOpt = None,
+    limit: SubsetOpt = 8,
 ) -> None:
     """The main job: generate a dataset from SEEDS, then measure the target against the strong model."""
 
@@ -246,12 +247,10 @@ def refresh(
     seeds: Annotated[Path, typer.Argument(help="directory of *.parquet seed drops; it may grow between runs")],
     root: Annotated[Path, typer.Option("--root", "-r", help="version store: ROOT/versions/v0001, ROOT/latest")],
     config: ConfigOpt = None,
-    benchmark: Annotated[list[str] | None, typer.Option(
-        "--benchmark", "-b",
-        help="benchmark name or file; default: $CODECLM_DEFAULT_BENCHMARK, else data/eval_questions.jsonl")] = None,
+    benchmark: DefaultBenchmarkOpt = None,
     target: Annotated[list[str] | None, typer.Option(
         help="target model to evaluate; {version} is replaced by the new version id")] = None,
-    limit: Annotated[int, typer.Option(help="questions per benchmark to evaluate on")] = 8,
+    limit: SubsetOpt = 8,
     evaluate: Annotated[bool, typer.Option(help="evaluate the new version and report the CRR change")] = True,
     slot: Annotated[str | None, typer.Option(help="idempotency key; the same slot never makes two versions")] = None,
 ) -> None:
