@@ -4,9 +4,21 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+# llama.cpp (the embedded model's server) is built from source. Portable by default: GGML_NATIVE=OFF keeps
+# AVX2/FMA/F16C and leaves out AVX-512 and AMX, whose kernels crash on SmolLM2 on Sapphire Rapids CPUs
+# (segfault in ggml_backend_amx_mul_mat). For a build tuned to this CPU: make LLAMA_CMAKE_ARGS=-DGGML_NATIVE=ON
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+LLAMA_VERSION := $(shell sed -n 's/^llama_cpp_python==//p' requirements.lock)
+# The wheel is built into a folder named by version and build flags, never taken from pip's cache (which may
+# hold a native build made on another CPU).
+LLAMA_WHEELS ?= $(HOME)/.cache/codeclm/wheels/llama-cpp-python-$(LLAMA_VERSION)-$(shell printf '%s' '$(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-12)
+
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	ls $(LLAMA_WHEELS)/*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel --quiet \
+		--no-cache-dir --no-deps --no-binary llama-cpp-python -w $(LLAMA_WHEELS) llama_cpp_python==$(LLAMA_VERSION)
+	$(BIN)/pip install --quiet --no-deps --force-reinstall $(LLAMA_WHEELS)/*.whl
 	$(BIN)/pip install --quiet -c requirements.lock -e '.[local,dev,dask]'
 	touch $@
 

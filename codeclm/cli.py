@@ -13,11 +13,14 @@ from typing import Annotated, Any, Literal
 
 import typer
 
+from codeclm.checks import check_output, check_run_output
+
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # A fresh ephemeral Prefect server migrates its database first; 20 s (Prefect's default) is too short on 2 cores.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
+_STANDALONE = False  # set by main(): this process is the `codeclm` program, not a host that imported the app
 app = typer.Typer(help="CodecLM data factory: tailored synthetic instruction data, made and measured on Prefect.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
@@ -56,6 +59,18 @@ def _termination_signal() -> type[BaseException]:
     return TerminationSignal
 
 
+def _stop_temporary_server() -> None:
+    """Prefect's temporary API server shares our stderr and may log its own shutdown (a cancelled database
+    rollback) after our message; stopping it first keeps the one-line error the last line. Only as the
+    `codeclm` program: embedded in another process (tests), the server is not ours to stop."""
+    if _STANDALONE and "prefect.server.api.server" in sys.modules:
+        from prefect.logging.handlers import APILogWorker
+        from prefect.server.api.server import SubprocessASGIServer
+
+        APILogWorker.drain_all(timeout=5)  # the run's last logs reach the server before it stops
+        SubprocessASGIServer().stop()
+
+
 @contextmanager
 def _user_errors() -> Iterator[None]:
     from prefect.logging.configuration import setup_logging
@@ -68,12 +83,13 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except CodecError as exc:
+        _stop_temporary_server()
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     except (KeyboardInterrupt, _termination_signal()):
-        from codeclm.gateway import cancel_all
+        from codeclm import interrupt
 
-        cancel_all()
+        interrupt.stop()
         typer.echo("interrupted: completed calls are cached; run the same command again to finish", err=True)
         raise typer.Exit(130) from None
 
@@ -141,6 +157,7 @@ def generate(
     def go() -> None:
         settings = _settings(config, strong=strong, target=target, batch_size=batch_size, max_rounds=max_rounds,
                              threshold=threshold, budget=budget)
+        check_output(out)
         from codeclm.storage import load_seeds
 
         load_seeds(seeds)  # a bad seed file fails in about a second, before Prefect and litellm are imported
@@ -166,20 +183,27 @@ def _with_judge(settings: Any, judge: str | None) -> Any:
     return settings.model_copy(update={"judge": settings.judge.model_copy(update={"model": judge})})
 
 
-def _print_leaderboard(results: list[dict[str, Any]]) -> None:
-    from rich.console import Console
+def leaderboard_table(results: list[dict[str, Any]]) -> Any:
+    """The CRR leaderboard, readable at 80 columns: no vertical rules, one W/T/L column, numbers and the
+    benchmark never wrap (a long model string folds instead)."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title="CRR against the strong model")
-    for name in ("benchmark", "target"):
-        table.add_column(name, overflow="fold")  # model strings are long; fold rather than cut them
-    for name in ("W", "T", "L", "failed", "CRR %", "95% CI", "flip rate"):
-        table.add_column(name, justify="right")
+    table = Table(title="CRR against the strong model", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    table.add_column("benchmark", no_wrap=True)
+    table.add_column("target", overflow="fold", ratio=1)
+    for name in ("W/T/L", "fail", "CRR %", "95% CI", "flips"):
+        table.add_column(name, justify="right", no_wrap=True)
     for r in results:
-        table.add_row(r["benchmark"], r["target"], str(r["wins"]), str(r["ties"]), str(r["losses"]),
-                      str(r["failures"]), f"{r['crr']:.2f}", f"{r['ci_low']:.1f}-{r['ci_high']:.1f}",
-                      f"{r['flip_rate']:.0%}")
-    Console().print(table)
+        table.add_row(r["benchmark"], r["target"], f"{r['wins']}/{r['ties']}/{r['losses']}", str(r["failures"]),
+                      f"{r['crr']:.2f}", f"{r['ci_low']:.1f}-{r['ci_high']:.1f}", f"{r['flip_rate']:.0%}")
+    return table
+
+
+def _print_leaderboard(results: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+
+    Console().print(leaderboard_table(results))
     if any(r["judge_is_strong"] for r in results):
         typer.echo("warning: the judge is the strong model; it tends to prefer its own answers", err=True)
 
@@ -202,6 +226,7 @@ def evaluate(
 
     def go() -> None:
         settings = _with_judge(_settings(config, strong=strong), judge)
+        check_output(out)
         from codeclm.evaluation import plan_evaluation
 
         plan_evaluation(benchmark, settings, target, limit, rule, prompt_column)  # bad input fails before Prefect
@@ -219,13 +244,22 @@ def run_job(
     seeds: Annotated[Path, typer.Argument(help="seed instructions: Parquet file or directory, JSONL or CSV")],
     out: Annotated[Path, typer.Option("--out", "-o", help="writes OUT/dataset and OUT/eval")],
     config: ConfigOpt = None,
+    strong: StrongOpt = None,
+    target: TargetOpt = None,
+    judge: JudgeOpt = None,
+    batch_size: BatchOpt = None,
+    max_rounds: RoundsOpt = None,
+    threshold: ThresholdOpt = None,
+    budget: BudgetOpt = None,
     benchmark: DefaultBenchmarkOpt = None,
     limit: SubsetOpt = 8,
 ) -> None:
     """The main job: generate a dataset from SEEDS, then measure the target against the strong model."""
 
     def go() -> None:
-        settings = _settings(config)
+        settings = _with_judge(_settings(config, strong=strong, target=target, batch_size=batch_size,
+                                         max_rounds=max_rounds, threshold=threshold, budget=budget), judge)
+        check_run_output(out)
         from codeclm.evaluation import default_benchmark, plan_evaluation
 
         benchmarks = benchmark or [default_benchmark()]
@@ -258,6 +292,7 @@ def refresh(
 
     def go() -> None:
         settings = _settings(config)
+        check_output(root, "--root", replaced=False)
         from flows.refresh import refresh as refresh_flow
 
         result = refresh_flow(str(seeds), str(root), settings, benchmark, target, limit, evaluate, slot)
@@ -274,6 +309,8 @@ def refresh(
 
 
 def main() -> None:
+    global _STANDALONE
+    _STANDALONE = True
     app()
 
 

@@ -9,6 +9,7 @@ tasks in many threads share the per-role concurrency limits and litellm's connec
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import email.utils
 import functools
@@ -26,7 +27,9 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from codeclm import interrupt
 from codeclm.cache import CallCache, call_key
+from codeclm.embedded import CONTEXT_TOKENS, EMBEDDED_MODEL, EMBEDDED_URL_ENV
 from codeclm.errors import ConfigError, ModelError, ParseError
 from codeclm.progress import report_calls
 from codeclm.settings import RoleConfig, Settings
@@ -34,8 +37,6 @@ from codeclm.settings import RoleConfig, Settings
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound=BaseModel)
 
-EMBEDDED_URL_ENV = "CODECLM_EMBEDDED_URL"
-EMBEDDED_MODEL = "openai/smollm2-135m-instruct"
 _FENCE = re.compile(r"^```(?:json)?\s*|\s*```$")
 
 
@@ -211,10 +212,13 @@ class Gateway:
     def run(self, calls: Sequence[Call]) -> list[Result]:
         """Make all calls concurrently (bounded per role) and return results in order; never raises for a
         single failed call, only for errors that doom the whole run (ModelError)."""
-        if _CANCELLED.is_set():
-            raise ModelError("the run was interrupted; completed calls are cached")
+        interrupt.raise_if_stopped()
         future = asyncio.run_coroutine_threadsafe(self._run_all(list(calls)), self._loop)
-        return future.result()
+        try:
+            return future.result()
+        except (concurrent.futures.CancelledError, asyncio.CancelledError):
+            interrupt.raise_if_stopped()  # stopped on purpose: say why (dead model server, Ctrl-C)
+            raise
 
     async def _run_all(self, calls: list[Call]) -> list[Result]:
         results = await asyncio.gather(*(self._one(c) for c in calls), return_exceptions=True)
@@ -276,8 +280,12 @@ class Gateway:
             result = await self._fresh(call, ep, key, result)
             self._inflight[key].set_result(result)
             return result
+        except asyncio.CancelledError:
+            self._inflight[key].cancel()
+            raise
         except BaseException as exc:
             self._inflight[key].set_exception(exc)
+            self._inflight[key].exception()  # retrieved: waiters, if any, get it; none is not an error
             raise
         finally:
             self._inflight.pop(key, None)
@@ -467,17 +475,6 @@ _GATEWAYS: dict[str, Gateway] = {}
 _LOCK = threading.Lock()
 _LOOP_LOCK = threading.Lock()  # separate from _LOCK: Gateway() runs under _LOCK and asks for the loop
 _LOOP: asyncio.AbstractEventLoop | None = None
-_CANCELLED = threading.Event()
-
-
-def cancel_all() -> None:
-    """Stop every call in flight and refuse new ones: an interrupted run must exit now, not after retries."""
-    _CANCELLED.set()
-    loop = _LOOP
-    if loop is not None and loop.is_running():
-        loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(loop)])
-
-
 def _shared_loop() -> asyncio.AbstractEventLoop:
     """The one background event loop of this process: litellm binds its logging worker to the loop it first
     sees, so a loop per Gateway left one pending worker task behind per Gateway ("Task was destroyed")."""
@@ -486,6 +483,7 @@ def _shared_loop() -> asyncio.AbstractEventLoop:
         if _LOOP is None:
             _LOOP = asyncio.new_event_loop()
             threading.Thread(target=_LOOP.run_forever, name="codeclm-llm", daemon=True).start()
+            interrupt.register_loop(_LOOP)
         return _LOOP
 
 
@@ -504,8 +502,6 @@ def context_limit(settings: Settings, role: str) -> int | None:
     if cfg.context_tokens:
         return cfg.context_tokens
     if cfg.embedded:
-        from codeclm.embedded import CONTEXT_TOKENS
-
         return CONTEXT_TOKENS
     try:
         info = _litellm().get_model_info(cfg.model)

@@ -16,13 +16,14 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from codeclm.checks import check_output
 from codeclm.crr import Rule
 from codeclm.embedded import models_ready
 from codeclm.eval_records import EvalQuestionResult
 from codeclm.eval_report import write_report
 from codeclm.evaluation import EvalPlan, plan_evaluation, report_meta, results_of, summarize_plan
 from codeclm.gateway import preflight
-from codeclm.monitor import stage_table, wait_stage
+from codeclm.monitor import progress_view, stage_table, wait_stage
 from codeclm.records import FailedCall
 from codeclm.settings import Settings
 from codeclm.storage import read_records
@@ -75,11 +76,12 @@ def evaluate(benchmarks: list[str], out: str, targets: list[str] | None = None, 
              prompt_column: str | None = None) -> dict[str, Any]:
     """CRR of every target against the strong model on every benchmark, published into `out` when complete."""
     settings = settings or Settings()
+    check_output(out, "out")
     plan = plan_evaluation(benchmarks, settings, targets, limit, rule, prompt_column)
     logger = get_run_logger()
     for warning in plan.warnings:
         logger.warning(warning)
-    with endpoints_ready(plan):
+    with progress_view("evaluate-progress", f"evaluate · {', '.join(benchmarks)} → {out}"), endpoints_ready(plan):
         batches = {name: question_batches(questions, settings) for name, questions in plan.questions.items()}
         refs = evaluation.with_options(task_runner=task_runner(settings))(batches, settings, plan.targets, rule)
     rows = [row for ref in refs["results"] for row in read_records(Path(ref["path"]), EvalQuestionResult)]

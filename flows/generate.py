@@ -14,9 +14,10 @@ from prefect import flow, unmapped
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from codeclm.checks import check_output
 from codeclm.embedded import models_ready
 from codeclm.gateway import preflight
-from codeclm.monitor import stage_table, wait_stage
+from codeclm.monitor import progress_view, stage_table, wait_stage
 from codeclm.settings import Settings
 from tasks._base import Outputs, Ref
 from tasks.augment import augment
@@ -98,18 +99,19 @@ def pipeline(seeds: str, out: str, settings: Settings) -> dict[str, Any]:
         active = {n: out["pending"] for n, out in zip(names, filtered, strict=True)}
 
     run = {"flow_run_id": str(flow_run.get_id() or ""), "seeds": seeds, "seeds_sha": source_sha(Path(seeds))}
-    summary = export(dict(refs), settings, out, run)
-    stage_table("generate-stages", summary["stages"], "calls, tokens, cost and seconds per CodecLM stage")
-    return summary
+    return export(dict(refs), settings, out, run)
 
 
 @flow(name="codeclm-generate", flow_run_name="generate · {seeds} → {out}", log_prints=True)
 def generate(seeds: str, out: str, settings: Settings | None = None) -> dict[str, Any]:
     """Make a CodecLM dataset from a seed file into `out` (published atomically when complete)."""
     settings = settings or Settings()
+    check_output(out, "out")
     validate_seeds(Path(seeds), settings)
-    with models_ready(settings, generation_roles(settings)):
+    with progress_view("generate-progress", f"generate · {seeds} → {out}"), \
+            models_ready(settings, generation_roles(settings)):
         preflight(settings, generation_roles(settings))
         summary = pipeline.with_options(task_runner=task_runner(settings))(seeds, out, settings)
+    stage_table("generate-stages", summary["stages"], "calls, tokens, cost and seconds per CodecLM stage")
     print(f"published {summary['train']} training pairs to {summary['out']}")
     return summary

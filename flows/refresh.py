@@ -9,20 +9,16 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-from uuid import UUID
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from codeclm.checks import check_output
 from codeclm.embedded import models_ready
 from codeclm.evaluation import default_benchmark, plan_evaluation
+from codeclm.monitor import progress_view, step
 from codeclm.settings import Settings
 from codeclm.versions import (
     NewSeed,
@@ -52,18 +48,6 @@ def _run_name() -> str:
     return f"refresh · {current_slot(params.get('slot'))} · {params.get('seeds')} → {params.get('root')}"
 
 
-class _Progress:
-    """One progress artifact for the whole refresh, moved at each step (generate's stages have their own)."""
-
-    def __init__(self) -> None:
-        self.id: UUID | None = create_progress_artifact(0.0, key="refresh-progress",
-                                                        description="refresh: scan, generate, evaluate, publish")
-
-    def to(self, percent: float) -> None:
-        if self.id is not None:
-            update_progress_artifact(self.id, percent)
-
-
 @task(name="scan seeds", task_run_name="scan seeds · {seeds}", cache_policy=NO_CACHE, persist_result=False)
 def scan_seeds(store: VersionStore, seeds: str) -> list[NewSeed]:
     """Seeds in the drop directory that no registered version has processed."""
@@ -87,11 +71,10 @@ def publish_version(store: VersionStore, staging: Path, entry: dict[str, Any]) -
     return str(final)
 
 
-def _unchanged(store: VersionStore, progress: _Progress, status: str, version: str | None, slot: str,
-               why: str) -> dict[str, Any]:
+def _unchanged(store: VersionStore, status: str, version: str | None, slot: str, why: str) -> dict[str, Any]:
     """A refresh that adds no version still says so in the UI, and returns what `latest` is."""
     get_run_logger().info("%s; latest stays %s", why, store.latest())
-    progress.to(100.0)
+    step("nothing to do", done=True)
     _report(store, f"# Refresh · slot {slot}\n\n{why}; latest stays **{store.latest()}**.\n")
     return {"status": status, "version": version, "previous": store.latest(), "slot": slot, "root": str(store.root)}
 
@@ -111,20 +94,21 @@ def refresh(seeds: str, root: str, settings: Settings | None = None, benchmarks:
     `targets` may contain `{version}` (e.g. `openai/tuned-{version}`) to evaluate the model tuned on this
     version; CRR deltas are matched on the target as written, so they compare like with like."""
     settings = settings or Settings()
+    check_output(root, "root", replaced=False)
     store = VersionStore(Path(root))
     slot = current_slot(slot)
     logger = get_run_logger()
-    progress = _Progress()
-    with store.lock():
+    with progress_view("refresh-progress", f"refresh · slot {slot} · {seeds} → {root}"), store.lock():
         if removed := store.recover():
             logger.warning("removed leftovers of an interrupted refresh: %s", ", ".join(removed))
         previous = store.latest()
         if (done := store.version_for_slot(slot)) is not None:
-            return _unchanged(store, progress, "slot-done", done, slot, f"slot {slot} already made {done}")
+            return _unchanged(store, "slot-done", done, slot, f"slot {slot} already made {done}")
+        step("scan seeds", done=False)
         new = scan_seeds(store, seeds)
-        progress.to(10.0)
+        step("scan seeds", done=True)
         if not new:
-            return _unchanged(store, progress, "no-new-seeds", previous, slot, f"no new seeds in {seeds}")
+            return _unchanged(store, "no-new-seeds", previous, slot, f"no new seeds in {seeds}")
 
         version = store.next_version()
         specs = {t.replace(VERSION_PLACEHOLDER, version): t for t in targets or []}
@@ -137,13 +121,12 @@ def refresh(seeds: str, root: str, settings: Settings | None = None, benchmarks:
         with models_ready(settings, ROLES):
             dataset = generate.with_options(flow_run_name=f"{version} · generate · {len(new)} new seeds")(
                 str(seeds_file), str(staging / "dataset"), settings)
-            progress.to(70.0)
             results: list[dict[str, Any]] = []
             if run_eval:
                 results = evaluate.with_options(flow_run_name=f"{version} · evaluate · {', '.join(bench)}")(
                     bench, str(staging / "eval"), targets=list(specs) or None, settings=settings,
                     limit=eval_limit)["results"]
-        progress.to(95.0)
+        step("publish version", done=False)
         rows = eval_rows(results, specs)
         entry = {"version": version, "slot": slot, "parent": previous, "created_at": now_iso(),
                  "flow_run_id": str(flow_run.get_id() or ""), "seeds_new": len(new),
@@ -151,7 +134,7 @@ def refresh(seeds: str, root: str, settings: Settings | None = None, benchmarks:
                  "totals": dataset["totals"], "eval": rows,
                  "crr_delta": crr_deltas(store.entry(previous) if previous else None, rows)}
         publish_version(store, staging, entry)
-    progress.to(100.0)
+        step("publish version", done=True)
     _report(store, report_markdown(entry))
     for d in entry["crr_delta"]:
         change = f"{d['delta_pp']:+.2f} pp vs {d['previous_version']}" if d["delta_pp"] is not None else "first"

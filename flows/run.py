@@ -11,8 +11,10 @@ from typing import Any
 
 from prefect import flow
 
+from codeclm.checks import check_run_output
 from codeclm.embedded import models_ready
 from codeclm.evaluation import default_benchmark, plan_evaluation
+from codeclm.monitor import progress_view
 from codeclm.settings import Settings
 from flows.evaluate import evaluate
 from flows.generate import generate
@@ -28,10 +30,11 @@ def run(seeds: str, out: str, settings: Settings | None = None, benchmarks: list
     """Dataset into OUT/dataset, CRR evaluation into OUT/eval; bad seeds or benchmarks fail before any call."""
     settings = settings or Settings()
     benchmarks = benchmarks or [default_benchmark()]
+    check_run_output(out)
     validate_seeds(Path(seeds), settings)
     plan_evaluation(benchmarks, settings, limit=limit)
     root = Path(out)
-    with models_ready(settings, ROLES):
+    with progress_view("run-progress", f"run · {seeds} → {out}"), models_ready(settings, ROLES):
         dataset = generate(seeds, str(root / "dataset"), settings)
         evaluation = evaluate(benchmarks, str(root / "eval"), settings=settings, limit=limit)
     return {"out": str(root), "dataset": dataset, "evaluation": evaluation}

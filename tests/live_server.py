@@ -181,8 +181,7 @@ def artifacts(server: LiveServer, run_ids: list[str]) -> list[dict[str, Any]]:
 
 POOL = "codeclm-process"
 GENERATE_SEEDS = "data/seeds.parquet"  # relative: resolves only if the pull step set the working directory
-STAGE_KEYS = ("progress-encode", "progress-decode", "progress-rubrics", "progress-respond-r1", "progress-score-r1",
-              "progress-filter-r1", "generate-stages")
+STAGE_KEYS = ("generate-progress", "generate-stages")  # both on the generate run itself
 
 
 @dataclass

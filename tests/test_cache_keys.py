@@ -106,7 +106,6 @@ def test_api_key_never_enters_the_key(tmp_path: Path, monkeypatch: pytest.Monkey
         gateway = Gateway(_settings(tmp_path, api_key_env="CODECLM_TEST_API_KEY"))
         assert gateway.endpoint("strong").api_key == secret  # the key is really in use for the call
         keys.append(gateway.key(_call()))
-        assert secret not in keys[-1]
     assert keys[0] == keys[1]
     monkeypatch.delenv("CODECLM_TEST_API_KEY")
     assert keys[0] == _key(tmp_path)  # and equals the key of the same role without any API key

@@ -93,11 +93,14 @@ def test_cli_triggered_generate_run_completes_with_monitoring(deployed_generate_
     train = pd.read_parquet(run.out / "train.parquet")
     assert (run.out / "manifest.json").is_file() and list(train.columns)[:2] == ["pair_id", "instruction"]
 
-    # a progress artifact per stage, at 100 %, and the per-stage table with counts, tokens and cost
+    # one progress view for the run, at 100 %, with a row per stage; and the per-stage table of counts and cost
     found = {a["key"]: a for a in server.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": family}}})}
     assert set(STAGE_KEYS) <= set(found) and set(STAGE_KEYS) <= set(run.artifact_keys)
     for key in STAGE_KEYS[:-1]:
         assert found[key]["type"] == "progress" and float(found[key]["data"]) == 100.0, key
+        assert found[key]["flow_run_id"] == run.run_id
+    assert "| encode | 1/1 | done |" in found["generate-progress"]["description"]
+    assert not [a for a in found.values() if a["type"] == "progress" and a["key"] != "generate-progress"]
     table = found["generate-stages"]
     assert table["type"] == "table"
     assert {"stage", "calls", "prompt_tokens", "completion_tokens", "cost_usd"} <= set(table["data"].split('"'))

@@ -162,13 +162,13 @@ def test_flow_run_page_shows_the_generate_run(browser: Page, deployed_generate_r
 
 def test_artifacts_of_the_run_are_on_the_page(browser: Page, deployed_generate_run: DeployedRun,
                                               live_prefect_server: LiveServer, shots: Path) -> None:
-    """The stage artifacts live on the pipeline subflow run: its Artifacts tab must list every key."""
+    """The run's progress view and stage table live on the generate run: its Artifacts tab must list them."""
     run = deployed_generate_run
-    browser.goto(f"{live_prefect_server.url}/runs/flow-run/{run.pipeline_id}")
-    browser.wait_for_text("pipeline", "Artifacts")
+    browser.goto(f"{live_prefect_server.url}/runs/flow-run/{run.run_id}")
+    browser.wait_for_text("generate", "Artifacts")
     browser.click_text("Artifacts")
     text = browser.wait_for_text(*run.artifact_keys)
-    assert set(run.artifact_keys) >= {"progress-encode", "generate-stages"}
+    assert set(run.artifact_keys) >= {"generate-progress", "generate-stages"}
     assert all(key in text for key in run.artifact_keys)
     shot = browser.screenshot(shots / "generate-artifacts.png")
     assert shot.stat().st_size > 10_000
