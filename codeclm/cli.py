@@ -189,7 +189,8 @@ def leaderboard_table(results: list[dict[str, Any]]) -> Any:
     from rich import box
     from rich.table import Table
 
-    table = Table(title="CRR against the strong model", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    table = Table(title="CRR against the strong model", box=box.SIMPLE_HEAD, padding=0, pad_edge=False,
+                  show_edge=False, header_style="bold")
     table.add_column("benchmark", no_wrap=True)
     table.add_column("target", overflow="fold", ratio=1)
     for name in ("W/T/L", "fail", "CRR %", "95% CI", "flips"):

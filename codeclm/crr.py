@@ -86,6 +86,33 @@ def bootstrap_ci(
     return float(low), float(high)
 
 
+class PairedDifference(BaseModel):
+    """CRR of two targets on the same questions, and their difference (b − a, percentage points) with a paired
+    bootstrap interval: both are resampled with the same questions, so question difficulty cancels out."""
+
+    questions: int
+    crr_a: float
+    crr_b: float
+    delta: float
+    ci_low: float
+    ci_high: float
+
+
+def paired_difference(a: Sequence[str], b: Sequence[str], n_resamples: int = 2000, seed: int = 0,
+                      level: float = 0.95) -> PairedDifference:
+    """Paired percentile bootstrap of CRR(b) − CRR(a); `a[i]` and `b[i]` are verdicts on the same question."""
+    if len(a) != len(b):
+        raise ValueError(f"paired outcomes need one verdict per question for both targets, got {len(a)} and {len(b)}")
+    diff = _recovered(b) - _recovered(a)
+    rng = np.random.default_rng(seed)
+    samples = rng.integers(0, len(diff), size=(n_resamples, len(diff)))
+    deltas = 100.0 * diff[samples].mean(axis=1)
+    low, high = np.percentile(deltas, [50.0 * (1.0 - level), 50.0 * (1.0 + level)])
+    crr_a, crr_b = 100.0 * _recovered(a).mean(), 100.0 * _recovered(b).mean()
+    return PairedDifference(questions=len(diff), crr_a=crr_a, crr_b=crr_b, delta=crr_b - crr_a, ci_low=float(low),
+                            ci_high=float(high))
+
+
 class CRRSummary(BaseModel):
     """One target-vs-strong evaluation; `flip_rate` is the share of questions whose winner changed with order."""
 

@@ -183,3 +183,30 @@ def test_summarize_flip_rate_from_scores() -> None:
 def test_summarize_rejects_bad_input(outcomes: list[str], flips: list[bool]) -> None:
     with pytest.raises(ValueError):
         summarize(outcomes, flips, [1.0] * len(outcomes), [1.0] * len(outcomes))
+
+
+def test_paired_difference_cancels_question_difficulty() -> None:
+    from codeclm.crr import paired_difference
+
+    # tuned recovers 3 more of 40 questions and loses none it had: every resample moves the same way
+    base = ["loss"] * 20 + ["tie"] * 20
+    tuned = ["win"] * 3 + ["loss"] * 17 + ["tie"] * 20
+    paired = paired_difference(base, tuned)
+    assert (paired.questions, paired.crr_a, paired.crr_b) == (40, 50.0, pytest.approx(57.5))
+    assert paired.delta == pytest.approx(7.5) and paired.ci_low <= paired.delta <= paired.ci_high
+    # unpaired, the two CRR intervals overlap widely; paired, the difference interval excludes zero
+    from codeclm.crr import bootstrap_ci
+
+    assert bootstrap_ci(tuned)[0] < bootstrap_ci(base)[1]
+    assert paired.ci_low >= 0.0 and paired.ci_high > 0.0
+    assert paired_difference(base, tuned) == paired  # deterministic
+
+
+def test_paired_difference_of_a_model_with_itself_is_zero() -> None:
+    from codeclm.crr import paired_difference
+
+    same = ["win", "loss", "tie", "loss"]
+    assert paired_difference(same, same).model_dump() == {"questions": 4, "crr_a": 50.0, "crr_b": 50.0, "delta": 0.0,
+                                                          "ci_low": 0.0, "ci_high": 0.0}
+    with pytest.raises(ValueError, match="one verdict per question"):
+        paired_difference(same, same[:2])
