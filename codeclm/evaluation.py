@@ -17,7 +17,7 @@ from codeclm.crr import Rule, summarize
 from codeclm.errors import BenchmarkError, ConfigError, ModelError
 from codeclm.eval_records import EvalQuestionResult, EvalSummary
 from codeclm.prompts import load_prompt
-from codeclm.settings import EMBEDDED, Settings
+from codeclm.settings import EMBEDDED, RoleConfig, Settings
 
 DEFAULT_BENCHMARK_ENV = "CODECLM_DEFAULT_BENCHMARK"
 RULES: tuple[Rule, ...] = ("codeclm", "alpagasus")
@@ -42,22 +42,27 @@ class EvalPlan:
         return [(self.settings, ("strong", "judge")), *((t, ("target",)) for t in self.targets)]
 
 
-def target_settings(settings: Settings, targets: Sequence[str] | None) -> list[Settings]:
-    """One Settings per target model; each keeps the [target] connection settings and changes only the model."""
+Target = str | RoleConfig
+
+
+def target_settings(settings: Settings, targets: Sequence[Target] | None) -> list[Settings]:
+    """One Settings per target: a model string keeps the [target] connection settings and changes only the model;
+    a RoleConfig (a model codeclm serves itself, on its own endpoint) replaces the target role whole."""
     if not targets:
         return [settings]
-    return [settings.model_copy(update={"target": settings.target.model_copy(update={"model": model})})
-            for model in dict.fromkeys(m.strip() for m in targets)]
+    roles = {t.model: t for t in targets if isinstance(t, RoleConfig)}
+    roles |= {m.strip(): settings.target.model_copy(update={"model": m.strip()}) for m in targets if isinstance(m, str)}
+    return [settings.model_copy(update={"target": role}) for role in roles.values()]
 
 
-def plan_evaluation(benchmarks: Sequence[str], settings: Settings, targets: Sequence[str] | None = None,
+def plan_evaluation(benchmarks: Sequence[str], settings: Settings, targets: Sequence[Target] | None = None,
                     limit: int | None = None, rule: str = "codeclm", prompt_column: str | None = None) -> EvalPlan:
     """Validate the request and load every benchmark; raises a CodecError naming the first problem."""
     if rule not in RULES:
         raise ConfigError(f"unknown rule {rule!r}; use one of {', '.join(RULES)}")
     if not benchmarks:
         raise BenchmarkError("no benchmark given; pass --benchmark with a name (vicuna, koala, ...) or a file path")
-    if targets is not None and not [t for t in targets if t.strip()]:
+    if targets is not None and not [t for t in targets if isinstance(t, RoleConfig) or t.strip()]:
         raise ConfigError("no target model given; pass --target MODEL or leave it out to use the configured target")
     plan = EvalPlan(settings=settings, targets=target_settings(settings, targets), questions={},
                     rule=cast(Rule, rule), judge_is_strong=settings.judge.model == settings.strong.model)

@@ -147,8 +147,8 @@ def resolve(settings: Settings, role: str) -> Endpoint:
     mode = cfg.output_mode
     if mode == "auto":
         mode = "json_schema" if _supports_schema(cfg.model) else "text"
-    return Endpoint(role, cfg.model, cfg.api_base, api_key, f"{cfg.model}@{cfg.api_base or 'default'}",
-                    mode, cfg, priced=_priced(cfg.model))
+    identity = cfg.identity or f"{cfg.model}@{cfg.api_base or 'default'}"
+    return Endpoint(role, cfg.model, cfg.api_base, api_key, identity, mode, cfg, priced=_priced(cfg.model))
 
 
 def _priced(model: str) -> bool:

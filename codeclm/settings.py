@@ -32,6 +32,8 @@ class RoleConfig(BaseModel):
     max_concurrency: int = Field(8, ge=1, le=1024, description="requests in flight to this role at once")
     output_mode: OutputMode = Field("auto", description="structured-output protocol; auto picks per model")
     context_tokens: int | None = Field(None, ge=256, description="prompt+answer limit; from litellm if None")
+    identity: str | None = Field(None, description="what names this model in cache keys instead of model@api_base "
+                                 "(a model codeclm serves on a new port each run is still the same model)")
 
     @property
     def embedded(self) -> bool:

@@ -25,7 +25,7 @@ from codeclm.evaluation import EvalPlan, plan_evaluation, report_meta, results_o
 from codeclm.gateway import preflight
 from codeclm.monitor import progress_view, stage_table, wait_stage
 from codeclm.records import FailedCall
-from codeclm.settings import Settings
+from codeclm.settings import RoleConfig, Settings
 from codeclm.storage import read_records
 from flows.generate import task_runner
 from tasks._base import Outputs, Ref
@@ -71,7 +71,8 @@ def _run_name() -> str:
 
 
 @flow(name="codeclm-evaluate", flow_run_name=_run_name, log_prints=True)
-def evaluate(benchmarks: list[str], out: str, targets: list[str] | None = None, settings: Settings | None = None,
+def evaluate(benchmarks: list[str], out: str, targets: list[str | RoleConfig] | None = None,
+             settings: Settings | None = None,
              limit: int | None = None, rule: Literal["codeclm", "alpagasus"] = "codeclm",
              prompt_column: str | None = None) -> dict[str, Any]:
     """CRR of every target against the strong model on every benchmark, published into `out` when complete."""
