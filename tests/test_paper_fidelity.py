@@ -21,7 +21,7 @@ from codeclm.errors import ConfigError
 from codeclm.evaluation import plan_evaluation
 from codeclm.fake_llm import FakeLLMServer
 from codeclm.records import Candidate, Metadata, RejectedCandidate, Seed, TrainingPair
-from codeclm.settings import PRESETS, Settings
+from codeclm.settings import Settings
 from codeclm.storage import load_seeds, read_records, write_records
 from tasks._base import ref_to
 from tasks.encode import metadata_of
@@ -266,6 +266,8 @@ def test_metadata_to_decode() -> None:
 
 
 def test_paper_preset_states_the_papers_settings() -> None:
+    from codeclm.settings import PRESETS
+
     paper = Settings(preset="paper")
     expected = {"n_metadata": 200, "max_skills": 3, "n_rubrics": 4, "max_rounds": 4, "threshold": 3.0,
                 "budget": 2000, "scorer": "strong", "rule": "codeclm", "keep_target_when_better": True}
