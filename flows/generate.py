@@ -1,6 +1,6 @@
 """Flow `generate`: seeds in, a CodecLM dataset out. Orchestration only; every step is a batch task.
 
-encode (per seed batch) -> augment (all) -> rubrics + decode (per batch) -> dedup (per batch, across batches) ->
+encode (per seed batch) -> augment (all) -> rubrics + decode (per batch) -> dedup (all) ->
 rounds 1..K of respond -> score -> filter, with improve before every round after the first -> export.
 """
 
@@ -77,11 +77,11 @@ def pipeline(seeds: str, out: str, settings: Settings) -> dict[str, Any]:
     _collect(refs, rubric_sets)
     _collect(refs, decoded, skip=("candidates",) if settings.drop_duplicates else ())
     basic = [out["candidates"] for out in decoded]
-    if settings.drop_duplicates:  # across batches: each batch drops what it or an earlier batch already has
-        deduped = wait_stage("dedup", dedup.map(basic, [basic[:i] for i in range(len(basic))], unmapped(settings),
-                                                batch=labels))
-        _collect(refs, deduped)
-        basic = [out["candidates"] for out in deduped]
+    if settings.drop_duplicates:  # across batches: the first occurrence in the whole run is kept
+        deduped = dedup(basic, settings, len(basic))
+        basic = deduped["candidates"]
+        refs["candidates"] += basic
+        refs["rejected"] += deduped["rejected"]
 
     active = dict(zip(labels, basic, strict=True))
     rubric_of = {label: out["rubrics"] for label, out in zip(labels, rubric_sets, strict=True)}

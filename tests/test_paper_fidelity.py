@@ -178,13 +178,12 @@ def test_dedup_drops_repeats_within_and_across_batches(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path / "home")
     first = _candidates(tmp_path / "a.parquet", ["Name three rivers.", "Explain tides.", "name  three RIVERS."], "a")
     second = _candidates(tmp_path / "b.parquet", ["Explain Tides.", "Plan a picnic."], "b")
-    out_a = dedup.fn(first, [], settings, batch="000")
-    out_b = dedup.fn(second, [first], settings, batch="001")
-    kept = [c.instruction for out in (out_a, out_b) for c in read_records(Path(out["candidates"]["path"]), Candidate)]
-    rejected = [(r.instruction_id, r.reason) for out in (out_a, out_b)
-                for r in read_records(Path(out["rejected"]["path"]), RejectedCandidate)]
-    assert kept == ["Name three rivers.", "Explain tides.", "Plan a picnic."]
-    assert rejected == [("inst-a-2", "duplicate"), ("inst-b-0", "duplicate")]
+    out = dedup.fn([first, second], settings, 2)
+    kept = [[c.instruction for c in read_records(Path(ref["path"]), Candidate)] for ref in out["candidates"]]
+    (rejected,) = out["rejected"]
+    assert kept == [["Name three rivers.", "Explain tides."], ["Plan a picnic."]]
+    assert [(r.instruction_id, r.reason) for r in read_records(Path(rejected["path"]), RejectedCandidate)] == [
+        ("inst-a-2", "duplicate"), ("inst-b-0", "duplicate")]
 
 
 def test_duplicate_removal_is_a_setting() -> None:

@@ -53,12 +53,10 @@ def test_duplicates_are_removed_across_batches_unless_turned_off(prefect_harness
         basic = [c.instruction for c in published["stages/candidates.parquet"] if c.round == 1]
         assert sorted(basic) == sorted(REPEATED)  # once in the whole run, not once per batch
         assert counts["rejected"].get("duplicate") == 6
-        assert {s["stage"] for s in published["manifest"]["stages"]} >= {"decode", "dedup"}
 
         kept = _generate(tmp_path, settings_for(server, tmp_path, **SMALL, drop_duplicates=False), "kept")
         basic = [c.instruction for c in kept["stages/candidates.parquet"] if c.round == 1]
         assert sorted(basic) == sorted(REPEATED * 4) and "duplicate" not in kept["manifest"]["counts"]["rejected"]
-        assert "dedup" not in {s["stage"] for s in kept["manifest"]["stages"]}
 
 
 def test_a_small_budget_decodes_only_what_it_needs(prefect_harness: None, fake_llm: FakeLLMServer,
