@@ -42,7 +42,7 @@ STAGE_TABLES: dict[str, type[Record]] = {
     "seeds": Seed, "metadata": Metadata, "rubrics": RubricSet, "candidates": Candidate, "responses": Response,
     "judgements": Judgement, "decisions": FilterDecision, "stats": CallStats,
 }
-PROMPTS = ("encode", "decode", "rubrics", "improve", "respond", "score")
+PROMPTS = ("encode", "decode", "decode_more", "rubrics", "improve", "respond", "score")
 
 
 def apply_budget(kept: list[TrainingPair], budget: int, seed: int
