@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +25,9 @@ from codeclm.errors import BenchmarkError
 DOWNLOAD_TIMEOUT_S = 30.0
 FILE_TYPES = {".jsonl": "JSONL", ".json": "JSON", ".parquet": "Parquet", ".csv": "CSV"}
 _ANY_FILE = "a JSONL, JSON, Parquet or CSV file"
-PROMPT_COLUMNS = ("prompt", "instruction", "text", "question")
-ID_COLUMNS = ("question_id", "id", "idx")
+# Plain files (seeds and questions alike): the first of these columns holds the prompt, and of the id columns.
+PROMPT_COLUMNS = ("instruction", "prompt", "text", "question")
+ID_COLUMNS = ("seed_id", "question_id", "id", "idx")
 
 Row = Mapping[str, Any]
 
@@ -132,8 +133,7 @@ def load_benchmark(
         path = _existing_file(spec)
         rows = _read_rows(path)
         columns = _columns(rows, str(path))
-        fmt = _detect(columns, _KNOWN_FORMATS) if prompt_column is None else None
-        questions = _questions(rows, path.stem, fmt or _plain_format(columns, prompt_column, str(path)), str(path))
+        questions = _questions(rows, path.stem, _file_format(columns, prompt_column, str(path)), str(path))
     if limit is not None and limit > len(questions):
         raise BenchmarkError(
             f"Benchmark limit {limit} is larger than {spec}, which has {len(questions)} questions; "
@@ -289,17 +289,39 @@ def _detect(columns: list[str], formats: tuple[RowFormat, ...]) -> RowFormat | N
     return next((fmt for fmt in formats if fmt.keys <= set(columns)), None)
 
 
-def _plain_format(columns: list[str], prompt_column: str | None, where: str) -> RowFormat:
-    """A user file: one prompt column, an id column if there is one (else the row number)."""
-    if prompt_column is None:
-        prompt_column = next((column for column in PROMPT_COLUMNS if column in columns), None)
-        if prompt_column is None:
-            raise BenchmarkError(
-                f"{where} has no prompt column (looked for {', '.join(PROMPT_COLUMNS)}; "
-                f"found: {', '.join(columns)}); name the prompt column explicitly."
-            )
-    elif prompt_column not in columns:
+def row_format(columns: Sequence[str]) -> RowFormat | None:
+    """How rows with these columns hold their prompt; the one rule for seed files and benchmark files alike.
+
+    A known benchmark layout first (Self-Instruct's instruction plus its instance input, Evol-Instruct's
+    `Instruction`, Vicuna's `turns`), else the first of PROMPT_COLUMNS; None when neither is there.
+    """
+    known = _detect(list(columns), _KNOWN_FORMATS)
+    if known is not None:
+        return known
+    prompt_column = next((column for column in PROMPT_COLUMNS if column in columns), None)
+    return None if prompt_column is None else _plain(columns, prompt_column)
+
+
+def _file_format(columns: list[str], prompt_column: str | None, where: str) -> RowFormat:
+    """A local benchmark file's layout: the named prompt column, else `row_format`'s rule."""
+    fmt = _plain_format(columns, prompt_column, where) if prompt_column else row_format(columns)
+    if fmt is None:
+        raise BenchmarkError(
+            f"{where} has no prompt column (looked for {', '.join(PROMPT_COLUMNS)}; "
+            f"found: {', '.join(columns)}); name the prompt column explicitly."
+        )
+    return fmt
+
+
+def _plain_format(columns: list[str], prompt_column: str, where: str) -> RowFormat:
+    """A file whose prompt column is named by the user."""
+    if prompt_column not in columns:
         raise BenchmarkError(f"{where} has no column '{prompt_column}'; columns found: {', '.join(columns)}.")
+    return _plain(columns, prompt_column)
+
+
+def _plain(columns: Sequence[str], prompt_column: str) -> RowFormat:
+    """One prompt column, an id column if there is one (else the row number)."""
     id_column = next((column for column in ID_COLUMNS if column in columns), None)
     category_column = "category" if "category" in columns else None
     return RowFormat(prompt_column, frozenset({prompt_column}), _column(prompt_column), id_column, category_column)

@@ -37,6 +37,8 @@ DefaultBenchmarkOpt = Annotated[list[str] | None, typer.Option(
     "--benchmark", "-b", help=BenchmarkHelp + "; default: $CODECLM_DEFAULT_BENCHMARK, else data/eval_questions.jsonl")]
 SubsetOpt = Annotated[int, typer.Option(help="questions per benchmark to evaluate on")]
 LimitOpt = Annotated[int | None, typer.Option(help="evaluate only the first N questions of each benchmark")]
+PresetOpt = Annotated[Literal["default", "paper"] | None, typer.Option(
+    help="settings preset under the config file and flags: paper (as the paper states) or default (see README)")]
 
 
 class _ShortCodecErrors(logging.Filter):
@@ -151,12 +153,13 @@ def generate(
     max_rounds: RoundsOpt = None,
     threshold: ThresholdOpt = None,
     budget: BudgetOpt = None,
+    preset: PresetOpt = None,
 ) -> None:
     """Make a CodecLM instruction-tuning dataset from SEEDS into --out."""
 
     def go() -> None:
         settings = _settings(config, strong=strong, target=target, batch_size=batch_size, max_rounds=max_rounds,
-                             threshold=threshold, budget=budget)
+                             threshold=threshold, budget=budget, preset=preset)
         check_output(out)
         from codeclm.storage import load_seeds
 
@@ -218,15 +221,17 @@ def evaluate(
     strong: StrongOpt = None,
     judge: JudgeOpt = None,
     limit: LimitOpt = None,
-    rule: Annotated[Literal["codeclm", "alpagasus"], typer.Option(
-        help="codeclm: a win must win both orders; alpagasus: a win and a draw also count")] = "codeclm",
+    rule: Annotated[Literal["codeclm", "alpagasus"] | None, typer.Option(
+        help="codeclm: a win must win both orders; alpagasus: a win and a draw also count (default: the "
+             "setting `rule`, codeclm)")] = None,
     config: ConfigOpt = None,
     prompt_column: Annotated[str | None, typer.Option(help="column holding the prompt in a benchmark file")] = None,
+    preset: PresetOpt = None,
 ) -> None:
     """Measure CRR: each target against the strong model on benchmarks, judged in both answer orders."""
 
     def go() -> None:
-        settings = _with_judge(_settings(config, strong=strong), judge)
+        settings = _with_judge(_settings(config, strong=strong, preset=preset), judge)
         check_output(out)
         from codeclm.evaluation import plan_evaluation
 
@@ -254,12 +259,14 @@ def run_job(
     budget: BudgetOpt = None,
     benchmark: DefaultBenchmarkOpt = None,
     limit: SubsetOpt = 8,
+    preset: PresetOpt = None,
 ) -> None:
     """The main job: generate a dataset from SEEDS, then measure the target against the strong model."""
 
     def go() -> None:
         settings = _with_judge(_settings(config, strong=strong, target=target, batch_size=batch_size,
-                                         max_rounds=max_rounds, threshold=threshold, budget=budget), judge)
+                                         max_rounds=max_rounds, threshold=threshold, budget=budget, preset=preset),
+                               judge)
         check_run_output(out)
         from codeclm.evaluation import default_benchmark, plan_evaluation
 
@@ -288,11 +295,12 @@ def refresh(
     limit: SubsetOpt = 8,
     evaluate: Annotated[bool, typer.Option(help="evaluate the new version and report the CRR change")] = True,
     slot: Annotated[str | None, typer.Option(help="idempotency key; the same slot never makes two versions")] = None,
+    preset: PresetOpt = None,
 ) -> None:
     """Append a dataset version under --root from the seeds in SEEDS that no version has processed yet."""
 
     def go() -> None:
-        settings = _settings(config)
+        settings = _settings(config, preset=preset)
         check_output(root, "--root", replaced=False)
         from flows.refresh import refresh as refresh_flow
 

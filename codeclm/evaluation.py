@@ -56,8 +56,10 @@ def target_settings(settings: Settings, targets: Sequence[Target] | None) -> lis
 
 
 def plan_evaluation(benchmarks: Sequence[str], settings: Settings, targets: Sequence[Target] | None = None,
-                    limit: int | None = None, rule: str = "codeclm", prompt_column: str | None = None) -> EvalPlan:
-    """Validate the request and load every benchmark; raises a CodecError naming the first problem."""
+                    limit: int | None = None, rule: str | None = None, prompt_column: str | None = None) -> EvalPlan:
+    """Validate the request and load every benchmark; raises a CodecError naming the first problem. Without
+    `rule`, the settings' `rule` applies."""
+    rule = rule or settings.rule
     if rule not in RULES:
         raise ConfigError(f"unknown rule {rule!r}; use one of {', '.join(RULES)}")
     if not benchmarks:
@@ -140,7 +142,7 @@ def report_meta(plan: EvalPlan, limit: int | None, flow_run_id: str) -> dict[str
     return {"flow_run_id": flow_run_id, "benchmarks": {b: len(q) for b, q in plan.questions.items()},
             "limit": limit, "targets": [t.target.model for t in plan.targets], "strong": plan.settings.strong.model,
             "judge": plan.settings.judge.model, "judge_temperature": plan.settings.judge.temperature,
-            "rule": plan.rule, "warnings": plan.warnings,
+            "rule": plan.rule, "preset": plan.settings.preset, "warnings": plan.warnings,
             "prompts": {name: load_prompt(name).version for name in ("respond", "judge")}}
 
 

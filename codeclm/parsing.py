@@ -13,8 +13,6 @@ from typing import Literal
 
 from codeclm.errors import ParseError
 
-MAX_SKILLS = 3
-
 _QUOTE_PAIRS = {'"': '"', "'": "'", "`": "`", "“": "”", "‘": "’", "«": "»"}
 _LEAD = re.compile(r"^(?:\#{1,6}\s+|[-*•+]\s+|\d{1,2}[.)]\s+)+")
 _USE_CASE = re.compile(r"^(?:use[\s_-]*case|task)\b[^:]{0,40}:\s*(?P<value>.*)$", re.IGNORECASE)
@@ -71,7 +69,8 @@ def _split_skills(value: str) -> list[str]:
 
 
 def parse_metadata(text: str) -> tuple[str, list[str]]:
-    """Fig. 7 output -> (use case, at most 3 skills); the paper's own demos mix `Use case:` and `Task:`."""
+    """Fig. 7 output -> (use case, every skill listed); the paper's own demos mix `Use case:` and `Task:`.
+    How many skills to keep is the caller's setting (`max_skills`), so the parser cuts none."""
     lines = [_LEAD.sub("", line.replace("**", "").strip()) for line in text.splitlines()]
     use_case: str | None = None
     skills: list[str] | None = None
@@ -85,7 +84,7 @@ def parse_metadata(text: str) -> tuple[str, list[str]]:
         raise ParseError("no use case: expected a line 'Use case: ...' or 'Task: ...'")
     if not skills:
         raise ParseError("no skills: expected a line 'Skills: a, b' or a bulleted list after 'Skills:'")
-    return use_case, skills[:MAX_SKILLS]
+    return use_case, skills
 
 
 def _bulleted_after(lines: list[str]) -> list[str]:

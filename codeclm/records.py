@@ -160,7 +160,8 @@ class TrainingPair(Record):
     decision: Decision
 
 
-RejectReason = Literal["below_threshold", "over_budget", "seed_overlap", "duplicate"]
+# target_better: the target's answer won by more than theta in the last round, but keep_target_when_better is off
+RejectReason = Literal["below_threshold", "target_better", "over_budget", "seed_overlap", "duplicate"]
 
 
 class RejectedCandidate(Record):

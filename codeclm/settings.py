@@ -17,7 +17,27 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from codeclm.errors import ConfigError
 
 OutputMode = Literal["auto", "json_schema", "json_object", "text"]
+Preset = Literal["default", "paper"]
 EMBEDDED = "embedded"
+ROLES = ("strong", "target", "judge")
+DECODE_MAX_PER_CALL = 50  # instructions one decode call may ask for; larger counts are split over calls
+
+# Named presets: values a preset puts under the config file, env vars and flags (which still win). `default` is
+# the field defaults below; `paper` states every setting the paper gives (§5.3, A.3) and, for what the paper
+# leaves open, the choice the README names. The paper describes no duplicate removal, so `paper` keeps repeats.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "paper": {
+        "n_metadata": 200, "max_skills": 3, "augment_max_skills": 3, "n_rubrics": 4, "max_rounds": 4,
+        "threshold": 3.0, "budget": 2000, "oversample": 2.0, "instructions_per_metadata": None,
+        "action_sampling": "without_replacement", "keep_target_when_better": True, "drop_seed_overlap": True,
+        "drop_duplicates": False, "scorer": "strong", "score_temperature": 0.0, "seed_sample": None,
+        "rule": "codeclm",
+        "strong": {"temperature": 0.7, "max_tokens": 2048},
+        "target": {"temperature": 0.7, "max_tokens": 2048},
+        "judge": {"temperature": 0.0},
+    },
+}
 
 
 class RoleConfig(BaseModel):
@@ -27,7 +47,7 @@ class RoleConfig(BaseModel):
     api_base: str | None = Field(None, description="endpoint URL for OpenAI-compatible servers (vLLM, ...)")
     api_key_env: str | None = Field(None, description="name of the env var holding the API key (never the key)")
     temperature: float = Field(0.7, ge=0, le=2)
-    max_tokens: int = Field(1024, ge=1, le=131072)
+    max_tokens: int = Field(2048, ge=1, le=131072, description="answer limit (paper A.3: 2048 for LLaMA runs)")
     timeout: float = Field(120.0, gt=0, le=3600, description="seconds per HTTP attempt")
     max_concurrency: int = Field(8, ge=1, le=1024, description="requests in flight to this role at once")
     output_mode: OutputMode = Field("auto", description="structured-output protocol; auto picks per model")
@@ -49,6 +69,8 @@ class Settings(BaseSettings):
     target: RoleConfig = Field(default_factory=RoleConfig)
     judge: RoleConfig = Field(default_factory=lambda: RoleConfig(temperature=0.0))
 
+    preset: Preset = Field("default", description="named set of values under the config file, env and flags")
+
     # CodecLM pipeline (paper §5.3, A.3)
     seed_sample: int | None = Field(None, ge=1, description="use a reproducible sample of N seeds (the paper "
                                     "seeds from a 20% split of each benchmark); None uses all")
@@ -60,13 +82,20 @@ class Settings(BaseSettings):
     threshold: float = Field(3.0, ge=0, le=9, description="keep when |score gap| > threshold (theta)")
     budget: int = Field(2000, ge=1, description="training pairs wanted; extra kept pairs are sampled out")
     oversample: float = Field(2.0, ge=1, le=20, description="basic instructions made per wanted pair")
-    instructions_per_metadata: int | None = Field(None, ge=1, le=50, description="overrides the budget split")
+    instructions_per_metadata: int | None = Field(None, ge=1, description="overrides the budget split; more than "
+                                                  f"{DECODE_MAX_PER_CALL} are asked for over several calls")
     action_sampling: Literal["without_replacement", "with_replacement"] = "without_replacement"
     keep_target_when_better: bool = Field(True, description="keep the target answer when G < -threshold")
     drop_seed_overlap: bool = Field(True, description="reject generated instructions equal to a seed")
+    drop_duplicates: bool = Field(True, description="reject basic instructions repeating an earlier one, across "
+                                  "all batches (the paper describes no duplicate removal)")
     scorer: Literal["strong", "judge"] = Field("strong", description="who scores in Contrastive Filtering")
     score_temperature: float = Field(0.0, ge=0, le=2, description="temperature of pairwise scoring")
     seed: int = Field(0, description="random seed for augmentation, action choice and budget sampling")
+
+    # CRR evaluation
+    rule: Literal["codeclm", "alpagasus"] = Field("codeclm", description="how two judged orders become one "
+                                                  "verdict: codeclm (wins twice) or alpagasus (win + draw)")
 
     # Runner
     batch_size: int = Field(200, ge=1, le=10000, description="seeds per batch task")
@@ -84,6 +113,26 @@ class Settings(BaseSettings):
     backoff_max: float = Field(30.0, ge=0)
     retry_after_cap: float = Field(120.0, ge=0, description="a longer Retry-After fails the call at once")
     breaker_failures: int = Field(20, ge=1, description="consecutive connection failures that stop a run")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        """Fill what the file, env and flags left unset from the chosen preset (they always win over it)."""
+        if not isinstance(data, dict):
+            return data
+        name = data.get("preset", "default")
+        values = PRESETS.get(name) if isinstance(name, str) else None
+        if not values:
+            return data  # `default`, or an unknown name that field validation reports
+        data = dict(data)
+        for key, value in values.items():
+            if key not in ROLES:
+                data.setdefault(key, value)
+                continue
+            given = data.get(key)
+            role = given.model_dump(exclude_unset=True) if isinstance(given, RoleConfig) else dict(given or {})
+            data[key] = {**value, **role}
+        return data
 
     @field_validator("judge", mode="before")
     @classmethod
@@ -121,6 +170,13 @@ class Settings(BaseSettings):
             return self.instructions_per_metadata
         return max(1, math.ceil(self.budget * self.oversample / max(n_metadata, 1)))
 
+    def metadata_to_decode(self, available: int) -> int:
+        """How many metadata get basic instructions: all of them, unless the budget (oversampled) asks for fewer
+        instructions than there are metadata; then a sample, one instruction each, rather than one per metadata."""
+        if self.instructions_per_metadata:
+            return available
+        return min(available, max(1, math.ceil(self.budget * self.oversample)))
+
     @classmethod
     def load(cls, config: Path | None = None, **overrides: Any) -> Settings:
         """Settings from a TOML file, then CODECLM_* env vars, then non-None overrides (CLI flags)."""
@@ -135,7 +191,7 @@ class Settings(BaseSettings):
         for key, value in overrides.items():
             if value is None:
                 continue
-            if key in ("strong", "target", "judge"):
+            if key in ROLES:
                 data.setdefault(key, {})["model"] = value
             else:
                 data[key] = value

@@ -15,13 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
+from codeclm.benchmarks import PROMPT_COLUMNS, row_format
 from codeclm.errors import DatasetError, SeedFileError
 from codeclm.records import Record, Seed, content_id
 
 R = TypeVar("R", bound=Record)
-
-SEED_COLUMNS = ("instruction", "prompt", "text", "question")
-ID_COLUMNS = ("seed_id", "id", "question_id", "idx")
 
 
 def write_records(path: Path, records: Sequence[Record], model: type[R]) -> Path:
@@ -81,27 +79,31 @@ def publish(staging: Path, out: Path) -> None:
 
 
 def load_seeds(path: Path) -> list[Seed]:
-    """Read and validate seeds from a Parquet file or directory, JSONL or CSV; every error names file and row."""
+    """Read and validate seeds from a Parquet file or directory, JSONL or CSV; every error names file and row.
+
+    The prompt is read by the rule benchmark questions are read by (`codeclm.benchmarks.row_format`), so any of
+    the paper's four benchmark files is a seed file too, and a seed reads exactly as the same question would.
+    """
     frame = _read_seed_frame(path)
     if frame.empty:
         raise SeedFileError(f"{path}: no seed rows; add at least one instruction")
-    text_col = next((c for c in SEED_COLUMNS if c in frame.columns), None)
-    if text_col is None:
+    fmt = row_format([str(c) for c in frame.columns])
+    if fmt is None:
         raise SeedFileError(
-            f"{path}: no instruction column; expected one of {', '.join(SEED_COLUMNS)}, "
-            f"found {', '.join(map(str, frame.columns))}"
+            f"{path}: no instruction column; expected one of {', '.join(PROMPT_COLUMNS)} or the layout of a "
+            f"known benchmark (Evol-Instruct, Vicuna, Self-Instruct, Koala), found {', '.join(map(str, frame.columns))}"
         )
-    id_col = next((c for c in ID_COLUMNS if c in frame.columns), None)
     seeds: list[Seed] = []
     seen: dict[str, int] = {}
-    for row, value in enumerate(frame[text_col].tolist()):
+    for row, record in enumerate(frame.to_dict("records")):
+        value = fmt.prompt(record)
         if not isinstance(value, str):
-            raise SeedFileError(f"{path}: row {row}: {text_col} must be text, got {type(value).__name__}")
+            raise SeedFileError(f"{path}: row {row}: {fmt.name} must be text, got {type(value).__name__}")
         if not value.strip():
-            raise SeedFileError(f"{path}: row {row}: {text_col} is empty")
-        seed_id = str(frame[id_col].iloc[row]) if id_col else content_id("seed", value.strip())
+            raise SeedFileError(f"{path}: row {row}: {fmt.name} is empty")
+        seed_id = str(record[fmt.id_column]) if fmt.id_column else content_id("seed", value.strip())
         if seed_id in seen:
-            what = f"{id_col} {seed_id!r}" if id_col else "instruction text"
+            what = f"{fmt.id_column} {seed_id!r}" if fmt.id_column else "instruction text"
             raise SeedFileError(f"{path}: row {row} repeats the {what} of row {seen[seed_id]}; make ids unique")
         seen[seed_id] = row
         try:

@@ -72,10 +72,11 @@ def _run_name() -> str:
 
 @flow(name="codeclm-evaluate", flow_run_name=_run_name, log_prints=True)
 def evaluate(benchmarks: list[str], out: str, targets: list[str | RoleConfig] | None = None,
-             settings: Settings | None = None,
-             limit: int | None = None, rule: Literal["codeclm", "alpagasus"] = "codeclm",
+             settings: Settings | None = None, limit: int | None = None,
+             rule: Literal["codeclm", "alpagasus"] | None = None,
              prompt_column: str | None = None) -> dict[str, Any]:
-    """CRR of every target against the strong model on every benchmark, published into `out` when complete."""
+    """CRR of every target against the strong model on every benchmark, published into `out` when complete;
+    `rule` defaults to the settings' rule."""
     settings = settings or Settings()
     check_output(out, "out")
     plan = plan_evaluation(benchmarks, settings, targets, limit, rule, prompt_column)
@@ -84,7 +85,7 @@ def evaluate(benchmarks: list[str], out: str, targets: list[str | RoleConfig] | 
         logger.warning(warning)
     with progress_view("evaluate-progress", f"evaluate · {', '.join(benchmarks)} → {out}"), endpoints_ready(plan):
         batches = {name: question_batches(questions, settings) for name, questions in plan.questions.items()}
-        refs = evaluation.with_options(task_runner=task_runner(settings))(batches, settings, plan.targets, rule)
+        refs = evaluation.with_options(task_runner=task_runner(settings))(batches, settings, plan.targets, plan.rule)
     rows = [row for ref in refs["results"] for row in read_records(Path(ref["path"]), EvalQuestionResult)]
     failed = [row for ref in refs["failed"] for row in read_records(Path(ref["path"]), FailedCall)]
     rows, summaries = summarize_plan(plan, rows)

@@ -1,6 +1,6 @@
 """Flow `generate`: seeds in, a CodecLM dataset out. Orchestration only; every step is a batch task.
 
-encode (per seed batch) -> augment (all) -> rubrics + decode (per batch) ->
+encode (per seed batch) -> augment (all) -> rubrics + decode (per batch) -> dedup (all) ->
 rounds 1..K of respond -> score -> filter, with improve before every round after the first -> export.
 """
 
@@ -22,6 +22,7 @@ from codeclm.settings import Settings
 from tasks._base import Outputs, Ref
 from tasks.augment import augment
 from tasks.decode import decode
+from tasks.dedup import dedup
 from tasks.encode import encode
 from tasks.export import export
 from tasks.filter import filter_candidates
@@ -74,9 +75,16 @@ def pipeline(seeds: str, out: str, settings: Settings) -> dict[str, Any]:
     decoded = wait_stage("decode", decode.map(meta_batches, unmapped(seed_batches), unmapped(settings),
                                               per_metadata, batch=labels))
     rubric_sets = wait_stage("rubrics", rubric_futures)
-    _collect(refs, decoded + rubric_sets)
+    _collect(refs, rubric_sets)
+    _collect(refs, decoded, skip=("candidates",) if settings.drop_duplicates else ())
+    basic = [out["candidates"] for out in decoded]
+    if settings.drop_duplicates:  # across batches: the first occurrence in the whole run is kept
+        deduped = dedup(basic, settings, len(basic))
+        basic = deduped["candidates"]
+        refs["candidates"] += basic
+        refs["rejected"] += deduped["rejected"]
 
-    active = {label: out["candidates"] for label, out in zip(labels, decoded, strict=True)}
+    active = dict(zip(labels, basic, strict=True))
     rubric_of = {label: out["rubrics"] for label, out in zip(labels, rubric_sets, strict=True)}
     for round in range(1, settings.max_rounds + 1):
         active = {label: ref for label, ref in active.items() if ref["rows"] > 0}

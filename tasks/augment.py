@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import random
+from collections import Counter
 
 from codeclm.records import Metadata
 from codeclm.settings import Settings
@@ -14,10 +15,24 @@ from tasks._base import Ref, codec_task, read, ref_to
 from tasks.encode import metadata_of
 
 
+def _weighted_sample(rng: random.Random, weights: Counter[str], k: int) -> list[str]:
+    """k distinct items, each draw weighted by its count (sampling without replacement)."""
+    items = sorted(weights)
+    counts = [weights[i] for i in items]
+    chosen = []
+    for _ in range(k):
+        pick = rng.choices(range(len(items)), weights=counts)[0]
+        chosen.append(items.pop(pick))
+        counts.pop(pick)
+    return chosen
+
+
 def mix_and_match(originals: list[Metadata], target: int, max_skills: int, seed: int) -> list[Metadata]:
-    """Merge duplicates, then add (one use case, 1..max_skills skills without replacement) pairs until
-    `target` or until no new pair turns up (few seeds give few pairs). With more distinct originals than
-    `target`, a reproducible sample of `target` originals is used instead."""
+    """Merge duplicates, then add (one use case, 1..max_skills skills) pairs until `target` or until no new pair
+    turns up (few seeds give few pairs). Mixed across instructions as in the paper (A.3): the use case is drawn
+    from the seeds' distribution (a use case of many seeds comes up more often), and the skills, without
+    replacement and weighted by how many seeds need them, from seeds with another use case, so no pair re-makes
+    a seed's own metadata. With more distinct originals than `target`, a reproducible sample of them is used."""
     merged: dict[str, Metadata] = {}
     for m in originals:
         if m.metadata_id in merged:
@@ -27,14 +42,26 @@ def mix_and_match(originals: list[Metadata], target: int, max_skills: int, seed:
     rng = random.Random(seed)
     if len(merged) > target:
         return [merged[k] for k in sorted(rng.sample(sorted(merged), target))]
-    use_cases = sorted({m.use_case for m in merged.values()})
-    skills = sorted({s for m in merged.values() for s in m.skills})
+    seeds = [m for m in merged.values() if m.origin == "seed"]
+    use_cases: Counter[str] = Counter()
+    for m in seeds:
+        use_cases[m.use_case] += len(m.seed_ids)
+    pools: dict[str, Counter[str]] = {}
+    for use_case in use_cases:
+        pool: Counter[str] = Counter()
+        for m in seeds:
+            if m.use_case != use_case:
+                pool.update({s: len(m.seed_ids) for s in m.skills})
+        if pool:
+            pools[use_case] = pool
+    weights = Counter({u: n for u, n in use_cases.items() if u in pools})
     misses = 0
-    while len(merged) < target and skills and misses < 50 * target:
-        use_case = rng.choice(use_cases)
-        chosen = rng.sample(skills, rng.randint(1, min(max_skills, len(skills))))
-        sources = sorted({sid for m in merged.values() if m.origin == "seed"
-                          and (m.use_case == use_case or set(m.skills) & set(chosen)) for sid in m.seed_ids})
+    while len(merged) < target and weights and misses < 50 * target:
+        (use_case,) = _weighted_sample(rng, weights, 1)
+        pool = pools[use_case]
+        chosen = _weighted_sample(rng, pool, rng.randint(1, min(max_skills, len(pool))))
+        sources = sorted({sid for m in seeds if m.use_case == use_case or set(m.skills) & set(chosen)
+                          for sid in m.seed_ids})
         candidate = metadata_of(use_case, chosen, "augmented", sources)
         if candidate.metadata_id in merged:
             misses += 1
@@ -43,15 +70,26 @@ def mix_and_match(originals: list[Metadata], target: int, max_skills: int, seed:
     return list(merged.values())
 
 
+def for_budget(pool: list[Metadata], keep: int, seed: int) -> list[Metadata]:
+    """The metadata that get basic instructions: all, or a reproducible random sample of `keep` when the budget
+    asks for fewer instructions than there are metadata (so none is decoded just to be sampled out later)."""
+    if keep >= len(pool):
+        return pool
+    chosen = set(random.Random(f"{seed}:budget").sample(range(len(pool)), keep))
+    return [m for i, m in enumerate(pool) if i in chosen]
+
+
 @codec_task("augment", run_name="augment metadata · {n_batches} batches")
 def augment(metadata: list[Ref], settings: Settings, n_batches: int) -> list[Ref]:
     """All encoded metadata in, `n_batches` Parquet files of augmented metadata out (one per seed batch)."""
     originals = [m for ref in metadata for m in read(ref, Metadata)]
     pool = mix_and_match(originals, settings.n_metadata, settings.augment_max_skills, settings.seed)
     pool.sort(key=lambda m: (m.origin != "seed", m.metadata_id))
+    pool = for_budget(pool, settings.metadata_to_decode(len(pool)), settings.seed)
     size = max(1, math.ceil(len(pool) / n_batches))
     digest = hashlib.sha256(json.dumps([[r["sha"] for r in metadata], settings.n_metadata,
-                                        settings.augment_max_skills, settings.seed, n_batches]).encode())
+                                        settings.augment_max_skills, settings.seed, n_batches,
+                                        settings.metadata_to_decode(settings.n_metadata)]).encode())
     out = settings.work_dir / "augment" / digest.hexdigest()[:20]
     return [ref_to(write_records(out / f"metadata-{i:04d}.parquet",
                                  pool[i * size:(i + 1) * size], Metadata)) for i in range(n_batches)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from pydantic import BaseModel, Field
 
 from codeclm.errors import ParseError
@@ -9,16 +11,16 @@ from codeclm.gateway import Call
 from codeclm.parsing import parse_improved_instruction, parse_numbered_list
 from codeclm.prompts import load_prompt
 from codeclm.records import Candidate, Metadata, RejectedCandidate, Seed, content_id
-from codeclm.settings import Settings
+from codeclm.settings import DECODE_MAX_PER_CALL, Settings
 from tasks._base import Outputs, Ref, Step, codec_task, read
 
 
 class Instructions(BaseModel):
-    instructions: list[str] = Field(min_length=1, max_length=50)
+    instructions: list[str] = Field(min_length=1, max_length=DECODE_MAX_PER_CALL)
 
 
 def _from_text(text: str) -> Instructions:
-    return Instructions(instructions=parse_numbered_list(text))
+    return Instructions(instructions=parse_numbered_list(text)[:DECODE_MAX_PER_CALL])
 
 
 def _one_from_text(text: str) -> Instructions:
@@ -29,47 +31,63 @@ def _one_from_text(text: str) -> Instructions:
         return Instructions(instructions=[parse_improved_instruction(text)])
 
 
-def _normal(text: str) -> str:
+def normal_text(text: str) -> str:
+    """The form two instructions are compared in: case and whitespace do not make them different."""
     return " ".join(text.lower().split())
+
+
+def call_sizes(n: int) -> list[int]:
+    """`n` instructions as the fewest calls the schema allows, split evenly: 120 -> [40, 40, 40]."""
+    parts = math.ceil(n / DECODE_MAX_PER_CALL)
+    return [n // parts + (i < n % parts) for i in range(parts)]
+
+
+def _calls(metas: list[Metadata], made: dict[str, list[str]], size: int, part: int, structured: bool
+           ) -> list[Call]:
+    """One call per metadata for `size` instructions; after the first part, the prompt lists what earlier parts
+    wrote (and its different text keeps the calls apart in the cache)."""
+    single = size == 1  # one free-text answer needs no schema (and no slow grammar on llama.cpp)
+    prompt = load_prompt("decode" if part == 0 else "decode_more")
+    calls = []
+    for m in metas:
+        written = "\n".join(f"{i}. {text}" for i, text in enumerate(made[m.metadata_id], start=1))
+        messages = prompt.render(structured and not single, n=size, use_case=m.use_case, skills=", ".join(m.skills),
+                                 written=written)
+        calls.append(Call(role="strong", messages=messages, output=Instructions,
+                          text_parser=_one_from_text if single else _from_text, free_text=single,
+                          prompt_version=prompt.version, stage="decode",
+                          item_id=m.metadata_id if part == 0 else f"{m.metadata_id}#{part + 1}"))
+    return calls
 
 
 @codec_task("decode", tags=["role:strong"])
 def decode(metadata: Ref, seeds: list[Ref], settings: Settings, per_metadata: int, batch: str) -> Outputs:
-    """Ask for `per_metadata` diverse instructions per metadata; drop copies of seeds and repeats."""
+    """Ask for `per_metadata` diverse instructions per metadata (over several calls when the schema's cap needs
+    it); drop copies of seeds. Repeats across the whole run are the `dedup` step's job."""
     step = Step("decode", batch, settings, metadata=metadata["sha"], seeds=[s["sha"] for s in seeds], n=per_metadata)
     if (done := step.done()) is not None:
         return done
-    prompt = load_prompt("decode")
-    single = per_metadata == 1  # one free-text answer needs no schema (and no slow grammar on llama.cpp)
-    structured = step.structured("strong") and not single
+    structured = step.structured("strong")
     metas = read(metadata, Metadata)
-    calls = [Call(role="strong", messages=prompt.render(structured, n=per_metadata, use_case=m.use_case,
-                                                        skills=", ".join(m.skills)),
-                  output=Instructions, text_parser=_one_from_text if single else _from_text, free_text=single,
-                  prompt_version=prompt.version, stage="decode", item_id=m.metadata_id) for m in metas]
-    seed_texts = {_normal(s.instruction) for ref in seeds for s in read(ref, Seed)}
+    made: dict[str, list[str]] = {m.metadata_id: [] for m in metas}
+    for part, size in enumerate(call_sizes(per_metadata)):
+        for meta, result in zip(metas, step.call(_calls(metas, made, size, part, structured)), strict=True):
+            if result.ok:
+                made[meta.metadata_id] += [t.strip() for t in result.value.instructions[:size] if t.strip()]
+    seed_texts = {normal_text(s.instruction) for ref in seeds for s in read(ref, Seed)}
     candidates: list[Candidate] = []
     rejected: list[RejectedCandidate] = []
-    seen: set[str] = set()
-    for meta, result in zip(metas, step.call(calls), strict=True):
-        if not result.ok:
-            continue
-        for index, text in enumerate(result.value.instructions[:per_metadata]):
-            text = text.strip()
-            if not text:
-                continue
+    for meta in metas:
+        for index, text in enumerate(made[meta.metadata_id]):
             instruction_id = content_id("inst", meta.metadata_id, index, text)
             cand = Candidate(candidate_id=content_id("cand", instruction_id, 1, text), instruction_id=instruction_id,
                              metadata_id=meta.metadata_id, seed_ids=meta.seed_ids, use_case=meta.use_case,
                              skills=meta.skills, round=1, instruction=text, basic_instruction=text,
                              actions_applied=[])
-            reason = ("seed_overlap" if settings.drop_seed_overlap and _normal(text) in seed_texts
-                      else "duplicate" if _normal(text) in seen else None)
-            seen.add(_normal(text))
-            if reason:
+            if settings.drop_seed_overlap and normal_text(text) in seed_texts:
                 rejected.append(RejectedCandidate(instruction_id=instruction_id, candidate_id=cand.candidate_id,
                                                   metadata_id=meta.metadata_id, round=1, instruction=text,
-                                                  reason=reason))
+                                                  reason="seed_overlap"))
             else:
                 candidates.append(cand)
     step.write("candidates", candidates, Candidate)

@@ -1,4 +1,4 @@
-"""Encode (paper §4.1, Fig. 7): each seed instruction becomes metadata, a use case and at most 3 skills."""
+"""Encode (paper §4.1, Fig. 7): each seed instruction becomes metadata, a use case and at most `max_skills` skills."""
 
 from __future__ import annotations
 
@@ -11,17 +11,19 @@ from codeclm.records import Metadata, Seed, content_id
 from codeclm.settings import Settings
 from tasks._base import Outputs, Ref, Step, codec_task, read
 
+MAX_LISTED_SKILLS = 10  # the most `max_skills` allows; a longer list is cut here, then to `max_skills`
+
 
 class EncodedMetadata(BaseModel):
     """What the strong model returns for one seed."""
 
     use_case: str = Field(min_length=1, max_length=200)
-    skills: list[str] = Field(min_length=1, max_length=10)
+    skills: list[str] = Field(min_length=1, max_length=MAX_LISTED_SKILLS)
 
 
 def _from_text(text: str) -> EncodedMetadata:
     use_case, skills = parse_metadata(text)
-    return EncodedMetadata(use_case=use_case, skills=skills)
+    return EncodedMetadata(use_case=use_case, skills=skills[:MAX_LISTED_SKILLS])
 
 
 def metadata_of(use_case: str, skills: list[str], origin: str, seed_ids: list[str]) -> Metadata:

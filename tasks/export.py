@@ -36,12 +36,13 @@ from codeclm.records import (
 from codeclm.settings import Settings
 from codeclm.storage import check_schema, publish, write_json, write_jsonl, write_records
 from tasks._base import Ref, codec_task, read
+from tasks.respond import answer_messages
 
 STAGE_TABLES: dict[str, type[Record]] = {
     "seeds": Seed, "metadata": Metadata, "rubrics": RubricSet, "candidates": Candidate, "responses": Response,
     "judgements": Judgement, "decisions": FilterDecision, "stats": CallStats,
 }
-PROMPTS = ("encode", "decode", "rubrics", "improve", "respond", "score")
+PROMPTS = ("encode", "decode", "decode_more", "rubrics", "improve", "respond", "score")
 
 
 def apply_budget(kept: list[TrainingPair], budget: int, seed: int
@@ -77,8 +78,9 @@ def check_lineage(basic: set[str], kept: list[TrainingPair], rejected: list[Reje
 
 
 def chat_rows(pairs: list[TrainingPair]) -> list[dict[str, Any]]:
-    """OpenAI / TRL chat fine-tuning format."""
-    return [{"messages": [{"role": "user", "content": p.instruction}, {"role": "assistant", "content": p.response}]}
+    """OpenAI / TRL chat fine-tuning format: the messages the answer was generated under (system prompt and
+    instruction), then the kept answer."""
+    return [{"messages": [*answer_messages(p.instruction), {"role": "assistant", "content": p.response}]}
             for p in pairs]
 
 
@@ -149,6 +151,7 @@ def export(refs: dict[str, list[Ref]], settings: Settings, out: str, run: dict[s
             "run": run,
             "versions": _versions(),
             "prompts": {p: load_prompt(p).version for p in PROMPTS},
+            "preset": settings.preset,
             "settings": settings.model_dump(mode="json"),
             "counts": {
                 "seeds": len(tables["stages/seeds.parquet"][0]),

@@ -8,6 +8,7 @@ from codeclm.records import (
     FilterDecision,
     Judgement,
     RejectedCandidate,
+    RejectReason,
     Response,
     TrainingPair,
     content_id,
@@ -18,13 +19,19 @@ from tasks._base import Outputs, Ref, Step, codec_task, read
 
 def decide(gap: float, round: int, settings: Settings) -> Decision:
     """|G| > theta keeps the better answer (the target's only if allowed); otherwise another Self-Rubrics
-    round, or rejection after the last one (the paper leaves that case open; we drop it and say why)."""
+    round, or rejection after the last one (the paper leaves that case open; we drop it and say why). A clear
+    target win that may not be kept goes round again like a tie: a harder instruction may give a strong win."""
     if abs(gap) > settings.threshold:
         if gap > 0:
             return "keep_strong"
         if settings.keep_target_when_better:
             return "keep_target"
     return "next_round" if round < settings.max_rounds else "reject"
+
+
+def reject_reason(gap: float, settings: Settings) -> RejectReason:
+    """Why a last-round candidate ends without a pair: no clear winner, or a clear target win not kept."""
+    return "target_better" if gap < -settings.threshold else "below_threshold"
 
 
 def training_pair(cand: Candidate, judgement: Judgement, answers: dict[str, Response], decision: Decision
@@ -69,8 +76,8 @@ def filter_candidates(candidates: Ref, responses: Ref, judgements: Ref, settings
         else:
             rejected.append(RejectedCandidate(instruction_id=cand.instruction_id, candidate_id=cand.candidate_id,
                                               metadata_id=cand.metadata_id, round=round,
-                                              instruction=cand.instruction, reason="below_threshold",
-                                              gap=judgement.gap))
+                                              instruction=cand.instruction,
+                                              reason=reject_reason(judgement.gap, settings), gap=judgement.gap))
     step.write("kept", kept, TrainingPair)
     step.write("pending", pending, Candidate)
     step.write("rejected", rejected, RejectedCandidate)

@@ -11,12 +11,18 @@ from tasks._base import Outputs, Ref, Step, codec_task, read
 ROLES = ("strong", "target")
 
 
+def answer_messages(instruction: str) -> list[dict[str, str]]:
+    """The chat messages a model answers an instruction under (system prompt included); train.jsonl is built
+    from the same messages, so the data trains on exactly what was answered."""
+    return load_prompt("respond").render(False, instruction=instruction)
+
+
 def answer_calls(prompts: list[tuple[str, str]], role: str, stage: str) -> list[Call]:
     """Plain chat calls answering (item id, prompt) pairs, at the role's own temperature and max_tokens; shared
     with the evaluation flow so its answers hit the same cache entries when the prompt is the same."""
-    prompt = load_prompt("respond")
-    return [Call(role=role, messages=prompt.render(False, instruction=text), output=None,
-                 prompt_version=prompt.version, stage=stage, item_id=item_id)
+    version = load_prompt("respond").version
+    return [Call(role=role, messages=answer_messages(text), output=None, prompt_version=version, stage=stage,
+                 item_id=item_id)
             for item_id, text in prompts]
 
 

@@ -59,7 +59,8 @@ def test_generate_on_embedded_model(tmp_path: Path, seeds: Path) -> None:
     lines = (out / "train.jsonl").read_text().splitlines()
     assert len(lines) == len(train)
     for line, row in zip(lines, train.itertuples(), strict=True):
-        assert json.loads(line)["messages"][0]["content"] == row.instruction
+        messages = json.loads(line)["messages"]  # the respond prompt's system message, the instruction, the answer
+        assert messages[0]["role"] == "system" and messages[-2]["content"] == row.instruction
     assert _llama_servers() <= before, "the embedded server outlived codeclm"
 
     log = tmp_path / "home" / "embedded-server.log"

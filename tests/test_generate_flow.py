@@ -19,6 +19,7 @@ from codeclm.records import Candidate, FailedCall, FilterDecision, RejectedCandi
 from codeclm.storage import read_records, write_records
 from tasks._base import ref_to
 from tasks.export import STAGE_TABLES, export
+from tasks.respond import answer_messages
 
 # A hung flow cannot be interrupted by a signal (Prefect joins its worker threads on the way out): time out
 # by dumping every stack and ending the session instead.
@@ -60,8 +61,8 @@ def _check_published(out: Path) -> dict[str, Any]:
 
     train: list[TrainingPair] = rows["train.parquet"]
     lines = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
-    assert lines == [{"messages": [{"role": "user", "content": p.instruction},
-                                   {"role": "assistant", "content": p.response}]} for p in train]
+    assert lines == [{"messages": [*answer_messages(p.instruction), {"role": "assistant", "content": p.response}]}
+                     for p in train]  # the messages the answer was made under, system prompt included
 
     counts = manifest["counts"]
     rejected: list[RejectedCandidate] = rows["rejected.parquet"]

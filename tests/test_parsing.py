@@ -34,9 +34,10 @@ def test_metadata_variants(text: str) -> None:
     assert parse_metadata(text) == ("creative writing", ["role-play", "sports"])
 
 
-def test_metadata_keeps_at_most_three_skills() -> None:
+def test_metadata_keeps_every_skill_listed() -> None:
+    """How many skills to keep is the `max_skills` setting, applied by the encode step, not the parser."""
     text = "Task: code generation\nSkills: python, file io, memory management, streaming"
-    assert parse_metadata(text) == ("code generation", ["python", "file io", "memory management"])
+    assert parse_metadata(text) == ("code generation", ["python", "file io", "memory management", "streaming"])
 
 
 def test_metadata_bulleted_skills_stop_at_next_text() -> None:

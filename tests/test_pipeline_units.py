@@ -95,7 +95,9 @@ def test_augmentation_stops_when_no_new_pair_exists() -> None:
     assert mix_and_match(only, target=50, max_skills=3, seed=0) == only
     two = [metadata_of("a", ["x"], "seed", ["s1"]), metadata_of("b", ["y"], "seed", ["s2"])]
     pool = mix_and_match(two, target=50, max_skills=3, seed=0)
-    assert len(pool) == 2 * 3  # 2 use cases x 3 non-empty subsets of {x, y}: everything there is, then stop
+    # each use case takes only the other seed's skill: (a, y) and (b, x) are everything there is, then stop
+    assert len(pool) == 4 and {(m.use_case, *m.skills) for m in pool if m.origin == "augmented"} == {
+        ("a", "y"), ("b", "x")}
 
 
 # --- Contrastive Filtering decision (paper §4.3) -----------------------------------------------------------
@@ -195,13 +197,14 @@ def test_filter_step_splits_and_keeps_the_better_answer(tmp_path: Path, keep_tar
     assert read_records(Path(out["rejected"]["path"]), RejectedCandidate) == []
 
 
-def test_filter_step_rejects_after_the_last_round(tmp_path: Path) -> None:
+def test_filter_step_rejects_after_the_last_round_saying_why(tmp_path: Path) -> None:
+    """A tie is `below_threshold`; a clear target win that may not be kept is `target_better` (issue 10, 8)."""
     settings = _settings(home=tmp_path / "home", max_rounds=2, keep_target_when_better=False)
     cands, responses, judgements = _filter_inputs(tmp_path, [(5, 5, 5, 5), (2, 9, 9, 2), (9, 2, 2, 9)], round=2)
     out = filter_candidates.fn(cands, responses, judgements, settings, round=2, batch="000")
     rejected = read_records(Path(out["rejected"]["path"]), RejectedCandidate)
     assert [(r.instruction_id, r.reason, r.gap, r.round) for r in rejected] == [
-        ("inst-0", "below_threshold", 0.0, 2), ("inst-1", "below_threshold", -7.0, 2)]
+        ("inst-0", "below_threshold", 0.0, 2), ("inst-1", "target_better", -7.0, 2)]
     assert read_records(Path(out["pending"]["path"]), Candidate) == []
     assert [p.instruction_id for p in read_records(Path(out["kept"]["path"]), TrainingPair)] == ["inst-2"]
 
