@@ -99,7 +99,7 @@ def test_cli_triggered_generate_run_completes_with_monitoring(deployed_generate_
     for key in STAGE_KEYS[:-1]:
         assert found[key]["type"] == "progress" and float(found[key]["data"]) == 100.0, key
         assert found[key]["flow_run_id"] == run.run_id
-    assert "| encode | 1/1 | done |" in found["generate-progress"]["description"]
+    assert "| encode | 3/3 | done |" in found["generate-progress"]["description"]  # 28 seeds, batches of 10
     assert not [a for a in found.values() if a["type"] == "progress" and a["key"] != "generate-progress"]
     table = found["generate-stages"]
     assert table["type"] == "table"
