@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c requirements.lock -e '.[local,dev,dask]'
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[local,dev,dask,train]'
 	touch $@
 
 .PHONY: install demo test test-slow lint lock bench
@@ -22,7 +22,7 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	bash tests/ui_setup.sh
-	$(BIN)/pytest -q -m "embedded or server or browser"
+	$(BIN)/pytest -q -m "embedded or server or browser or train"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

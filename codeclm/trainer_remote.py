@@ -18,7 +18,7 @@ from typing import Any
 
 from codeclm.errors import ModelError
 from codeclm.finetune import FinetunePlan
-from codeclm.gateway import _litellm  # the gateway owns litellm's import and its process-wide settings
+from codeclm.gateway import _litellm, _shared_loop  # litellm's import, settings and the one loop it binds to
 from codeclm.settings import FinetuneConfig
 from codeclm.storage import write_json
 
@@ -137,4 +137,4 @@ async def _run(plan: FinetunePlan, cfg: FinetuneConfig, on_status: StatusListene
 def train(plan: FinetunePlan, cfg: FinetuneConfig, on_status: StatusListener) -> dict[str, Any]:
     """Upload, create (or find) and wait for the job; returns its ids and the tuned model's name."""
     plan.work.mkdir(parents=True, exist_ok=True)
-    return asyncio.run(_run(plan, cfg, on_status))
+    return asyncio.run_coroutine_threadsafe(_run(plan, cfg, on_status), _shared_loop()).result()
