@@ -383,6 +383,15 @@ def publish_outputs(plan: FinetunePlan, out: Path, names: list[str]) -> None:
         raise
 
 
+def is_published(result: FinetuneResult) -> bool:
+    """Whether `result.out` still holds this training's files."""
+    manifest = Path(result.out) / MANIFEST
+    try:
+        return json.loads(manifest.read_text()).get("key") == result.key
+    except (OSError, ValueError):
+        return False
+
+
 def _link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst)

@@ -12,7 +12,15 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from codeclm.eval_report import data_uri
-from codeclm.finetune import LOG_FILE, FinetuneResult, loss_svg, plan_finetune, read_log, report_markdown
+from codeclm.finetune import (
+    LOG_FILE,
+    FinetuneResult,
+    is_published,
+    loss_svg,
+    plan_finetune,
+    read_log,
+    report_markdown,
+)
 from codeclm.settings import Settings
 from tasks.finetune import finetune as finetune_task
 
@@ -23,8 +31,11 @@ def finetune(dataset: str, out: str, settings: Settings | None = None) -> Finetu
     """The tuned model in OUT (local: merged checkpoint and adapter; remote: the provider's model id)."""
     settings = settings or Settings()
     plan = plan_finetune(Path(dataset), settings)
-    result = finetune_task(dataset, plan.dataset.sha, out, settings)
-    if not Path(result.out).exists():  # Prefect's cache remembers a DIR that has since been removed
+    state = finetune_task(dataset, plan.dataset.sha, out, settings, return_state=True)
+    result = state.result()
+    if state.name == "Cached":
+        result = result.model_copy(update={"cached": True})
+    if not is_published(result):  # Prefect's cache remembers a DIR that has since been removed or replaced
         result = finetune_task.with_options(refresh_cache=True)(dataset, plan.dataset.sha, out, settings)
     rows = read_log(Path(result.out) / LOG_FILE)
     create_markdown_artifact(report_markdown(result, rows, data_uri(loss_svg(rows))), key="finetune-report",

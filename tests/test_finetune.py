@@ -252,7 +252,7 @@ def test_remote_trainer_uploads_once_creates_once_and_reruns_resume(
     assert answer.ok and ft_server.requests[-1]["model"] == first.remote_model.removeprefix("openai/")
 
     again = finetune(str(data), str(out), settings)  # Prefect's cache, or the finished key
-    assert again.remote_model == first.remote_model
+    assert again.remote_model == first.remote_model and again.cached
     # lose every local trace (another machine, a wiped home): the provider's lists still find file and job
     work = settings.home / "finetune" / first.key[:20]
     for name in ("_done.json", "job.json"):
