@@ -418,12 +418,29 @@ def run_finetune(plan: FinetunePlan, settings: Settings, out: Path, on_progress:
                              "identity": plan.base.identity},
                     "data": {"path": str(plan.dataset.path), "sha256": plan.dataset.sha, "pairs": plan.dataset.pairs},
                     "hyperparameters": plan.hyperparameters, "versions": versions(),
-                    "result": result.model_dump(mode="json", exclude={"hyperparameters"})}
+                    "result": _relative(result)}
         write_json(plan.work / MANIFEST, manifest)
         mark_done(plan, result)
     files = [n for n in (LOCAL_FILES if plan.trainer == "local" else REMOTE_FILES) if (plan.work / n).exists()]
     publish_outputs(plan, out, files)
     return _at(result, out, cached)
+
+
+def _relative(result: FinetuneResult) -> dict[str, Any]:
+    """The result as DIR/manifest.json keeps it: model paths relative to DIR (the manifest is shared by links)."""
+    data = result.model_dump(mode="json", exclude={"hyperparameters", "out", "cached"})
+    data.update(merged_model="merged" if result.merged_model else None, adapter="adapter" if result.adapter else None)
+    return data
+
+
+def load_result(out: Path) -> FinetuneResult:
+    """The result of the training published in `out`, read back from its manifest."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        raise ModelError(f"{out}: no fine-tuned model here (no readable {MANIFEST}); run `codeclm finetune`") from None
+    data = {**manifest["result"], "out": str(out), "hyperparameters": manifest["hyperparameters"]}
+    return _at(FinetuneResult.model_validate(data), out, cached=True)
 
 
 def _at(result: FinetuneResult, out: Path, cached: bool) -> FinetuneResult:

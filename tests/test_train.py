@@ -16,14 +16,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import pytest
 
-from codeclm.finetune import plan_finetune
+from codeclm.finetune import FinetuneResult, load_result, plan_finetune
 from codeclm.gateway import Call, gateway_for
-from codeclm.serving import cuda_available, serve_model
+from codeclm.serving import ServedModels, cuda_available, serve_finetuned
 from codeclm.settings import Settings
 
 pytestmark = [pytest.mark.train, pytest.mark.timeout(900)]
@@ -70,7 +69,7 @@ class Trained:
     config: Path
     out: Path
     stdout: str
-    result: dict[str, Any]
+    result: FinetuneResult
 
 
 @pytest.fixture(scope="module")
@@ -80,18 +79,19 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     config.write_text(CONFIG)
     done = _finetune(data, tmp / "tuned", config, home)
     assert done.returncode == 0, done.stderr[-4000:]
-    result = json.loads((tmp / "tuned" / "manifest.json").read_text())["result"]
-    return Trained(tmp, home, data, config, tmp / "tuned", done.stdout, result)
+    return Trained(tmp, home, data, config, tmp / "tuned", done.stdout, load_result(tmp / "tuned"))
 
 
 def test_training_lowers_the_loss_by_a_clear_margin(trained: Trained) -> None:
     result = trained.result
     assert "(trained;" in trained.stdout
-    assert result["steps"] == 8 and not result["cached"] and result["resumed_from_step"] is None
-    assert result["final_loss"] < 0.5 * result["first_loss"], result
+    assert result.steps == 8 and result.resumed_from_step is None
+    assert result.first_loss and result.final_loss is not None
+    assert result.final_loss < 0.5 * result.first_loss, result
     log = pd.read_parquet(trained.out / "training_log.parquet")
     assert log["step"].tolist() == list(range(1, 9))
-    assert log["loss"].iloc[-1] == pytest.approx(result["final_loss"])
+    assert log["loss"].iloc[-1] == pytest.approx(result.final_loss)
+    assert result.merged_model == str(trained.out / "merged") and result.adapter == str(trained.out / "adapter")
     assert (trained.out / "loss.svg").read_text().count("<path") == 1
     adapter = json.loads((trained.out / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 8 and adapter["peft_type"] == "LORA"
@@ -101,20 +101,23 @@ def test_training_lowers_the_loss_by_a_clear_margin(trained: Trained) -> None:
     assert manifest["versions"]["trl"] != "not installed"
 
 
-def _answers(name: str, path: Path, home: Path) -> list[str]:
-    """Greedy answers of a served checkpoint to the training prompts, through the gateway like `evaluate`."""
-    with serve_model(path, name, home) as served:
-        settings = Settings(home=home, target=served.role(temperature=0.0, max_tokens=24))
-        calls = [Call(role="target", messages=[{"role": "user", "content": q}], output=None, prompt_version="t",
-                      stage="test", item_id=str(i)) for i, (q, _) in enumerate(PAIRS)]
-        results = gateway_for(settings).run(calls)
+def _answers(served: ServedModels, name: str, home: Path) -> list[str]:
+    """Greedy answers of a served model to the training prompts, through the gateway like `evaluate`."""
+    settings = Settings(home=home, target=served.role(name, temperature=0.0, max_tokens=24))
+    calls = [Call(role="target", messages=[{"role": "user", "content": q}], output=None, prompt_version="t",
+                  stage="test", item_id=str(i)) for i, (q, _) in enumerate(PAIRS)]
+    results = gateway_for(settings).run(calls)
     assert all(r.ok for r in results), [r.message for r in results]
     return [str(r.value) for r in results]
 
 
 def test_served_tuned_model_answers_differently_from_the_base(trained: Trained) -> None:
-    base = _answers("base-smollm2", Path(trained.result["base_checkpoint"]), trained.home)
-    tuned = _answers(trained.result["served_name"], trained.out / "merged", trained.home)
+    with serve_finetuned(trained.result, trained.home, backend="transformers") as served:
+        assert served.names == ("base-smollm2", trained.result.served_name)
+        base = _answers(served, "base-smollm2", trained.home)
+        tuned = _answers(served, trained.result.served_name, trained.home)
+        pid = served.pid
+    assert not Path(f"/proc/{pid}").exists()  # stopped and reaped when the block ended
     assert all(b != t for b, t in zip(base, tuned, strict=True)), (base, tuned)
     learned = [t for t, (_, a) in zip(tuned, PAIRS, strict=True) if a.split()[-1].strip(".!") in t]
     assert learned, f"no tuned answer repeats its training answer: {tuned}"
@@ -153,10 +156,10 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(tmp_path: Path) -> N
                            str(config)], env=_env(home, tmp_path / "prefect-2"), cwd=tmp_path, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    result = json.loads((tmp_path / "out" / "manifest.json").read_text())["result"]
-    assert result["resumed_from_step"] is not None and result["resumed_from_step"] >= checkpoint, result
-    assert f"resumed from step {result['resumed_from_step']}" in done.stdout
-    assert result["steps"] == 6
+    result = load_result(tmp_path / "out")
+    assert result.resumed_from_step is not None and result.resumed_from_step >= checkpoint, result
+    assert f"resumed from step {result.resumed_from_step}" in done.stdout
+    assert result.steps == 6
     # the log goes on from the checkpoint's history: every step once
     assert pd.read_parquet(tmp_path / "out" / "training_log.parquet")["step"].tolist() == list(range(1, 7))
 
@@ -188,11 +191,8 @@ def gpu() -> Iterator[None]:
 
 
 def test_vllm_serves_the_lora_adapter(gpu: None, trained: Trained) -> None:
-    name = trained.result["served_name"]
-    with serve_model(Path(trained.result["base_checkpoint"]), name, trained.home, adapter=trained.out / "adapter",
-                     backend="vllm") as served:
+    with serve_finetuned(trained.result, trained.home, backend="vllm") as served:
         assert served.backend == "vllm"
-        settings = Settings(home=trained.home, target=served.role(temperature=0.0, max_tokens=24))
-        result = gateway_for(settings).run([Call(role="target", messages=[{"role": "user", "content": PAIRS[0][0]}],
-                                                 output=None, prompt_version="t", stage="test", item_id="0")])[0]
-    assert result.ok and result.value, result.message
+        base = _answers(served, "base-smollm2", trained.home)
+        tuned = _answers(served, trained.result.served_name, trained.home)
+    assert all(b != t for b, t in zip(base, tuned, strict=True)), (base, tuned)
