@@ -57,7 +57,7 @@ def _env(home: Path, prefect: Path) -> dict[str, str]:
 
 def _finetune(data: Path, out: Path, config: Path, home: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CODECLM, "finetune", str(data), "--out", str(out), "--config", str(config)],
-                          env=_env(home, out.parent / f"prefect-{out.name}"), capture_output=True, text=True,
+                          env=_env(home, out.parent / "prefect"), capture_output=True, text=True,
                           cwd=out.parent, timeout=600)
 
 
