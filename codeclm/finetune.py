@@ -10,6 +10,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -43,6 +44,9 @@ DONE = "_done.json"
 # Peak bytes per parameter, fp32 weights: LoRA holds the weights plus one copy while converting or merging;
 # a full fine-tune adds gradients and AdamW's two moments (4 + 4 + 8) and the same copy.
 BYTES_PER_PARAM = {"lora": 8, "full": 20}
+LOCAL_FILES = ["adapter", "merged", LOG_FILE, PLOT_FILE, MANIFEST]
+REMOTE_FILES = ["job.json", MANIFEST]
+Listener = Callable[[int, int, float | None], None]  # (step, or percent for remote jobs; total; loss or None)
 LOG_SCHEMA = pa.schema([("step", pa.int64()), ("loss", pa.float64()), ("learning_rate", pa.float64()),
                         ("epoch", pa.float64())])
 
@@ -309,6 +313,7 @@ def loss_svg(rows: list[dict[str, Any]], width: int = 480, height: int = 240) ->
         steps, losses = [p[0] for p in points], [p[1] for p in points]
         s0, s1 = min(steps), max(max(steps), min(steps) + 1)
         top = max(losses) or 1.0
+
         def x(s: float) -> float:
             return pad + (s - s0) / (s1 - s0) * (width - 2 * pad)
 
@@ -399,13 +404,23 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-Listener = Callable[[int, int, float | None], None]  # (step or percent, total, loss or None)
-LOCAL_FILES = ["adapter", "merged", LOG_FILE, PLOT_FILE, MANIFEST]
-REMOTE_FILES = ["job.json", MANIFEST]
-
 
 def run_finetune(plan: FinetunePlan, settings: Settings, out: Path, on_progress: Listener) -> FinetuneResult:
-    """Train (or reuse the finished training of) the plan's key, then publish its files into `out`."""
+    """Train (or reuse the finished training of) the plan's key, then publish its files into `out`. Two runs of
+    one key take turns (a lock in its work directory): the second finds the first one's result."""
+    plan.work.mkdir(parents=True, exist_ok=True)
+    with (plan.work / ".lock").open("a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel if we die, even by SIGKILL
+        try:
+            result, cached = _trained(plan, settings, on_progress)
+            files = [n for n in (LOCAL_FILES if plan.trainer == "local" else REMOTE_FILES) if (plan.work / n).exists()]
+            publish_outputs(plan, out, files)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return _at(result, out, cached)
+
+
+def _trained(plan: FinetunePlan, settings: Settings, on_progress: Listener) -> tuple[FinetuneResult, bool]:
     result = done_result(plan)
     cached = result is not None
     if result is None:
@@ -421,9 +436,7 @@ def run_finetune(plan: FinetunePlan, settings: Settings, out: Path, on_progress:
                     "result": _relative(result)}
         write_json(plan.work / MANIFEST, manifest)
         mark_done(plan, result)
-    files = [n for n in (LOCAL_FILES if plan.trainer == "local" else REMOTE_FILES) if (plan.work / n).exists()]
-    publish_outputs(plan, out, files)
-    return _at(result, out, cached)
+    return result, cached
 
 
 def _relative(result: FinetuneResult) -> dict[str, Any]:

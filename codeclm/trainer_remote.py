@@ -136,5 +136,4 @@ async def _run(plan: FinetunePlan, cfg: FinetuneConfig, on_status: StatusListene
 
 def train(plan: FinetunePlan, cfg: FinetuneConfig, on_status: StatusListener) -> dict[str, Any]:
     """Upload, create (or find) and wait for the job; returns its ids and the tuned model's name."""
-    plan.work.mkdir(parents=True, exist_ok=True)
     return asyncio.run_coroutine_threadsafe(_run(plan, cfg, on_status), _shared_loop()).result()
