@@ -73,9 +73,15 @@ class Trained:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One CODECLM_HOME for the module: the GGUF is converted to a plain checkpoint once."""
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, home: Path) -> Trained:
     tmp = tmp_path_factory.mktemp("train")
-    home, data, config = tmp / "home", _write_pairs(tmp / "train.jsonl"), tmp / "ft.toml"
+    data, config = _write_pairs(tmp / "train.jsonl"), tmp / "ft.toml"
     config.write_text(CONFIG)
     done = _finetune(data, tmp / "tuned", config, home)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -136,8 +142,8 @@ def test_a_finished_training_is_not_retrained(trained: Trained) -> None:
     assert (trained.tmp / "copy" / "merged" / "model.safetensors").stat().st_ino == before.st_ino
 
 
-def test_a_killed_training_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
-    home, data, config = tmp_path / "home", _write_pairs(tmp_path / "train.jsonl"), tmp_path / "ft.toml"
+def test_a_killed_training_resumes_from_its_last_checkpoint(tmp_path: Path, home: Path) -> None:
+    data, config = _write_pairs(tmp_path / "train.jsonl"), tmp_path / "ft.toml"
     config.write_text(CONFIG.replace("max_steps = 8", "max_steps = 6").replace("save_steps = 4", "save_steps = 2"))
     work = plan_finetune(data, Settings.load(config, home=str(home))).work
     log = tmp_path / "first-run.log"
