@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=32)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = parser.parse_args()
     seeds = pd.read_parquet(ROOT / "data" / "seeds.parquet")["instruction"].tolist()
     with tempfile.TemporaryDirectory(prefix="codeclm-bench-ft-") as tmp:
@@ -37,7 +39,7 @@ def main() -> None:
             {"role": "assistant", "content": f"Here is a short, careful answer number {i}."}]}) + "\n"
             for i in range(args.pairs)))
         settings = Settings(home=Path(tmp) / "home", finetune={
-            "max_steps": args.steps, "batch_size": args.batch, "micro_batch_size": args.batch})
+            "max_steps": args.steps, "batch_size": args.batch, "micro_batch_size": args.batch, "threads": args.threads})
         plan = plan_finetune(data, settings)
         steps: list[float] = []
         started = time.monotonic()
@@ -45,7 +47,8 @@ def main() -> None:
             time.monotonic()))
         total = time.monotonic() - started
     print(json.dumps({
-        "pairs": args.pairs, "steps": result.steps, "batch": args.batch, "precision": result.precision,
+        "pairs": args.pairs, "threads": args.threads or os.cpu_count(), "steps": result.steps, "batch": args.batch,
+        "precision": result.precision,
         "first_step_done_s": round(steps[0] - started, 1), "later_steps_s": round(steps[-1] - steps[0], 1),
         "seconds_per_step_after_first": round((steps[-1] - steps[0]) / max(1, len(steps) - 1), 2),
         "total_s": round(total, 1), "loss": [result.first_loss, result.final_loss]}))
