@@ -229,12 +229,6 @@ class Settings(BaseSettings):
     def role(self, name: str) -> RoleConfig:
         return getattr(self, name)
 
-    def per_metadata(self, n_metadata: int) -> int:
-        """Basic instructions per metadata: the budget, oversampled for filtering, split evenly (paper §5.3)."""
-        if self.instructions_per_metadata:
-            return self.instructions_per_metadata
-        return max(1, math.ceil(self.budget * self.oversample / max(n_metadata, 1)))
-
     def with_finetune(self, source: Path | None = None, **overrides: Any) -> Settings:
         """A copy with `[finetune]` fields replaced (CLI flags; None keeps the value), validated again."""
         values = {**self.finetune.model_dump(exclude_unset=True),
@@ -243,6 +237,12 @@ class Settings(BaseSettings):
             return self.model_copy(update={"finetune": FinetuneConfig.model_validate(values)})
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc, source)) from None
+
+    def per_metadata(self, n_metadata: int) -> int:
+        """Basic instructions per metadata: the budget, oversampled for filtering, split evenly (paper §5.3)."""
+        if self.instructions_per_metadata:
+            return self.instructions_per_metadata
+        return max(1, math.ceil(self.budget * self.oversample / max(n_metadata, 1)))
 
     @classmethod
     def load(cls, config: Path | None = None, **overrides: Any) -> Settings:
