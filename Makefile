@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml requirements.lock
 	ls $(LLAMA_WHEELS)/*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel --quiet \
 		--no-cache-dir --no-deps --no-binary llama-cpp-python -w $(LLAMA_WHEELS) llama_cpp_python==$(LLAMA_VERSION)
 	$(BIN)/pip install --quiet --no-deps --force-reinstall $(LLAMA_WHEELS)/*.whl
-	$(BIN)/pip install --quiet -c requirements.lock -e '.[local,dev,dask]'
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[local,dev,dask,train]'
 	touch $@
 
 .PHONY: install demo test test-slow lint lock bench
@@ -34,7 +34,7 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	bash tests/ui_setup.sh
-	$(BIN)/pytest -q -m "embedded or server or browser"
+	$(BIN)/pytest -q -m "embedded or server or browser or train"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -285,6 +285,36 @@ def run_job(
 
 
 @app.command()
+def finetune(
+    dataset: Annotated[Path, typer.Argument(help="dataset directory made by `generate` (its train.jsonl), or a JSONL")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="tuned model directory (replaced atomically when done)")],
+    base: Annotated[str | None, typer.Option(help="base model: 'embedded' (default), a .gguf file, a Hugging Face "
+                                             "checkpoint directory or hub id; remote: the provider's model")] = None,
+    trainer: Annotated[Literal["local", "remote"] | None, typer.Option(
+        help="local: TRL + LoRA on this machine (default); remote: an OpenAI-style fine-tuning job")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Fine-tune the target on a dataset: LoRA adapter + merged model (local) or a provider job (remote)."""
+
+    def go() -> None:
+        from codeclm.finetune import plan_finetune
+
+        settings = _settings(config)
+        settings = settings.with_finetune(config, base_model=base, trainer=trainer)
+        plan_finetune(dataset, settings)  # bad input fails in seconds, before Prefect and before any model loads
+        from flows.finetune import finetune as finetune_flow
+
+        result = finetune_flow(str(dataset), str(out), settings)
+        model = result.merged_model or result.remote_model
+        how = "reused, not retrained" if result.cached else (
+            f"resumed from step {result.resumed_from_step}" if result.resumed_from_step else "trained")
+        loss = f"loss {result.first_loss:.4f} -> {result.final_loss:.4f}, " if result.final_loss is not None else ""
+        typer.echo(f"tuned model {model} ({how}; {loss}{result.steps} steps, {result.seconds:.0f} s) in {result.out}")
+
+    _run(go)
+
+
+@app.command()
 def refresh(
     seeds: Annotated[Path, typer.Argument(help="directory of *.parquet seed drops; it may grow between runs")],
     root: Annotated[Path, typer.Option("--root", "-r", help="version store: ROOT/versions/v0001, ROOT/latest")],

@@ -221,6 +221,8 @@ class _Handler(BaseHTTPRequestHandler):
 class FakeLLMServer:
     """OpenAI-compatible chat server on loopback with deterministic output, latency, slots and faults."""
 
+    handler_class: type[_Handler] = _Handler  # subclasses add endpoints (codeclm.fake_finetune)
+
     def __init__(
         self,
         latency: float = 0.0,
@@ -246,7 +248,7 @@ class FakeLLMServer:
     def start(self) -> FakeLLMServer:
         """Bind (port 0 = any free port) and serve in a daemon thread."""
         self._stopping = threading.Event()
-        self._httpd = _HTTPServer((self.host, self.port), _Handler)
+        self._httpd = _HTTPServer((self.host, self.port), self.handler_class)
         self._httpd.fake = self
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(

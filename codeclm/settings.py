@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from codeclm.errors import ConfigError
@@ -60,6 +60,121 @@ class RoleConfig(BaseModel):
         return self.model == EMBEDDED
 
 
+FinetunePreset = Literal["cpu", "paper"]
+_PRESETS: dict[str, dict[str, Any]] = {
+    # LoRA on a CPU: small, fast, and enough to move a 135M model in minutes (docs/finetune.md).
+    "cpu": {"method": "lora", "epochs": 3.0, "learning_rate": 2e-4, "min_learning_rate": 0.0,
+            "lr_schedule": "linear", "warmup_ratio": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.999,
+            "weight_decay": 0.0, "batch_size": 8, "micro_batch_size": 8, "max_length": 1024, "lora_r": 8,
+            "lora_alpha": 16, "lora_dropout": 0.05, "lora_target_modules": "all-linear",
+            "gradient_checkpointing": False},
+    # Paper A.4 (LLaMA): full fine-tuning, AdamW (0.9, 0.95), lr 1e-5 decayed linearly to 1e-6, global batch 64
+    # (8 per GPU), 15 epochs, length 2048. Warmup and weight decay are not stated: none.
+    "paper": {"method": "full", "epochs": 15.0, "learning_rate": 1e-5, "min_learning_rate": 1e-6,
+              "lr_schedule": "linear", "warmup_ratio": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.95,
+              "weight_decay": 0.0, "batch_size": 64, "micro_batch_size": 8, "max_length": 2048, "lora_r": 8,
+              "lora_alpha": 16, "lora_dropout": 0.05, "lora_target_modules": "all-linear",
+              "gradient_checkpointing": True},
+}
+
+
+class TrainHyper(BaseModel):
+    """The hyperparameters a training actually uses: the preset with the explicit settings on top."""
+
+    model_config = ConfigDict(frozen=True)
+
+    method: Literal["lora", "full"]
+    epochs: float
+    max_steps: int | None
+    learning_rate: float
+    min_learning_rate: float
+    lr_schedule: Literal["linear", "cosine", "constant"]
+    warmup_ratio: float
+    adam_beta1: float
+    adam_beta2: float
+    weight_decay: float
+    batch_size: int
+    micro_batch_size: int
+    max_length: int
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    lora_target_modules: str
+    gradient_checkpointing: bool
+    precision: Literal["auto", "bf16", "fp32"]
+    seed: int
+
+
+class RemoteFinetuneConfig(BaseModel):
+    """OpenAI-style fine-tuning jobs (through litellm): where to send them and the job's own hyperparameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: Literal["openai", "azure", "vertex_ai"] = "openai"
+    api_base: str | None = Field(None, description="files and fine_tuning endpoints; None: the provider's default")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="env var holding the key (never the key)")
+    n_epochs: int | None = Field(None, ge=1, le=50, description="None lets the provider choose ('auto')")
+    batch_size: int | None = Field(None, ge=1, le=256)
+    learning_rate_multiplier: float | None = Field(None, gt=0, le=10)
+    poll_seconds: float = Field(30.0, gt=0, le=3600, description="seconds between job status checks")
+    timeout_hours: float = Field(24.0, gt=0, description="stop waiting (the job keeps running; rerun to resume)")
+
+
+class FinetuneConfig(BaseModel):
+    """`[finetune]`: train the target on the generated pairs. Unset hyperparameters come from `preset`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    trainer: Literal["local", "remote", "off"] = Field("local", description="local: TRL + PEFT on this machine")
+    base_model: str = Field(EMBEDDED, description="'embedded' (SmolLM2 GGUF), a GGUF file, a local HF checkpoint "
+                            "or hub id; for the remote trainer the provider's model name")
+    preset: FinetunePreset = Field("cpu", description="cpu: LoRA defaults; paper: A.4 full fine-tune (GPU)")
+    method: Literal["lora", "full"] | None = None
+    epochs: float | None = Field(None, gt=0, le=100)
+    max_steps: int | None = Field(None, ge=1, description="stop after N optimizer steps (overrides epochs)")
+    learning_rate: float | None = Field(None, gt=0, le=1)
+    min_learning_rate: float | None = Field(None, ge=0, le=1, description="where the schedule decays to")
+    lr_schedule: Literal["linear", "cosine", "constant"] | None = None
+    warmup_ratio: float | None = Field(None, ge=0, lt=1)
+    adam_beta1: float | None = Field(None, ge=0, lt=1)
+    adam_beta2: float | None = Field(None, ge=0, lt=1)
+    weight_decay: float | None = Field(None, ge=0, le=1)
+    batch_size: int | None = Field(None, ge=1, le=4096, description="pairs per optimizer step (global)")
+    micro_batch_size: int | None = Field(None, ge=1, le=4096, description="pairs per forward pass")
+    max_length: int | None = Field(None, ge=32, le=131072, description="tokens per pair; longer ones are cut")
+    lora_r: int | None = Field(None, ge=1, le=1024)
+    lora_alpha: int | None = Field(None, ge=1, le=4096)
+    lora_dropout: float | None = Field(None, ge=0, lt=1)
+    lora_target_modules: str | None = Field(None, description="'all-linear' or comma-separated module names")
+    gradient_checkpointing: bool | None = None
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 where the hardware has it")
+    seed: int = 0
+    save_steps: int = Field(25, ge=1, description="checkpoint every N steps; a killed training resumes there")
+    threads: int | None = Field(None, ge=1, le=1024, description="CPU threads for training; None: all cores")
+    memory_limit_gb: float | None = Field(None, gt=0, description="refuse to train above this estimate; None: "
+                                          "the memory available now (GPU memory with CUDA)")
+    remote: RemoteFinetuneConfig = Field(default_factory=RemoteFinetuneConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FinetuneConfig:
+        hyper = self.hyper()
+        if hyper.batch_size % hyper.micro_batch_size:
+            raise ValueError(f"batch_size {hyper.batch_size} is not a multiple of micro_batch_size "
+                             f"{hyper.micro_batch_size}")
+        if hyper.min_learning_rate > hyper.learning_rate:
+            raise ValueError(f"min_learning_rate {hyper.min_learning_rate} is above learning_rate "
+                             f"{hyper.learning_rate}")
+        return self
+
+    def hyper(self) -> TrainHyper:
+        """The effective hyperparameters; part of the training's cache key."""
+        values = dict(_PRESETS[self.preset])
+        values.update({k: v for k, v in self.model_dump(include=set(TrainHyper.model_fields)).items()
+                       if v is not None})
+        values.setdefault("max_steps", None)
+        return TrainHyper(**values)
+
+
 class Settings(BaseSettings):
     """Pipeline, gateway and runner settings (paper defaults where the paper gives one)."""
 
@@ -68,6 +183,7 @@ class Settings(BaseSettings):
     strong: RoleConfig = Field(default_factory=RoleConfig)
     target: RoleConfig = Field(default_factory=RoleConfig)
     judge: RoleConfig = Field(default_factory=lambda: RoleConfig(temperature=0.0))
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
     preset: Preset = Field("default", description="named set of values under the config file, env and flags")
 
@@ -163,6 +279,15 @@ class Settings(BaseSettings):
 
     def role(self, name: str) -> RoleConfig:
         return getattr(self, name)
+
+    def with_finetune(self, source: Path | None = None, **overrides: Any) -> Settings:
+        """A copy with `[finetune]` fields replaced (CLI flags; None keeps the value), validated again."""
+        values = {**self.finetune.model_dump(exclude_unset=True),
+                  **{k: v for k, v in overrides.items() if v is not None}}
+        try:
+            return self.model_copy(update={"finetune": FinetuneConfig.model_validate(values)})
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, source)) from None
 
     def per_metadata(self, n_metadata: int) -> int:
         """Basic instructions per metadata: the budget, oversampled for filtering, split evenly (paper §5.3)."""

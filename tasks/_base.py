@@ -51,8 +51,8 @@ def _retryable(task: Any, task_run: Any, state: Any) -> bool:
     return True
 
 
-def codec_task(name: str, run_name: str = "{name} · batch {batch}", tags: Sequence[str] = ()
-               ) -> Callable[[Callable[..., Outputs]], Any]:
+def codec_task(name: str, run_name: str = "{name} · batch {batch}", tags: Sequence[str] = (), retries: int = 2
+               ) -> Callable[[Callable[..., Any]], Any]:
     """The house task decorator: cross-run cache on inputs (content hashes + settings), JSON results,
     retries that skip user errors, and a run name that says stage and batch."""
     return lambda fn: task(
@@ -63,7 +63,7 @@ def codec_task(name: str, run_name: str = "{name} · batch {batch}", tags: Seque
         persist_result=True,
         result_serializer="json",
         cache_result_in_memory=False,
-        retries=2,
+        retries=retries,
         retry_delay_seconds=exponential_backoff(backoff_factor=2),
         retry_jitter_factor=0.5,
         retry_condition_fn=_retryable,
