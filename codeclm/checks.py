@@ -44,8 +44,8 @@ def _probe_writable(folder: Path, option: str, path: Path | str) -> None:
 
 
 def check_run_output(out: Path | str) -> Path:
-    """`run --out OUT` keeps OUT and replaces OUT/dataset and OUT/eval."""
+    """`run --out OUT` keeps OUT and replaces OUT/dataset, OUT/model and OUT/eval."""
     root = check_output(out, replaced=False)
-    for part in ("dataset", "eval"):
+    for part in ("dataset", "model", "eval"):
         check_output(root / part, f"--out {out}:")
     return root

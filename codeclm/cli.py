@@ -36,6 +36,10 @@ BenchmarkHelp = "benchmark name (vicuna, self-instruct, koala, evol-instruct) or
 DefaultBenchmarkOpt = Annotated[list[str] | None, typer.Option(
     "--benchmark", "-b", help=BenchmarkHelp + "; default: $CODECLM_DEFAULT_BENCHMARK, else data/eval_questions.jsonl")]
 SubsetOpt = Annotated[int, typer.Option(help="questions per benchmark to evaluate on")]
+BaseOpt = Annotated[str | None, typer.Option(help="base model to tune: 'embedded' (default), a .gguf file, a Hugging "
+                                             "Face checkpoint directory or hub id; remote: the provider's model")]
+TrainerOpt = Annotated[Literal["local", "remote", "off"] | None, typer.Option(
+    help="local: TRL + LoRA on this machine (default); remote: an OpenAI-style fine-tuning job; off: no training")]
 LimitOpt = Annotated[int | None, typer.Option(help="evaluate only the first N questions of each benchmark")]
 PresetOpt = Annotated[Literal["default", "paper"] | None, typer.Option(
     help="settings preset under the config file and flags: paper (as the paper states) or default (see README)")]
@@ -248,7 +252,7 @@ def evaluate(
 @app.command("run")
 def run_job(
     seeds: Annotated[Path, typer.Argument(help="seed instructions: Parquet file or directory, JSONL or CSV")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="writes OUT/dataset and OUT/eval")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="writes OUT/dataset, OUT/model, OUT/eval, OUT/report.md")],
     config: ConfigOpt = None,
     strong: StrongOpt = None,
     target: TargetOpt = None,
@@ -260,26 +264,40 @@ def run_job(
     benchmark: DefaultBenchmarkOpt = None,
     limit: SubsetOpt = 8,
     preset: PresetOpt = None,
+    trainer: TrainerOpt = None,
+    base: BaseOpt = None,
 ) -> None:
-    """The main job: generate a dataset from SEEDS, then measure the target against the strong model."""
+    """The main job, the whole loop: generate a dataset from SEEDS, tune the target on it, then measure base and
+    tuned target against the strong model on the same questions."""
 
     def go() -> None:
         settings = _with_judge(_settings(config, strong=strong, target=target, batch_size=batch_size,
                                          max_rounds=max_rounds, threshold=threshold, budget=budget, preset=preset),
-                               judge)
+                               judge).with_finetune(config, base_model=base, trainer=trainer)
         check_run_output(out)
         from codeclm.evaluation import default_benchmark, plan_evaluation
 
         benchmarks = benchmark or [default_benchmark()]
         plan_evaluation(benchmarks, settings, limit=limit)  # bad input fails before Prefect
+        if settings.finetune.trainer != "off":
+            from codeclm.finetune import check_trainer
+
+            check_trainer(settings)  # a run that cannot train must not pay for its dataset first
         from flows.run import run as run_flow
         from tasks.seeds import validate_seeds
 
         validate_seeds(seeds, settings)
-        summary = run_flow(str(seeds), str(out), settings, benchmarks, limit)
-        typer.echo(f"{summary['dataset']['train']} training pairs in {summary['dataset']['out']}")
-        _print_leaderboard(summary["evaluation"]["results"])
-        typer.echo(f"report in {summary['evaluation']['out']}")
+        result = run_flow(str(seeds), str(out), settings, benchmarks, limit)
+        typer.echo(f"{result.dataset['train']} training pairs in {result.dataset['out']}")
+        _print_leaderboard(result.evaluation)
+        if result.model is None:
+            from codeclm.loop import NO_TRAINING
+
+            typer.echo(f"note: {NO_TRAINING}", err=True)
+        for r in result.loop:
+            typer.echo(f"{r.benchmark}: CRR base {r.crr_base:.2f}% -> tuned {r.crr_tuned:.2f}%: {r.delta:+.2f} pp "
+                       f"(95% paired CI {r.ci_low:+.1f} to {r.ci_high:+.1f}, {r.questions} questions)")
+        typer.echo(f"report in {result.report}")
 
     _run(go)
 
@@ -288,8 +306,7 @@ def run_job(
 def finetune(
     dataset: Annotated[Path, typer.Argument(help="dataset directory made by `generate` (its train.jsonl), or a JSONL")],
     out: Annotated[Path, typer.Option("--out", "-o", help="tuned model directory (replaced atomically when done)")],
-    base: Annotated[str | None, typer.Option(help="base model: 'embedded' (default), a .gguf file, a Hugging Face "
-                                             "checkpoint directory or hub id; remote: the provider's model")] = None,
+    base: BaseOpt = None,
     trainer: Annotated[Literal["local", "remote"] | None, typer.Option(
         help="local: TRL + LoRA on this machine (default); remote: an OpenAI-style fine-tuning job")] = None,
     config: ConfigOpt = None,
@@ -301,6 +318,7 @@ def finetune(
 
         settings = _settings(config)
         settings = settings.with_finetune(config, base_model=base, trainer=trainer)
+        check_output(out)
         plan_finetune(dataset, settings)  # bad input fails in seconds, before Prefect and before any model loads
         from flows.finetune import finetune as finetune_flow
 

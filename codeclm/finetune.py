@@ -225,23 +225,32 @@ def hyperparameters(cfg: FinetuneConfig) -> dict[str, Any]:
     return cfg.hyper().model_dump()
 
 
+def check_trainer(settings: Settings) -> BaseRef:
+    """Everything about a training that can be checked without its data (trainer, extra, base model, memory):
+    `codeclm run` calls it before generating, so a run that cannot train never pays for its dataset."""
+    cfg = settings.finetune
+    if cfg.trainer == "off":
+        raise ConfigError("finetune.trainer is 'off'; set it to 'local' or 'remote' (--trainer) to train")
+    if cfg.trainer == "local":
+        require_train_extra()
+    base = resolve_base(cfg)
+    if cfg.trainer == "local":
+        from codeclm.trainer_local import count_params
+
+        check_fits(base, count_params(base), cfg)
+    return base
+
+
 def plan_finetune(dataset: Path, settings: Settings) -> FinetunePlan:
     """Check the request (dataset, trainer, base model, extra, memory) in seconds, before Prefect starts."""
     cfg = settings.finetune
     if cfg.trainer == "off":
         raise ConfigError("finetune.trainer is 'off'; set it to 'local' or 'remote' (--trainer) to train")
     data = load_dataset(dataset)
-    if cfg.trainer == "local":
-        require_train_extra()
-    base = resolve_base(cfg)
+    base = check_trainer(settings)
     hyper = hyperparameters(cfg)
     key = training_key(data.sha, base, cfg.trainer, hyper)
-    plan = FinetunePlan(data, base, cfg.trainer, key, hyper, settings.home / "finetune" / key[:20])
-    if cfg.trainer == "local":
-        from codeclm.trainer_local import count_params
-
-        check_fits(base, count_params(base), cfg)
-    return plan
+    return FinetunePlan(data, base, cfg.trainer, key, hyper, settings.home / "finetune" / key[:20])
 
 
 def check_fits(base: BaseRef, params: int, cfg: FinetuneConfig) -> None:

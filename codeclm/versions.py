@@ -242,6 +242,13 @@ def report_markdown(entry: dict[str, Any]) -> str:
              f"cost ${totals.get('cost_usd', 0.0):.4f}", ""]
     if not entry.get("crr_delta"):
         return "\n".join([*lines, "Evaluation was not run for this version."]) + "\n"
+    if entry.get("model"):
+        lines += [f"The target was tuned on this version's pairs ({entry['model']['trainer']}, "
+                  f"{entry['model']['steps']} steps); `tuned` is compared with the previous version's tuned model, "
+                  "`base` is the untuned target on the same questions.", ""]
+    elif not any(d["target_spec"] != d["target"] for d in entry["crr_delta"]):
+        lines += ["> **Note:** no model was trained on this version's data (training off, or no tuned target "
+                  "named with `{version}`): the CRR is of the base target and measures no data.", ""]
     lines += ["| benchmark | target | CRR % | previous | Δ pp |", "|---|---|---:|---:|---:|"]
     for d in entry["crr_delta"]:
         prev = f"{d['previous_crr']:.2f} ({d['previous_version']})" if d["previous_crr"] is not None else "-"

@@ -18,6 +18,8 @@ from prefect.runtime import flow_run
 from codeclm.checks import check_output
 from codeclm.embedded import models_ready
 from codeclm.evaluation import default_benchmark, plan_evaluation
+from codeclm.finetune import FinetuneResult, check_trainer
+from codeclm.loop import compared_targets
 from codeclm.monitor import progress_view, step
 from codeclm.settings import Settings
 from codeclm.versions import (
@@ -31,6 +33,7 @@ from codeclm.versions import (
     slot_of,
 )
 from flows.evaluate import evaluate
+from flows.finetune import finetune
 from flows.generate import generate
 
 ROLES = ("strong", "target", "judge")
@@ -113,8 +116,12 @@ def refresh(seeds: str, root: str, settings: Settings | None = None, benchmarks:
         version = store.next_version()
         specs = {t.replace(VERSION_PLACEHOLDER, version): t for t in targets or []}
         bench = benchmarks or [default_benchmark()]
-        if run_eval:  # a bad benchmark or target fails now, before any generation call
+        # named targets are models tuned elsewhere; otherwise the version trains its own (unless training is off)
+        train = run_eval and not specs and settings.finetune.trainer != "off"
+        if run_eval:  # a bad benchmark, target or training setup fails now, before any generation call
             plan_evaluation(bench, settings, list(specs) or None, eval_limit)
+        if train:
+            check_trainer(settings)
         staging = store.stage(version)
         seeds_file = store.write_seeds(staging, new)
         logger.info("building %s from %d new seeds in %s", version, len(new), staging)
@@ -122,16 +129,26 @@ def refresh(seeds: str, root: str, settings: Settings | None = None, benchmarks:
             dataset = generate.with_options(flow_run_name=f"{version} · generate · {len(new)} new seeds")(
                 str(seeds_file), str(staging / "dataset"), settings)
             results: list[dict[str, Any]] = []
-            if run_eval:
-                results = evaluate.with_options(flow_run_name=f"{version} · evaluate · {', '.join(bench)}")(
-                    bench, str(staging / "eval"), targets=list(specs) or None, settings=settings,
-                    limit=eval_limit)["results"]
+            tuned: FinetuneResult | None = None
+            evaluate_version = evaluate.with_options(flow_run_name=f"{version} · evaluate · {', '.join(bench)}")
+            if train:
+                tuned = finetune.with_options(flow_run_name=f"{version} · finetune")(
+                    str(staging / "dataset"), str(staging / "model"), settings)
+                with compared_targets(tuned, settings) as (base, tuned_role):
+                    specs = {base.model: "base", tuned_role.model: "tuned"}  # compared across versions by role
+                    results = evaluate_version(bench, str(staging / "eval"), targets=[base, tuned_role],
+                                               settings=settings, limit=eval_limit)["results"]
+            elif run_eval:
+                results = evaluate_version(bench, str(staging / "eval"), targets=list(specs) or None,
+                                           settings=settings, limit=eval_limit)["results"]
         step("publish version", done=False)
         rows = eval_rows(results, specs)
         entry = {"version": version, "slot": slot, "parent": previous, "created_at": now_iso(),
                  "flow_run_id": str(flow_run.get_id() or ""), "seeds_new": len(new),
                  "seed_files": sorted({s.source for s in new}), "train": dataset["train"],
-                 "totals": dataset["totals"], "eval": rows,
+                 "totals": dataset["totals"], "eval": rows, "trained": tuned is not None,
+                 "model": tuned.model_dump(include={"trainer", "key", "served_name", "remote_model", "steps",
+                                                    "final_loss"}) if tuned else None,
                  "crr_delta": crr_deltas(store.entry(previous) if previous else None, rows)}
         publish_version(store, staging, entry)
         step("publish version", done=True)

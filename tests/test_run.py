@@ -1,4 +1,6 @@
-"""`codeclm run`: generate, then evaluate, as subflows of one `codeclm-run` flow, on the fake server."""
+"""`codeclm run` with training off: generate, then evaluate the base target, as subflows of one `codeclm-run` flow,
+on the fake server; the report says this CRR measures no data. The whole loop (train, serve, evaluate base and
+tuned) is in test_run_loop.py (slow, marker `train`)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from conftest import settings_for
 
 from codeclm.fake_llm import FakeLLMServer
 
-SMALL = {"n_metadata": 2, "instructions_per_metadata": 1, "n_rubrics": 1, "max_rounds": 1, "batch_size": 10}
+SMALL = {"n_metadata": 2, "instructions_per_metadata": 1, "n_rubrics": 1, "max_rounds": 1, "batch_size": 10,
+         "finetune": {"trainer": "off"}}
 
 
 def test_run_makes_a_dataset_then_its_evaluation(prefect_harness: None, fake_llm: FakeLLMServer,
@@ -27,11 +30,14 @@ def test_run_makes_a_dataset_then_its_evaluation(prefect_harness: None, fake_llm
                 return_state=True)
     result = state.result()
 
-    assert result["dataset"]["out"] == str(tmp_path / "job" / "dataset")
-    assert pq.read_metadata(tmp_path / "job" / "dataset" / "train.parquet").num_rows == result["dataset"]["train"]
-    (row,) = result["evaluation"]["results"]
+    assert result.dataset["out"] == str(tmp_path / "job" / "dataset")
+    assert pq.read_metadata(tmp_path / "job" / "dataset" / "train.parquet").num_rows == result.dataset["train"]
+    (row,) = result.evaluation
     assert (row["benchmark"], row["total"] + row["failures"]) == ("bench", 2)
     assert (tmp_path / "job" / "eval" / "report.md").exists()
+    assert result.model is None and result.loop == [] and not (tmp_path / "job" / "model").exists()
+    assert "measures the model, not the data" in (tmp_path / "job" / "report.md").read_text()
+    assert json.loads((tmp_path / "job" / "loop.json").read_text())["trained"] is False
     with get_client(sync_client=True) as client:
         children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
             parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])))
