@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml requirements.lock
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/codeclm run data/seeds.parquet --out runs/demo --config data/demo.toml
+	$(BIN)/codeclm run data/seeds.parquet --out runs/demo --config data/demo.toml --limit 4
 
 test: $(STAMP)
 	$(BIN)/ruff check .
