@@ -43,3 +43,24 @@ def test_run_makes_a_dataset_then_its_evaluation(prefect_harness: None, fake_llm
             parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])))
         names = {client.read_flow(r.flow_id).name for r in children}
     assert {"codeclm-generate", "codeclm-evaluate"} <= names
+
+
+def test_run_that_cannot_train_stops_before_generating(tmp_path: Path, fake_llm: FakeLLMServer) -> None:
+    """A missing base model is found before the first LLM call: one line, exit 2, no dataset paid for."""
+    import os
+    import subprocess
+    import sys
+
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text('{"instruction": "Plan a picnic for six."}\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "CODECLM_"))}
+    env |= {"CODECLM_HOME": str(tmp_path / "home"), "PREFECT_HOME": str(tmp_path / "prefect"),
+            "OPENAI_API_BASE": fake_llm.url, "OPENAI_API_KEY": "sk-test"}
+    done = subprocess.run([str(Path(sys.executable).with_name("codeclm")), "run", str(seeds), "--out",
+                           str(tmp_path / "job"), "--strong", "openai/fake-strong", "--target", "openai/fake-target",
+                           "--judge", "openai/fake-judge", "--base", str(tmp_path / "missing.gguf")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0] == f"error: base model {tmp_path / 'missing.gguf'}: no such GGUF file"
+    assert fake_llm.requests == [] and not (tmp_path / "job").exists()

@@ -73,3 +73,32 @@ def test_run_closes_the_loop_and_a_rerun_is_free(tmp_path: Path) -> None:
         assert _posts(home) - served_calls == 2  # only the readiness check of each served model, no answer
         rerun = json.loads((job / "loop.json").read_text())
         assert rerun["model"]["cached"] and rerun["loop"] == loop["loop"]
+
+
+def test_refresh_trains_each_version_and_compares_by_role(tmp_path: Path) -> None:
+    drops, home = tmp_path / "drops", tmp_path / "home"
+    drops.mkdir()
+    import pandas as pd
+
+    pd.DataFrame({"seed_id": [f"s{i}" for i in range(len(SEEDS))], "instruction": SEEDS}).to_parquet(
+        drops / "drop-001.parquet")
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("".join(json.dumps({"question_id": f"q{i}", "prompt": q}) + "\n" for i, q in enumerate(QUESTIONS)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "CODECLM_"))}
+    env |= {"CODECLM_HOME": str(home), "PREFECT_HOME": str(tmp_path / "prefect"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    with FakeLLMServer() as llm:
+        args = [sys.executable, "-m", "codeclm.cli", "refresh", str(drops), "--root", str(tmp_path / "root"),
+                "--config", str(_config(tmp_path / "run.toml", llm.url)), "--benchmark", str(bench), "--limit", "2",
+                "--slot", "2026-11-30T02:00Z"]
+        done = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1100)
+    assert done.returncode == 0, done.stderr[-4000:]
+    entry = json.loads((tmp_path / "root" / "versions" / "v0001" / "version.json").read_text())
+    assert entry["trained"] and entry["model"]["trainer"] == "local" and entry["model"]["steps"] == 4
+    assert sorted(r["target_spec"] for r in entry["eval"]) == ["base", "tuned"]
+    assert (tmp_path / "root" / "versions" / "v0001" / "model" / "merged" / "config.json").exists()
+    from codeclm.versions import report_markdown
+
+    report = report_markdown(entry)
+    assert "tuned on this version's pairs" in report and "measures no data" not in report
+    assert f"bench · openai/{entry['model']['served_name']}: CRR" in done.stdout
