@@ -19,7 +19,7 @@ import re
 
 from pydantic import BaseModel, Field
 
-from codeclm.baseline_records import BaselineRejected, PoolInstruction
+from codeclm.baseline_records import BaselineRejected, BaselineRejectReason, PoolInstruction
 from codeclm.gateway import Call
 from codeclm.parsing import parse_improved_instruction
 from codeclm.prompts import load_prompt
@@ -68,7 +68,7 @@ def pick_methods(instruction_id: str, round: int, fanout: int, settings: Setting
     return chosen
 
 
-def eliminated(parent: str, child: str) -> str | None:
+def eliminated(parent: str, child: str) -> BaselineRejectReason | None:
     """Why an evolution is dropped at once, or None (the stated rule in the module docstring)."""
     if normal_text(child) == normal_text(parent):
         return "unchanged"
@@ -120,10 +120,12 @@ def evol(seeds: list[Ref], basic: list[Ref], settings: Settings, want: int, meth
                 continue
             text = result.value.instruction.strip()
             instruction_id = content_id("evol", parent.instruction_id, m, text)
-            reason = eliminated(parent.instruction, text) or ("duplicate" if normal_text(text) in seen else None)
-            if reason:
+            reason = eliminated(parent.instruction, text)
+            if reason is None and normal_text(text) in seen:
+                reason = "duplicate"
+            if reason is not None:
                 rejected.append(BaselineRejected(instruction_id=instruction_id, instruction=text, stage="evol",
-                                                 reason=reason, detail=m))  # type: ignore[arg-type]
+                                                 reason=reason, detail=m))
                 continue
             seen.add(normal_text(text))
             generation.append(parent.model_copy(update={

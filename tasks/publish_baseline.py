@@ -78,7 +78,7 @@ def publish_baseline(method: str, refs: dict[str, list[Ref]], settings: Settings
             tables[f"stages/{name}.parquet"] = (rows, model)
         _validate(staging, tables, len(train))
         stages = _stage_summary(_concat(refs.get("stats", []), CallStats))
-        instructions: list[PoolInstruction] = tables.get("stages/instructions.parquet", ([], PoolInstruction))[0]  # type: ignore[assignment]
+        instructions = _concat(refs.get("instructions", []), PoolInstruction)
         manifest = {
             "method": method,
             "run": run,

@@ -6,8 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -300,3 +303,38 @@ def test_alpagasus_keeps_only_high_ratings_at_the_budget(prefect_harness: None, 
     requests = len(fake_llm.requests)
     _baseline("alpagasus", tmp_path, settings)
     assert len(fake_llm.requests) == requests
+
+
+# --- CLI -------------------------------------------------------------------------------------------------------
+
+def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CODECLM_", "PREFECT_"))}
+    env |= {"CODECLM_HOME": str(tmp_path / "home"), "PREFECT_HOME": str(tmp_path / "prefect"),
+            "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "prefect" / "storage"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([sys.executable, "-m", "codeclm.cli", "baseline", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=240)
+
+
+def test_cli_reports_a_shortfall_on_its_last_line_and_bad_input_in_one(fake_llm: FakeLLMServer,
+                                                                       tmp_path: Path) -> None:
+    fake_llm.responder = _self_instruct_model
+    config = tmp_path / "c.toml"
+    config.write_text(f'[strong]\nmodel = "openai/fake-strong"\napi_base = "{fake_llm.url}"\n'
+                      'output_mode = "json_schema"\n[baselines]\nnew_per_call = 4\ncalls_per_round = 1\n'
+                      'max_generation_calls = 1\n')
+    done = _cli(tmp_path, "self_instruct", str(_seed_file(tmp_path)), "--out", str(tmp_path / "out"),
+                "--config", str(config), "--budget", "5")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1].startswith("3 self_instruct pairs in ")
+    assert "SHORTFALL 2 of 5: max_generation_calls (1) reached" in done.stdout
+    assert len(read_records(tmp_path / "out" / "train.parquet", TrainingPair)) == 3
+
+    bad = _cli(tmp_path, "self_instruct", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "out2"),
+               "--config", str(config))
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'missing.jsonl'}: no such file or directory; pass a Parquet, JSONL or CSV file of seeds"]
+    assert not (tmp_path / "out2").exists()
+    unknown = _cli(tmp_path, "tree_instruct", str(_seed_file(tmp_path)), "--out", str(tmp_path / "out3"))
+    assert unknown.returncode == 2 and "tree_instruct" in unknown.stderr
