@@ -23,6 +23,7 @@ from codeclm.checks import check_output
 from codeclm.embedded import models_ready
 from codeclm.errors import ConfigError
 from codeclm.gateway import preflight
+from codeclm.monitor import stage_table
 from codeclm.settings import Settings
 from tasks._base import Outputs, Ref
 from tasks.alpagasus import alpagasus
@@ -149,6 +150,7 @@ def baseline(method: str, seeds: str, out: str, settings: Settings | None = None
             limit = _evol_pairs(method, seed_refs, settings, refs)
         run = {"flow_run_id": str(flow_run.get_id() or ""), "seeds": seeds, "seeds_sha": source_sha(Path(seeds))}
         summary = publish_baseline(method, dict(refs), settings, out, run, limit)
+    stage_table("baseline-stages", summary["stages"], f"calls, tokens, cost and seconds per {method} step")
     budget = summary["budget"]
     if budget["shortfall"]:
         print(f"WARNING: {method} published {budget['published']} of {budget['wanted']} pairs (shortfall "
