@@ -176,7 +176,14 @@ SI = {"budget": 7, "baselines": {"new_per_call": 4, "calls_per_round": 2}}
 
 def test_self_instruct_exact_budget_rouge_filter_and_free_rerun(prefect_harness: None, fake_llm: FakeLLMServer,
                                                                 tmp_path: Path) -> None:
-    fake_llm.responder = _self_instruct_model
+    shown: list[list[str]] = []
+
+    def model(body: dict[str, Any]) -> str | None:
+        if "example instructions" in _user(body):
+            shown.append(re.findall(r"^\d+\. (.*)$", _user(body), re.MULTILINE))
+        return _self_instruct_model(body)
+
+    fake_llm.responder = model
     settings = settings_for(fake_llm, tmp_path, **SI)
     summary = _baseline("self_instruct", tmp_path, settings)
     pub = _published(tmp_path / "out")
@@ -187,6 +194,10 @@ def test_self_instruct_exact_budget_rouge_filter_and_free_rerun(prefect_harness:
         "wanted": 7, "published": 7, "shortfall": 0, "limit": None}
     assert requests == 4 + 7 == manifest["totals"]["calls"]
     assert manifest["method"] == "self_instruct" and manifest["counts"]["instructions_per_round"] == {"1": 6, "2": 1}
+    seed_texts = {text for _, text in SEEDS}
+    # seeds first (all 4, below seed_demos = 6), then generated ones: none in round 1, generated_demos = 2 after
+    assert sorted(len(s) for s in shown) == [4, 4, 6, 6]
+    assert all(set(s[:4]) == seed_texts and not set(s[4:]) & seed_texts for s in shown)
     overlaps = [r for r in pub["rejected"] if r.reason == "rouge_overlap"]
     # round 1: both calls' seed copies; round 2: the first call's copy (its first new one completes the pool)
     assert len(overlaps) == 3 and {r.instruction for r in overlaps} <= {s.instruction for s in pub["seeds"]}
