@@ -183,6 +183,43 @@ def generate(
     _run(go)
 
 
+@app.command()
+def baseline(
+    method: Annotated[Literal["self_instruct", "evol_instruct", "wizardlm_plus", "alpagasus"], typer.Argument(
+        help="self_instruct, evol_instruct, wizardlm_plus (Evol from CodecLM's basic instructions) or alpagasus "
+             "(Self-Instruct pairs rated by the strong model); see docs/baselines.md")],
+    seeds: Annotated[Path, typer.Argument(help="seed instructions: Parquet file or directory, JSONL or CSV")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output directory (replaced atomically when done)")],
+    config: ConfigOpt = None,
+    strong: StrongOpt = None,
+    budget: BudgetOpt = None,
+    preset: PresetOpt = None,
+) -> None:
+    """Make a baseline dataset (same layout as `generate`) from SEEDS into --out, at the same budget."""
+
+    def go() -> None:
+        settings = _settings(config, strong=strong, budget=budget, preset=preset)
+        check_output(out)
+        from codeclm.storage import load_seeds
+
+        load_seeds(seeds)
+        from codeclm.gateway import preflight
+        from flows.baselines import baseline as baseline_flow
+        from tasks.seeds import validate_seeds
+
+        validate_seeds(seeds, settings)
+        preflight(settings, ("strong",))
+        summary = baseline_flow(method, str(seeds), str(out), settings)
+        shortfall = summary["budget"]["shortfall"]
+        note = f"; SHORTFALL {shortfall} of {summary['budget']['wanted']}: {summary['budget']['limit']}" \
+            if shortfall else ""
+        typer.echo(f"{summary['train']} {method} pairs in {summary['out']} "
+                   f"(cost ${summary['totals']['cost_usd']:.4f}, {summary['totals']['calls']} calls, "
+                   f"{summary['totals']['cached']} cached{note})")
+
+    _run(go)
+
+
 def _with_judge(settings: Any, judge: str | None) -> Any:
     """Apply --judge to the model only, keeping the judge's own settings (its temperature 0.0 above all)."""
     if judge is None:

@@ -175,6 +175,33 @@ class FinetuneConfig(BaseModel):
         return TrainHyper(**values)
 
 
+class BaselineSettings(BaseModel):
+    """The `[baselines]` section: the paper's baselines (§5.1, A.2) run in this engine (docs/baselines.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rouge_threshold: float = Field(0.7, gt=0, le=1, description="Self-Instruct keeps an instruction only when its "
+                                   "ROUGE-L F with every pool instruction is below this")
+    seed_demos: int = Field(6, ge=1, le=20, description="Self-Instruct: seed instructions shown per call")
+    generated_demos: int = Field(2, ge=0, le=20, description="Self-Instruct: generated instructions shown per call")
+    new_per_call: int = Field(8, ge=1, le=DECODE_MAX_PER_CALL, description="Self-Instruct: new instructions "
+                              "asked per call")
+    calls_per_round: int = Field(8, ge=1, le=256, description="Self-Instruct: concurrent calls per bootstrap round")
+    max_generation_calls: int = Field(20000, ge=1, description="Self-Instruct: stated limit on generation calls; "
+                                      "reaching it ends bootstrapping with a reported shortfall")
+    evol_rounds: int = Field(4, ge=1, le=10, description="Evol-Instruct / WizardLM+ evolution rounds")
+    evol_breadth_weight: float = Field(0.5, ge=0, le=5, description="draw weight of in-breadth evolution; each of "
+                                       "the five in-depth methods weighs 1")
+    evol_oversample: float = Field(1.25, ge=1, le=20, description="evolved instructions made per wanted pair "
+                                   "(elimination and answer checks drop some)")
+    alpagasus_threshold: float = Field(4.5, ge=1, le=5, description="Alpagasus keeps pairs rated at least this")
+    alpagasus_oversample: float = Field(2.0, ge=1, le=50, description="Self-Instruct pairs rated per wanted pair "
+                                        "at first; topped up while fewer than the budget pass")
+    alpagasus_max_oversample: float = Field(6.0, ge=1, le=100, description="stated limit: at most budget x this "
+                                            "pairs are rated; reaching it ends with a reported shortfall")
+    answer_topups: int = Field(3, ge=0, le=20, description="extra generate/answer passes to replace failed answers")
+
+
 class Settings(BaseSettings):
     """Pipeline, gateway and runner settings (paper defaults where the paper gives one)."""
 
@@ -212,6 +239,9 @@ class Settings(BaseSettings):
     # CRR evaluation
     rule: Literal["codeclm", "alpagasus"] = Field("codeclm", description="how two judged orders become one "
                                                   "verdict: codeclm (wins twice) or alpagasus (win + draw)")
+
+    # Baselines (Self-Instruct, Evol-Instruct, WizardLM+, Alpagasus)
+    baselines: BaselineSettings = Field(default_factory=BaselineSettings)
 
     # Runner
     batch_size: int = Field(200, ge=1, le=10000, description="seeds per batch task")

@@ -1,0 +1,159 @@
+"""Flow `baseline`: the paper's baselines (§5.1, A.2) in this engine, with the same gateway, call cache,
+budgets and output layout as `generate`. Orchestration only; every step is a batch task:
+
+self_instruct: self_instruct -> pairs, topped up while answers fail
+evol_instruct: evol (from the seeds) -> pairs
+wizardlm_plus: encode -> augment -> decode (-> dedup) -> evol (from the basic instructions) -> pairs
+alpagasus:     self_instruct -> pairs -> alpagasus, topped up while fewer than the budget pass
+then publish_baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, unmapped
+from prefect.runtime import flow_run
+
+from codeclm.baseline_records import METHODS
+from codeclm.checks import check_output
+from codeclm.embedded import models_ready
+from codeclm.errors import ConfigError
+from codeclm.gateway import preflight
+from codeclm.monitor import stage_table
+from codeclm.settings import Settings
+from tasks._base import Outputs, Ref
+from tasks.alpagasus import alpagasus
+from tasks.augment import augment
+from tasks.decode import decode
+from tasks.dedup import dedup
+from tasks.encode import encode
+from tasks.evol import evol
+from tasks.pairs import answer_pairs
+from tasks.publish_baseline import publish_baseline
+from tasks.seeds import prepare_seeds, source_sha, validate_seeds
+
+Refs = dict[str, list[Ref]]
+
+
+def _add(refs: Refs, outputs: Outputs, skip: tuple[str, ...] = ()) -> None:
+    for kind, ref in outputs.items():
+        if kind not in skip:
+            refs[kind].append(ref)
+
+
+def _self_instruct_pairs(seeds: list[Ref], settings: Settings, refs: Refs) -> str | None:
+    """Instructions, then answers; answers that failed for good are replaced by more instructions (the rerun
+    replays the earlier rounds from the call cache), at most `answer_topups` times."""
+    from tasks.self_instruct import self_instruct
+
+    cfg, budget, want = settings.baselines, settings.budget, settings.budget
+    for attempt in range(cfg.answer_topups + 1):
+        made = self_instruct(seeds, settings, want)
+        answered = answer_pairs(made["instructions"], settings, None, "self_instruct", False)
+        have = answered["pairs"]["rows"]
+        if have >= budget or made["instructions"]["rows"] < want or attempt == cfg.answer_topups:
+            break
+        want += budget - have
+    _add(refs, made)
+    _add(refs, answered)
+    if have >= budget:
+        return None
+    if made["instructions"]["rows"] < want:
+        return f"max_generation_calls ({cfg.max_generation_calls}) reached"
+    return f"answer_topups ({cfg.answer_topups}) used"
+
+
+def _alpagasus_pairs(seeds: list[Ref], settings: Settings, refs: Refs) -> str | None:
+    """Self-Instruct pairs rated by the strong model; while fewer than the budget pass, more are made, the next
+    pool sized by the pass rate so far, up to budget x alpagasus_max_oversample."""
+    from tasks.self_instruct import self_instruct
+
+    cfg, budget = settings.baselines, settings.budget
+    limit = math.ceil(budget * cfg.alpagasus_max_oversample)
+    want = min(limit, math.ceil(budget * cfg.alpagasus_oversample))
+    while True:
+        made = self_instruct(seeds, settings, want)
+        answered = answer_pairs(made["instructions"], settings, None, "alpagasus", False)
+        rated = alpagasus(answered["pairs"], settings, "alpagasus")
+        passed = rated["pairs"]["rows"]
+        print(f"alpagasus: {passed} of {answered['pairs']['rows']} pairs rated >= {cfg.alpagasus_threshold}")
+        if passed >= budget or want >= limit or made["instructions"]["rows"] < want:
+            break
+        want = min(limit, max(want + 1, math.ceil(want * budget / max(passed, 1) * 1.1)))
+    _add(refs, made)
+    _add(refs, answered, skip=("pairs",))
+    _add(refs, rated)
+    if passed >= budget:
+        return None
+    if made["instructions"]["rows"] < want:
+        return f"max_generation_calls ({cfg.max_generation_calls}) reached"
+    return f"alpagasus_max_oversample ({cfg.alpagasus_max_oversample}: {limit} pairs rated)"
+
+
+def _basic_instructions(seeds: list[Ref], settings: Settings, roots: int, refs: Refs) -> list[Ref]:
+    """CodecLM's encode and decode (and dedup), asked for `roots` basic instructions: WizardLM+'s seeds."""
+    front = settings.model_copy(update={"budget": roots, "oversample": 1.0, "instructions_per_metadata": None})
+    labels = [f"{i:03d}" for i in range(len(seeds))]
+    encoded = [f.result() for f in encode.map(seeds, unmapped(front), batch=labels)]
+    for out in encoded:
+        _add(refs, out, skip=("metadata",))
+    metas = augment([e["metadata"] for e in encoded], front, len(labels))
+    refs["metadata"] += metas
+    per_metadata = front.per_metadata(sum(r["rows"] for r in metas))
+    decoded = [f.result() for f in decode.map(metas, unmapped(seeds), unmapped(front), per_metadata, batch=labels)]
+    for out in decoded:
+        _add(refs, out, skip=("candidates", "rejected"))
+    basic = [out["candidates"] for out in decoded]
+    if front.drop_duplicates:
+        basic = dedup(basic, front, len(basic))["candidates"]
+    refs["candidates"] += basic
+    return basic
+
+
+def _evol_pairs(method: str, seeds: list[Ref], settings: Settings, refs: Refs) -> str | None:
+    cfg = settings.baselines
+    want = math.ceil(settings.budget * cfg.evol_oversample)
+    basic = _basic_instructions(seeds, settings, math.ceil(want / cfg.evol_rounds), refs) \
+        if method == "wizardlm_plus" else []
+    made = evol(seeds, basic, settings, want, method)
+    answered = answer_pairs(made["instructions"], settings, settings.budget, method, True)
+    _add(refs, made)
+    _add(refs, answered)
+    if answered["pairs"]["rows"] >= settings.budget:
+        return None
+    return (f"the evolved pool ({made['instructions']['rows']} instructions from evol_rounds={cfg.evol_rounds}, "
+            f"evol_oversample={cfg.evol_oversample}) ran out")
+
+
+@flow(name="codeclm-baseline", flow_run_name="baseline {method} · {seeds} → {out}", log_prints=True)
+def baseline(method: str, seeds: str, out: str, settings: Settings | None = None) -> dict[str, Any]:
+    """Make a baseline dataset (`METHODS`) from a seed file into `out`, at the settings' budget."""
+    settings = settings or Settings()
+    if method not in METHODS:
+        raise ConfigError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
+    check_output(out, "out")
+    validate_seeds(Path(seeds), settings)
+    with models_ready(settings, ("strong",)):
+        preflight(settings, ("strong",))
+        seed_refs = prepare_seeds(seeds, source_sha(Path(seeds)), settings)
+        refs: Refs = defaultdict(list)
+        refs["seeds"] = seed_refs
+        if method == "self_instruct":
+            limit = _self_instruct_pairs(seed_refs, settings, refs)
+        elif method == "alpagasus":
+            limit = _alpagasus_pairs(seed_refs, settings, refs)
+        else:
+            limit = _evol_pairs(method, seed_refs, settings, refs)
+        run = {"flow_run_id": str(flow_run.get_id() or ""), "seeds": seeds, "seeds_sha": source_sha(Path(seeds))}
+        summary = publish_baseline(method, dict(refs), settings, out, run, limit)
+    stage_table("baseline-stages", summary["stages"], f"calls, tokens, cost and seconds per {method} step")
+    budget = summary["budget"]
+    if budget["shortfall"]:
+        print(f"WARNING: {method} published {budget['published']} of {budget['wanted']} pairs (shortfall "
+              f"{budget['shortfall']}): {budget['limit']}")
+    print(f"published {summary['train']} {method} pairs to {summary['out']}")
+    return summary

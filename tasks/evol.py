@@ -1,0 +1,139 @@
+"""Evol-Instruct baseline (Xu et al. 2023; CodecLM §5.1) and WizardLM+ (the same rounds from CodecLM's basic
+instructions): each round rewrites every instruction of the previous generation with one or more evolution
+methods (five in-depth, one in-breadth, drawn at random), and eliminates evolutions that failed.
+
+Elimination (at this step; answers are checked in `tasks.pairs`): an evolution whose text equals its parent's
+(case and spacing aside) is `unchanged`; one that talks about the rewriting itself ("given instruction",
+"rewritten instruction", a leftover tag) is `prompt_leak`; one repeating an instruction already made, a root
+or a seed is `duplicate`. An eliminated evolution has no children.
+
+Size: `fanout` (evolutions per instruction per round, distinct methods) is the smallest of 1..6 for which the
+roots can yield `want` evolutions over the rounds, and only as many roots are used as that needs.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+
+from pydantic import BaseModel, Field
+
+from codeclm.baseline_records import BaselineRejected, BaselineRejectReason, PoolInstruction
+from codeclm.gateway import Call
+from codeclm.parsing import parse_improved_instruction
+from codeclm.prompts import load_prompt
+from codeclm.records import Candidate, Seed, content_id
+from codeclm.settings import Settings
+from tasks._base import Outputs, Ref, Step, codec_task, read
+from tasks.decode import normal_text
+
+DEPTH = ("add_constraints", "deepen", "concretize", "increase_reasoning", "complicate_input")
+BREADTH = "breadth"
+METHODS = (*DEPTH, BREADTH)
+_LEAK = re.compile(r"\b(given|rewritten|original|new) instruction\b|</?\s*instruction\s*>", re.IGNORECASE)
+
+
+class Evolved(BaseModel):
+    instruction: str = Field(min_length=1)
+
+
+def _from_text(text: str) -> Evolved:
+    return Evolved(instruction=parse_improved_instruction(text))
+
+
+def plan(roots: int, want: int, rounds: int) -> tuple[int, int]:
+    """(fanout, roots used): the smallest fanout whose tree of `rounds` generations reaches `want` evolutions,
+    and the fewest roots that do; at fanout 6 (every method once) all roots, whatever they yield."""
+    for fanout in range(1, len(METHODS) + 1):
+        per_root = sum(fanout ** r for r in range(1, rounds + 1))
+        if roots * per_root >= want:
+            return fanout, min(roots, math.ceil(want / per_root))
+    return len(METHODS), roots
+
+
+def pick_methods(instruction_id: str, round: int, fanout: int, settings: Settings) -> list[str]:
+    """`fanout` distinct methods, drawn without replacement; in-breadth weighs `evol_breadth_weight`, each
+    in-depth method 1 (so in-breadth is the rarer kind, as in WizardLM)."""
+    rng = random.Random(f"{settings.seed}:evol:{instruction_id}:{round}")
+    left = list(METHODS)
+    weights = [1.0] * len(DEPTH) + [settings.baselines.evol_breadth_weight]
+    chosen: list[str] = []
+    while len(chosen) < fanout and left:
+        if sum(weights) <= 0:  # in-breadth switched off and every in-depth method used
+            break
+        i = rng.choices(range(len(left)), weights=weights)[0]
+        chosen.append(left.pop(i))
+        weights.pop(i)
+    return chosen
+
+
+def eliminated(parent: str, child: str) -> BaselineRejectReason | None:
+    """Why an evolution is dropped at once, or None (the stated rule in the module docstring)."""
+    if normal_text(child) == normal_text(parent):
+        return "unchanged"
+    if _LEAK.search(child):
+        return "prompt_leak"
+    return None
+
+
+def roots_of(seeds: list[Seed], basic: list[Candidate], method: str) -> list[PoolInstruction]:
+    """Evol-Instruct evolves the seeds; WizardLM+ evolves CodecLM's basic instructions (with their metadata)."""
+    if basic:
+        return [PoolInstruction(instruction_id=c.instruction_id, instruction=c.instruction, method=method, round=0,
+                                root_instruction=c.instruction, evolutions=[], seed_ids=c.seed_ids,
+                                metadata_id=c.metadata_id, use_case=c.use_case, skills=c.skills)
+                for c in sorted(basic, key=lambda c: c.instruction_id)]
+    return [PoolInstruction(instruction_id=content_id("root", s.seed_id, s.instruction), instruction=s.instruction,
+                            method=method, round=0, root_instruction=s.instruction, evolutions=[],
+                            seed_ids=[s.seed_id])
+            for s in seeds]
+
+
+@codec_task("evol", run_name="{name} · {method}", tags=["role:strong"])
+def evol(seeds: list[Ref], basic: list[Ref], settings: Settings, want: int, method: str) -> Outputs:
+    """Evolve the roots for `evol_rounds` rounds; every surviving evolution of every round joins the pool."""
+    step = Step("evol", method, settings, seeds=[s["sha"] for s in seeds], basic=[b["sha"] for b in basic],
+                want=want)
+    if (done := step.done()) is not None:
+        return done
+    seed_rows = [s for ref in seeds for s in read(ref, Seed)]
+    roots = roots_of(seed_rows, [c for ref in basic for c in read(ref, Candidate)], method)
+    rounds = settings.baselines.evol_rounds
+    fanout, used = plan(len(roots), want, rounds)
+    seen = {normal_text(t) for t in [*(s.instruction for s in seed_rows), *(r.instruction for r in roots)]}
+    generation, pool = roots[:used], []
+    rejected: list[BaselineRejected] = []
+    print(f"{method}: {used} of {len(roots)} roots, {fanout} evolution(s) per instruction per round, {rounds} rounds")
+    for round in range(1, rounds + 1):
+        jobs = [(parent, m) for parent in generation
+                for m in pick_methods(parent.instruction_id, round, fanout, settings)]
+        calls = []
+        for parent, m in jobs:
+            prompt = load_prompt(f"evol_{m}")
+            calls.append(Call(role="strong", messages=prompt.render(False, instruction=parent.instruction),
+                              output=Evolved, text_parser=_from_text, free_text=True,
+                              prompt_version=prompt.version, stage="evol", item_id=f"{parent.instruction_id}>{m}"))
+        generation = []
+        for (parent, m), result in zip(jobs, step.call(calls), strict=True):
+            if not result.ok:
+                continue
+            text = result.value.instruction.strip()
+            instruction_id = content_id("evol", parent.instruction_id, m, text)
+            reason = eliminated(parent.instruction, text)
+            if reason is None and normal_text(text) in seen:
+                reason = "duplicate"
+            if reason is not None:
+                rejected.append(BaselineRejected(instruction_id=instruction_id, instruction=text, stage="evol",
+                                                 reason=reason, detail=m))
+                continue
+            seen.add(normal_text(text))
+            generation.append(parent.model_copy(update={
+                "instruction_id": instruction_id, "instruction": text, "round": round,
+                "parent_id": parent.instruction_id, "evolutions": [*parent.evolutions, m]}))
+        pool += generation
+        if not generation:
+            break
+    step.write("instructions", pool, PoolInstruction)
+    step.write("rejected", rejected, BaselineRejected)
+    return step.finish()

@@ -1,0 +1,108 @@
+"""Publish a baseline dataset in `codeclm generate`'s layout: train.parquet (TrainingPair), train.jsonl (chat
+messages), rejected.parquet, failed_calls.parquet, stages/*.parquet and manifest.json, swapped into place
+atomically; the manifest adds the method, the budget and any shortfall with the limit that caused it."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from codeclm.baseline_records import BaselineRejected, PoolInstruction, Rating
+from codeclm.errors import DatasetError
+from codeclm.prompts import load_prompt
+from codeclm.records import CallStats, Candidate, FailedCall, Metadata, Record, Seed, TrainingPair
+from codeclm.settings import Settings
+from codeclm.storage import publish, write_json, write_jsonl, write_records
+from tasks._base import Ref, codec_task, read
+from tasks.evol import METHODS as EVOL_METHODS
+from tasks.export import _sha, _stage_summary, _staging, _validate, _versions, chat_rows
+
+STAGE_TABLES: dict[str, type[Record]] = {
+    "seeds": Seed, "metadata": Metadata, "candidates": Candidate, "instructions": PoolInstruction,
+    "ratings": Rating, "stats": CallStats,
+}
+PROMPTS: dict[str, tuple[str, ...]] = {
+    "self_instruct": ("self_instruct", "respond"),
+    "evol_instruct": (*(f"evol_{m}" for m in EVOL_METHODS), "respond"),
+    "wizardlm_plus": ("encode", "decode", "decode_more", *(f"evol_{m}" for m in EVOL_METHODS), "respond"),
+    "alpagasus": ("self_instruct", "respond", "alpagasus"),
+}
+
+
+def apply_budget(pairs: list[TrainingPair], budget: int, seed: int
+                 ) -> tuple[list[TrainingPair], list[BaselineRejected]]:
+    """Exactly `budget` pairs when there are more, sampled reproducibly; the rest are rejected as over budget."""
+    if len(pairs) <= budget:
+        return pairs, []
+    ordered = sorted(pairs, key=lambda p: p.pair_id)
+    chosen = set(random.Random(seed).sample(range(len(ordered)), budget))
+    over = [BaselineRejected(instruction_id=p.instruction_id, instruction=p.instruction, stage="publish",
+                             reason="over_budget") for i, p in enumerate(ordered) if i not in chosen]
+    return [p for i, p in enumerate(ordered) if i in chosen], over
+
+
+def _concat(refs: list[Ref], model: type[Record]) -> list[Any]:
+    return [row for ref in refs for row in read(ref, model)]
+
+
+@codec_task("publish_baseline", run_name="publish {method} · {out}")
+def publish_baseline(method: str, refs: dict[str, list[Ref]], settings: Settings, out: str, run: dict[str, Any],
+                     limit: str | None) -> dict[str, Any]:
+    """Write aside, validate, swap into `out`; `limit` names the stated limit a shortfall comes from."""
+    target = Path(out)
+    budget = settings.budget
+    train, over = apply_budget(_concat(refs.get("pairs", []), TrainingPair), budget, settings.seed)
+    rejected = _concat(refs.get("rejected", []), BaselineRejected) + over
+    failed = _concat(refs.get("failed", []), FailedCall)
+    if not train:
+        by_stage = ", ".join(f"{s} {n}" for s, n in Counter(f.stage for f in failed).items()) or "none"
+        raise DatasetError(f"{method}: no pair was made (failed calls: {by_stage}); nothing was published")
+    shortfall = budget - len(train)
+    with _staging(target) as staging:
+        files = {
+            "train.parquet": write_records(staging / "train.parquet", train, TrainingPair),
+            "rejected.parquet": write_records(staging / "rejected.parquet", rejected, BaselineRejected),
+            "failed_calls.parquet": write_records(staging / "failed_calls.parquet", failed, FailedCall),
+            "train.jsonl": write_jsonl(staging / "train.jsonl", chat_rows(train)),
+        }
+        tables: dict[str, tuple[list[Record], type[Record]]] = {
+            "train.parquet": (train, TrainingPair), "rejected.parquet": (rejected, BaselineRejected),
+            "failed_calls.parquet": (failed, FailedCall)}
+        for name, model in STAGE_TABLES.items():
+            if name not in refs:
+                continue
+            rows = _concat(refs[name], model)
+            files[f"stages/{name}.parquet"] = write_records(staging / "stages" / f"{name}.parquet", rows, model)
+            tables[f"stages/{name}.parquet"] = (rows, model)
+        _validate(staging, tables, len(train))
+        stages = _stage_summary(_concat(refs.get("stats", []), CallStats))
+        instructions = _concat(refs.get("instructions", []), PoolInstruction)
+        manifest = {
+            "method": method,
+            "run": run,
+            "versions": _versions(),
+            "prompts": {p: load_prompt(p).version for p in PROMPTS[method]},
+            "preset": settings.preset,
+            "settings": settings.model_dump(mode="json"),
+            "budget": {"wanted": budget, "published": len(train), "shortfall": shortfall,
+                       "limit": limit if shortfall else None},
+            "counts": {
+                "seeds": len(tables["stages/seeds.parquet"][0]),
+                "instructions": len(instructions),
+                "instructions_per_round": dict(sorted(Counter(i.round for i in instructions).items())),
+                "pairs_before_budget": len(train) + len(over),
+                "train": len(train),
+                "rejected": dict(Counter(r.reason for r in rejected)),
+                "failed_calls": dict(Counter(f.stage for f in failed)),
+            },
+            "stages": stages,
+            "totals": {k: sum(s[k] for s in stages) for k in ("calls", "cached", "failed", "prompt_tokens",
+                                                              "completion_tokens", "cost_usd", "unpriced_calls")},
+            "files": {name: _sha(path) for name, path in sorted(files.items())},
+        }
+        write_json(staging / "manifest.json", manifest)
+        publish(staging, target)
+    return {"out": str(target), "method": method, "train": len(train), "budget": manifest["budget"],
+            "counts": manifest["counts"], "stages": stages, "totals": manifest["totals"]}
