@@ -42,13 +42,13 @@ def gguf_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Runs in the child before exec: the kernel sends SIGTERM to it when our process dies (Linux)."""
     with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -109,7 +109,7 @@ def serving(threads: int | None = None, startup_timeout: float = 120.0) -> Itera
     if importlib.util.find_spec("llama_cpp") is None:
         raise ModelError(f"llama-cpp-python is not installed; {_INSTALL_HINT}, or set real models")
     model = gguf_path()
-    port = _free_port()
+    port = free_port()
     # -u: nothing lost in buffers when it dies; faulthandler: a segfault leaves its stack in the log
     cmd = [sys.executable, "-u", "-X", "faulthandler", "-m", "llama_cpp.server", "--model", str(model),
            "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(CONTEXT_TOKENS),
@@ -120,7 +120,7 @@ def serving(threads: int | None = None, startup_timeout: float = 120.0) -> Itera
         log_file.write(f"--- codeclm {_now()}: starting {' '.join(cmd)}\n".encode())
         log_file.flush()
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=die_with_parent)
     url = f"http://127.0.0.1:{port}/v1"
     watch = _Watch(proc, log_path)
     try:

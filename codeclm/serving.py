@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import httpx
 
-from codeclm.embedded import _die_with_parent, _free_port
+from codeclm.embedded import die_with_parent, free_port
 from codeclm.errors import ModelError
 from codeclm.finetune import INSTALL_HINT, FinetuneResult
 from codeclm.settings import RoleConfig
@@ -107,7 +107,7 @@ def serve_models(models: Mapping[str, Path], home: Path, adapters: Mapping[str, 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     with log_path.open("ab") as log_file:
         proc = subprocess.Popen(_command(backend, models, adapters, port), cwd=cwd, env=env, stdout=log_file,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
     url = f"http://127.0.0.1:{port}/v1"
     try:
         _wait_ready(proc, url, names, startup_timeout, log_path)
@@ -148,7 +148,7 @@ def _port(names: tuple[str, ...]) -> int:
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
-            return _free_port()
+            return free_port()
     return port
 
 
