@@ -3,7 +3,8 @@
 One retry layer (ours: litellm's and the OpenAI SDK's retries are off), an explicit timeout on every
 attempt, a per-call disk cache keyed on content, structured output fitted to the endpoint, tolerant
 parsing, and per-call tokens and cost. Calls run on one background event loop per process, so batch
-tasks in many threads share the per-role concurrency limits and litellm's connection pools.
+tasks in many threads share litellm's connection pools; every HTTP attempt asks the endpoint's adaptive
+limiter (codeclm.concurrency, one per endpoint per process) for a slot and tells it how the attempt went.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from codeclm import concurrency
 from codeclm.cache import CallCache, call_key
 from codeclm.errors import ConfigError, ModelError, ParseError
 from codeclm.progress import report_calls
@@ -98,9 +100,9 @@ class Result:
 class _Transient(Exception):
     """An attempt failed in a way worth retrying after `delay` seconds (None: use backoff)."""
 
-    def __init__(self, message: str, delay: float | None = None) -> None:
+    def __init__(self, message: str, delay: float | None = None, status: int | None = None) -> None:
         super().__init__(message)
-        self.delay = delay
+        self.delay, self.status = delay, status
 
 
 class _Fatal(Exception):
@@ -113,9 +115,9 @@ class EmptyResponse(Exception):
 
 @dataclass
 class _RoleState:
-    semaphore: asyncio.Semaphore
+    """Per endpoint: the circuit breaker's count of connection failures in a row."""
+
     consecutive_failures: int = 0
-    calls: int = field(default=0)
 
 
 def _litellm() -> Any:
@@ -224,12 +226,17 @@ class Gateway:
         return results  # type: ignore[return-value]
 
     def _state(self, ep: Endpoint) -> _RoleState:
-        """Limits per endpoint, not per role: roles sharing one server share its slots. The embedded
-        llama.cpp server answers one request at a time, so more in flight would only queue into timeouts."""
-        if ep.identity not in self._roles:
-            slots = 1 if ep.config.embedded else ep.config.max_concurrency
-            self._roles[ep.identity] = _RoleState(asyncio.Semaphore(slots))
-        return self._roles[ep.identity]
+        return self._roles.setdefault(ep.identity, _RoleState())
+
+    @staticmethod
+    def limiter(ep: Endpoint) -> concurrency.EndpointLimiter:
+        """The process-wide limiter of the endpoint (not of this gateway or role): roles, tasks and flows
+        calling one endpoint share its slots. The embedded llama.cpp server answers one request at a time,
+        so it gets one fixed slot; more in flight would only queue into timeouts."""
+        cfg = ep.config
+        return concurrency.limiter_for(ep.identity, 1 if cfg.embedded else cfg.max_concurrency, fixed=cfg.embedded,
+                                       requests_per_minute=cfg.requests_per_minute,
+                                       tokens_per_minute=cfg.tokens_per_minute)
 
     def key(self, call: Call) -> str:
         ep = self.endpoint(call.role)
@@ -284,22 +291,21 @@ class Gateway:
 
     async def _fresh(self, call: Call, ep: Endpoint, key: str, result: Result) -> Result:
         state = self._state(ep)
-        async with state.semaphore:
-            for _ in range(self.settings.parse_attempts):
-                if not await self._attempt_http(call, ep, result, state):
-                    break
-                try:
-                    if result.truncated and not call.accepts_truncation:
-                        raise ParseError("output stopped at max_tokens; raise max_tokens for this role")
-                    result.value = self._parse(call, ep, result.text or "")
-                except ParseError as exc:
-                    result.error_type = "Truncated" if result.truncated else "ParseError"
-                    result.message = str(exc)
-                    continue
-                result.ok, result.error_type, result.message = True, "", ""
-                self.cache.put(key, {"text": result.text, "model": ep.model,
-                                     "usage": [result.prompt_tokens, result.completion_tokens]})
+        for _ in range(self.settings.parse_attempts):
+            if not await self._attempt_http(call, ep, result, state):
                 break
+            try:
+                if result.truncated and not call.accepts_truncation:
+                    raise ParseError("output stopped at max_tokens; raise max_tokens for this role")
+                result.value = self._parse(call, ep, result.text or "")
+            except ParseError as exc:
+                result.error_type = "Truncated" if result.truncated else "ParseError"
+                result.message = str(exc)
+                continue
+            result.ok, result.error_type, result.message = True, "", ""
+            self.cache.put(key, {"text": result.text, "model": ep.model,
+                                 "usage": [result.prompt_tokens, result.completion_tokens]})
+            break
         report_calls(call.stage, done=1, failed=0 if result.ok else 1)
         if not result.ok:
             log.warning("%s %s failed after %d attempts: %s: %s", call.stage, call.item_id, result.attempts,
@@ -307,20 +313,32 @@ class Gateway:
         return result
 
     async def _attempt_http(self, call: Call, ep: Endpoint, result: Result, state: _RoleState) -> bool:
-        """Up to max_attempts HTTP attempts; True when a response came back (parsable or not)."""
+        """Up to max_attempts HTTP attempts, each holding a slot of the endpoint's limiter (backoff sleeps do
+        not); True when a response came back (parsable or not)."""
+        limiter = self.limiter(ep)
         for attempt in range(1, self.settings.max_attempts + 1):
+            ticket = await limiter.acquire()
             result.attempts += 1
             try:
                 response = await self._complete(call, ep)
             except _Fatal as exc:
+                limiter.release(ticket, headers=_headers(exc.__cause__))
                 result.error_type, result.message = type(exc.__cause__ or exc).__name__, str(exc)
                 return False
             except _Transient as exc:
+                limiter.release(ticket, congested=exc.status in (429, 503), retry_after=exc.delay,
+                                headers=_headers(exc.__cause__))
                 result.error_type, result.message = type(exc.__cause__ or exc).__name__, str(exc)
                 if attempt == self.settings.max_attempts:
                     return False
                 await asyncio.sleep(exc.delay if exc.delay is not None else self._backoff(attempt))
                 continue
+            except BaseException:
+                limiter.release(ticket)
+                raise
+            usage = getattr(response, "usage", None)
+            limiter.release(ticket, ok=True, headers=_headers(response),
+                            tokens=getattr(usage, "total_tokens", 0) or 0)
             state.consecutive_failures = 0
             self._account(result, response, ep)
             choice = response.choices[0]
@@ -362,7 +380,7 @@ class Gateway:
 
     def _classify(self, exc: Exception, ep: Endpoint) -> Exception:
         litellm = _litellm()
-        state = self._roles[ep.identity]
+        state = self._state(ep)
         status = getattr(exc, "status_code", None)
         message = str(exc)[:300]
         if isinstance(exc, litellm.ContextWindowExceededError):
@@ -386,7 +404,7 @@ class Gateway:
             delay = retry_after(exc)
             if delay is not None and delay > self.settings.retry_after_cap:
                 return _Fatal(f"server asked to wait {delay:.0f}s, above retry_after_cap; {message}")
-            return _Transient(message, delay)
+            return _Transient(message, delay, status)
         return _Fatal(message)
 
     def _account(self, result: Result, response: Any, ep: Endpoint) -> None:
@@ -437,13 +455,27 @@ def schema_of(output: type[BaseModel]) -> dict[str, Any]:
     return output.model_json_schema()
 
 
+def _headers(source: Any) -> dict[str, str]:
+    """Response headers of a litellm response or exception (lower-cased), for rate-limit information."""
+    if source is None:
+        return {}
+    headers: dict[str, str] = {}
+    hidden = getattr(source, "_hidden_params", None)
+    found = [hidden.get("additional_headers") if isinstance(hidden, dict) else None,
+             getattr(source, "litellm_response_headers", None), getattr(source, "headers", None),
+             getattr(getattr(source, "response", None), "headers", None)]
+    for item in found:
+        if item:
+            try:
+                headers.update({str(k).lower(): str(v) for k, v in dict(item).items()})
+            except (TypeError, ValueError):
+                continue
+    return headers
+
+
 def retry_after(exc: Exception) -> float | None:
     """Seconds a server asked us to wait (Retry-After seconds or HTTP date, or retry-after-ms)."""
-    headers: dict[str, str] = {}
-    for source in (getattr(exc, "litellm_response_headers", None), getattr(exc, "headers", None),
-                   getattr(getattr(exc, "response", None), "headers", None)):
-        if source:
-            headers.update({str(k).lower(): str(v) for k, v in dict(source).items()})
+    headers = _headers(exc)
     if "retry-after-ms" in headers:
         try:
             return float(headers["retry-after-ms"]) / 1000
