@@ -86,18 +86,21 @@ def _progress() -> Iterator[None]:
         return
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    from codeclm.concurrency import progress_line
     from codeclm.progress import add_listener
 
-    columns = (SpinnerColumn(), TextColumn("{task.description:<10}"),
-               TextColumn("{task.completed} calls · {task.fields[cached]} cached · {task.fields[failed]} failed"),
+    columns = (SpinnerColumn(), TextColumn("{task.description:<10}"), TextColumn("{task.fields[text]}"),
                TimeElapsedColumn())
     with Progress(*columns, transient=False) as bar:
         rows: dict[str, Any] = {}
+        limits = bar.add_task("limit", total=None, text="")  # adaptive requests in flight per endpoint
 
         def show(stage: str, counts: Any) -> None:
             if stage not in rows:
-                rows[stage] = bar.add_task(stage, total=None, cached=0, failed=0)
-            bar.update(rows[stage], completed=counts["done"], cached=counts["cached"], failed=counts["failed"])
+                rows[stage] = bar.add_task(stage, total=None, text="")
+            text = f"{counts['done']} calls · {counts['cached']} cached · {counts['failed']} failed"
+            bar.update(rows[stage], completed=counts["done"], text=text)
+            bar.update(limits, text=progress_line())
 
         remove = add_listener(show)
         try:

@@ -20,7 +20,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -35,6 +35,8 @@ from codeclm.settings import RoleConfig, Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound=BaseModel)
+V = TypeVar("V")
+MemoKey = tuple[str, str, str, str]
 
 EMBEDDED_URL_ENV = "CODECLM_EMBEDDED_URL"
 EMBEDDED_MODEL = "openai/smollm2-135m-instruct"
@@ -204,6 +206,7 @@ class Gateway:
         self._roles: dict[str, _RoleState] = {}
         self._endpoints: dict[str, Endpoint] = {}
         self._inflight: dict[str, asyncio.Future[Result]] = {}
+        self._started: dict[MemoKey, asyncio.Future[Result]] = {}  # calls begun by `submit`, kept for `run`
 
     def endpoint(self, role: str) -> Endpoint:
         if role not in self._endpoints:
@@ -219,11 +222,42 @@ class Gateway:
         return future.result()
 
     async def _run_all(self, calls: list[Call]) -> list[Result]:
-        results = await asyncio.gather(*(self._one(c) for c in calls), return_exceptions=True)
+        results = await asyncio.gather(*(self._started_or_new(c) for c in calls), return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException):
                 raise r
         return results  # type: ignore[return-value]
+
+    def _memo_key(self, call: Call) -> MemoKey:
+        return self.key(call), call.role, call.stage, call.item_id
+
+    async def _started_or_new(self, call: Call) -> Result:
+        """The result of this call begun earlier by `submit` (exactly as it came: attempts, tokens, cached), or
+        a new call."""
+        started = self._started.pop(self._memo_key(call), None)
+        if started is None:
+            return await self._one(call)
+        return dataclasses.replace(await asyncio.shield(started), call=call)
+
+    def submit(self, call: Call) -> asyncio.Future[Result]:
+        """Begin a call now, on this gateway's loop (call from a coroutine running there); a later `run` asking
+        for the same call gets this result instead of calling again. Lets a step start an item's next call as
+        soon as its previous one is answered and still record every call through its usual `run`."""
+        started = asyncio.ensure_future(self._one(call))
+        self._started[self._memo_key(call)] = started
+        return started
+
+    def drive(self, coro: Coroutine[Any, Any, V]) -> V:
+        """Run a coroutine on this gateway's loop (where `submit` works) from a worker thread, and wait."""
+        if _CANCELLED.is_set():
+            coro.close()
+            raise ModelError("the run was interrupted; completed calls are cached")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def forget(self, calls: Sequence[Call]) -> None:
+        """Drop results begun by `submit` that no `run` asked for (thread-safe)."""
+        keys = [self._memo_key(c) for c in calls]
+        self._loop.call_soon_threadsafe(lambda: [self._started.pop(k, None) for k in keys])
 
     def _state(self, ep: Endpoint) -> _RoleState:
         return self._roles.setdefault(ep.identity, _RoleState())
