@@ -3,9 +3,11 @@ so `codeclm --help` is instant. User errors print as one line and exit 2; exit 0
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -109,6 +111,30 @@ def _progress() -> Iterator[None]:
             remove()
 
 
+def _prefect_api_early() -> Callable[[], None]:
+    """Start Prefect's temporary API server in the background now, so it boots (seconds) while litellm loads and
+    the models are checked; returns a function that waits for it. A configured PREFECT_API_URL (a running
+    server) is used as it is, and nothing is started."""
+    from prefect.settings import get_current_settings
+
+    current = get_current_settings()
+    if current.api.url or not current.server.ephemeral.enabled:
+        return lambda: None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    # its "Starting/Stopping temporary server" lines would follow a one-line user error on stderr
+    logging.getLogger("prefect").addFilter(lambda record: "temporary server" not in record.getMessage())
+    server = SubprocessASGIServer()  # one per process: the flow's client finds this one already running
+
+    def boot() -> None:
+        with contextlib.suppress(Exception):  # the flow starts it again and reports what went wrong
+            server.start()
+
+    thread = threading.Thread(target=boot, name="prefect-api-start", daemon=True)
+    thread.start()
+    return thread.join
+
+
 def _settings(config: Path | None, **overrides: Any) -> Any:
     """Settings from file, env and flags; the Dask runner's need for a Prefect server is checked now, not after
     a temporary server has started."""
@@ -147,6 +173,7 @@ def generate(
         from codeclm.storage import load_seeds
 
         load_seeds(seeds)  # a bad seed file fails in about a second, before Prefect and litellm are imported
+        api_ready = _prefect_api_early()
         from codeclm.gateway import preflight
         from flows.generate import generate as generate_flow
         from flows.generate import generation_roles
@@ -154,6 +181,7 @@ def generate(
 
         validate_seeds(seeds, settings)
         preflight(settings, generation_roles(settings))
+        api_ready()
         summary = generate_flow(str(seeds), str(out), settings)
         typer.echo(f"{summary['train']} training pairs in {summary['out']} "
                    f"(cost ${summary['totals']['cost_usd']:.4f}, {summary['totals']['calls']} calls, "
@@ -233,10 +261,12 @@ def run_job(
 
         benchmarks = benchmark or [default_benchmark()]
         plan_evaluation(benchmarks, settings, limit=limit)  # bad input fails before Prefect
+        api_ready = _prefect_api_early()
         from flows.run import run as run_flow
         from tasks.seeds import validate_seeds
 
         validate_seeds(seeds, settings)
+        api_ready()
         summary = run_flow(str(seeds), str(out), settings, benchmarks, limit)
         typer.echo(f"{summary['dataset']['train']} training pairs in {summary['dataset']['out']}")
         _print_leaderboard(summary["evaluation"]["results"])

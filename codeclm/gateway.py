@@ -166,11 +166,15 @@ def _supports_schema(model: str) -> bool:
         return False
 
 
+_PREFLIGHTED: set[str] = set()  # role configs already checked in this process (the CLI checks before the flow)
+
+
 def preflight(settings: Settings, roles: Sequence[str]) -> None:
     """Fail before any work for an unknown model, a missing key or an unreachable endpoint."""
     litellm = _litellm()
     for role in roles:
-        if settings.role(role).embedded:
+        checked = f"{role}:{settings.role(role).model_dump_json()}"
+        if settings.role(role).embedded or checked in _PREFLIGHTED:
             continue
         ep = resolve(settings, role)
         try:
@@ -186,6 +190,7 @@ def preflight(settings: Settings, roles: Sequence[str]) -> None:
                 raise ModelError(f"{role} model {ep.model}: {', '.join(missing)} is not set; export the key "
                                  f"or set {role}.api_key_env")
         log.debug("preflight ok for %s (%s via %s)", role, ep.model, provider)
+        _PREFLIGHTED.add(checked)
 
 
 def _check_reachable(role: str, api_base: str) -> None:
