@@ -3,11 +3,9 @@ so `codeclm --help` is instant. User errors print as one line and exit 2; exit 0
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -111,28 +109,13 @@ def _progress() -> Iterator[None]:
             remove()
 
 
-def _prefect_api_early() -> Callable[[], None]:
-    """Start Prefect's temporary API server in the background now, so it boots (seconds) while litellm loads and
-    the models are checked; returns a function that waits for it. A configured PREFECT_API_URL (a running
-    server) is used as it is, and nothing is started."""
-    from prefect.settings import get_current_settings
+def _prefect_api_early() -> Callable[[], object]:
+    """Boot Prefect's temporary API server now, beside litellm's import and the model checks (unless
+    PREFECT_API_URL names a running server); returns the function that waits for it before the flow starts."""
+    from codeclm.prefect_api import start_early
 
-    current = get_current_settings()
-    if current.api.url or not current.server.ephemeral.enabled:
-        return lambda: None
-    from prefect.server.api.server import SubprocessASGIServer
-
-    # its "Starting/Stopping temporary server" lines would follow a one-line user error on stderr
-    logging.getLogger("prefect").addFilter(lambda record: "temporary server" not in record.getMessage())
-    server = SubprocessASGIServer()  # one per process: the flow's client finds this one already running
-
-    def boot() -> None:
-        with contextlib.suppress(Exception):  # the flow starts it again and reports what went wrong
-            server.start()
-
-    thread = threading.Thread(target=boot, name="prefect-api-start", daemon=True)
-    thread.start()
-    return thread.join
+    api = start_early()
+    return (lambda: None) if api is None else api.ready
 
 
 def _settings(config: Path | None, **overrides: Any) -> Any:
