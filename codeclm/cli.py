@@ -109,13 +109,34 @@ def _progress() -> Iterator[None]:
             remove()
 
 
-def _prefect_api_early() -> Callable[[], object]:
+def _prefect_api_early(calls_expected: bool = True) -> Callable[[], object]:
     """Boot Prefect's temporary API server now, beside litellm's import and the model checks (unless
-    PREFECT_API_URL names a running server); returns the function that waits for it before the flow starts."""
+    PREFECT_API_URL names a running server); returns the function that waits for it before the flow starts.
+    litellm (4-10 s to import) loads meanwhile when calls are expected: the first call needs it even when the
+    model checks did not (they remember what litellm said), and a rerun of a published run needs no call."""
+    import threading
+
+    from codeclm.model_facts import litellm_module
     from codeclm.prefect_api import start_early
 
     api = start_early()
+    if calls_expected:
+        threading.Thread(target=litellm_module, name="import-litellm", daemon=True).start()
     return (lambda: None) if api is None else api.ready
+
+
+def _published_already(seeds: Path, out: Path, settings: Any) -> bool:
+    """OUT holds a run of these seeds with these settings and no failed call: a rerun will find every call cached."""
+    import json
+
+    from tasks.seeds import source_sha
+
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+        return (manifest["settings"] == settings.model_dump(mode="json") and manifest["totals"]["failed"] == 0
+                and manifest["run"]["seeds_sha"] == source_sha(seeds))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _settings(config: Path | None, **overrides: Any) -> Any:
@@ -156,7 +177,7 @@ def generate(
         from codeclm.storage import load_seeds
 
         load_seeds(seeds)  # a bad seed file fails in about a second, before Prefect and litellm are imported
-        api_ready = _prefect_api_early()
+        api_ready = _prefect_api_early(calls_expected=not _published_already(seeds, out, settings))
         from codeclm.gateway import preflight
         from flows.generate import generate as generate_flow
         from flows.generate import generation_roles

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ValidationError
 from codeclm import concurrency
 from codeclm.cache import CallCache, call_key
 from codeclm.errors import ConfigError, ModelError, ParseError
+from codeclm.model_facts import litellm_module, model_facts
 from codeclm.progress import report_calls
 from codeclm.settings import RoleConfig, Settings
 
@@ -122,14 +123,7 @@ class _RoleState:
     consecutive_failures: int = 0
 
 
-def _litellm() -> Any:
-    """Import litellm on first use: it costs seconds, and `codeclm --help` must not pay for it."""
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    import litellm
-
-    litellm.suppress_debug_info = True
-    litellm.drop_params = True
-    return litellm
+_litellm = litellm_module
 
 
 def resolve(settings: Settings, role: str) -> Endpoint:
@@ -147,23 +141,12 @@ def resolve(settings: Settings, role: str) -> Endpoint:
         api_key = os.environ.get(cfg.api_key_env)
         if not api_key:
             raise ModelError(f"{role} model {cfg.model}: env var {cfg.api_key_env} is not set; export the key")
+    facts = model_facts(cfg.model, cfg.api_base, settings.home)
     mode = cfg.output_mode
     if mode == "auto":
-        mode = "json_schema" if _supports_schema(cfg.model) else "text"
+        mode = "json_schema" if facts.schema else "text"
     return Endpoint(role, cfg.model, cfg.api_base, api_key, f"{cfg.model}@{cfg.api_base or 'default'}",
-                    mode, cfg, priced=_priced(cfg.model))
-
-
-def _priced(model: str) -> bool:
-    litellm = _litellm()
-    return model in litellm.model_cost or model.split("/", 1)[-1] in litellm.model_cost
-
-
-def _supports_schema(model: str) -> bool:
-    try:
-        return bool(_litellm().supports_response_schema(model=model))
-    except Exception:  # litellm raises for models missing from its map; plain text is the safe protocol
-        return False
+                    mode, cfg, priced=facts.priced)
 
 
 _PREFLIGHTED: set[str] = set()  # role configs already checked in this process (the CLI checks before the flow)
@@ -171,21 +154,19 @@ _PREFLIGHTED: set[str] = set()  # role configs already checked in this process (
 
 def preflight(settings: Settings, roles: Sequence[str]) -> None:
     """Fail before any work for an unknown model, a missing key or an unreachable endpoint."""
-    litellm = _litellm()
     for role in roles:
         checked = f"{role}:{settings.role(role).model_dump_json()}"
         if settings.role(role).embedded or checked in _PREFLIGHTED:
             continue
         ep = resolve(settings, role)
-        try:
-            _, provider, _, _ = litellm.get_llm_provider(ep.model, api_base=ep.api_base)
-        except Exception:
+        provider = model_facts(ep.model, ep.api_base, settings.home).provider
+        if provider is None:
             raise ModelError(f"{role} model {ep.model!r} is not a model string litellm knows; use "
-                             "'provider/model', e.g. openai/gpt-4o-mini or gemini/gemini-2.0-flash") from None
+                             "'provider/model', e.g. openai/gpt-4o-mini or gemini/gemini-2.0-flash")
         if ep.api_base:
             _check_reachable(role, ep.api_base)
         elif not ep.api_key:
-            missing = litellm.validate_environment(model=ep.model).get("missing_keys") or []
+            missing = _litellm().validate_environment(model=ep.model).get("missing_keys") or []
             if missing:
                 raise ModelError(f"{role} model {ep.model}: {', '.join(missing)} is not set; export the key "
                                  f"or set {role}.api_key_env")
@@ -578,11 +559,7 @@ def context_limit(settings: Settings, role: str) -> int | None:
         from codeclm.embedded import CONTEXT_TOKENS
 
         return CONTEXT_TOKENS
-    try:
-        info = _litellm().get_model_info(cfg.model)
-    except Exception:  # unknown to litellm's map: nothing to check against
-        return None
-    return info.get("max_input_tokens") or info.get("max_tokens")
+    return model_facts(cfg.model, cfg.api_base, settings.home).context
 
 
 def check_context(texts: Sequence[tuple[str, str]], settings: Settings, role: str, overhead: int,
