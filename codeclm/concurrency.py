@@ -6,7 +6,7 @@ Settings object or Gateway in this process, asks that endpoint's limiter for a s
 
 * the limit starts at `START` (capped by the role's `max_concurrency`, the ceiling) and doubles per round trip
   while every call succeeds (slow start), then grows by one per window of successes (additive increase),
-  and slowly near the limit where the server pushed back last (so probing above it costs few 429s);
+  eight times slower around the limit where the server pushed back last (so probing it costs few 429s);
 * a 429 or 503 multiplies it by `DECREASE` (once per window: the answers to requests sent before the cut
   carry no new information), and a Retry-After holds every new request to that endpoint until it has passed;
 * a requests- or tokens-per-minute limit, configured or stated by the provider in `x-ratelimit-*` headers,
@@ -202,10 +202,10 @@ class EndpointLimiter:
             self._stats["stragglers"] += 1
         self._wake_next()
 
-    def _wake_next(self, all_waiters: bool = False) -> None:
-        """Let waiters re-check admission: as many as there are free slots (all of them after a timer)."""
+    def _wake_next(self) -> None:
+        """Let as many waiters re-check admission as there are free slots (at least one)."""
         with self._lock:
-            free = len(self._waiters) if all_waiters else max(1, int(self.limit) - self.in_flight)
+            free = max(1, int(self.limit) - self.in_flight)
             woken = [self._waiters.popleft() for _ in range(min(free, len(self._waiters)))]
         for loop, future in woken:
             loop.call_soon_threadsafe(_resolve, future)
@@ -242,6 +242,8 @@ class EndpointLimiter:
     def _grow(self) -> None:
         if self.fixed or self.limit >= self.ceiling:
             return
+        if self._plateau is not None and self.limit > self._plateau + 1:
+            self._plateau = None  # probed past the limit that drew the last 429: the server has room again
         if self._slow_start:
             step = 1.0
         elif self._plateau is not None and self.limit + 1 >= self._plateau:
