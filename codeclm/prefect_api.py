@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +24,15 @@ from pathlib import Path
 import httpx
 
 HEALTH_POLL_S = 0.1
+PR_SET_PDEATHSIG = 1  # prctl option: signal to receive when the parent dies
+
+
+def _die_with_parent() -> None:
+    """In the server process (Linux): end when this process ends, however it ends (kill -9 and signal exits skip
+    atexit), so no temporary server outlives its run."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _free_port() -> int:
@@ -47,7 +58,7 @@ class EarlyAPI:
                 "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
                 "--log-level", "error", "--lifespan", "on"]  # what Prefect's SubprocessASGIServer runs
         self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-            args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         self._stack = ExitStack()
         atexit.register(self.close)
 
