@@ -158,6 +158,7 @@ class _HTTPServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like real servers, so client pooling is exercised
     server: _HTTPServer
+    pending_entry: dict[str, Any] | None = None  # the log entry of the chat request being answered
 
     def log_message(self, format: str, *args: Any) -> None:
         """Silence per-request stderr lines; the request log is the record."""
@@ -174,6 +175,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload).encode()
+        self.server.fake._logged(self, status)  # before the client can see the answer
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -380,13 +382,21 @@ class FakeLLMServer:
         }
         if self.keep_bodies:
             entry["body"] = body
+        handler.pending_entry = entry
         try:
-            entry["status"] = self._respond(handler, body, rule)
+            self._respond(handler, body, rule)
         finally:
-            entry["t_end"] = time.monotonic()
-            with self._lock:
-                self._inflight -= 1
-                self._log.append(entry)
+            self._logged(handler, None)  # a reset or a stop: no answer was sent
+
+    def _logged(self, handler: _Handler, status: int | None) -> None:
+        """Log the request being answered (once), so a client that has its answer finds it in the log."""
+        entry, handler.pending_entry = getattr(handler, "pending_entry", None), None
+        if entry is None:
+            return
+        entry["status"], entry["t_end"] = status, time.monotonic()
+        with self._lock:
+            self._inflight -= 1
+            self._log.append(entry)
 
     def _rate_headers(self) -> tuple[dict[str, str], float | None]:
         """x-ratelimit-* headers for the stated `rpm` (a token bucket refilled continuously, as OpenAI describes

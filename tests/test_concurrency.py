@@ -44,6 +44,7 @@ def test_successes_grow_the_limit_to_the_ceiling(fake_llm: FakeLLMServer, tmp_pa
     assert stats.limit == stats.max_limit == stats.ceiling == 40 > concurrency.START
     assert stats.decreases == 0 and stats.congestion == 0
     assert fake_llm.max_concurrency_seen > concurrency.START  # the server really saw more than the start
+    assert "openai/fake-strong 40/40 (0 in flight)" in concurrency.progress_line()  # what the CLI shows
 
 
 def test_a_429_storm_shrinks_the_limit_and_nothing_is_lost(fake_llm: FakeLLMServer, tmp_path: Path) -> None:

@@ -42,3 +42,7 @@ def test_a_held_call_delays_only_its_own_instruction(prefect_harness: None, fake
     counts = published["manifest"]["counts"]
     assert counts["failed_instructions"] == 0 and counts["train"] > 0
     assert len({r.instruction_id for r in published["train.parquet"]}) == counts["train"]
+    limits = {row["endpoint"].split("@")[0]: row for row in published["manifest"]["concurrency"]}
+    assert set(limits) == {"openai/fake-strong", "openai/fake-target"}  # the run's adaptive limits are kept
+    assert all(1 <= r["limit"] <= r["ceiling"] and r["calls"] > 0 and r["congestion"] == 0 for r in limits.values())
+    assert sum(r["calls"] for r in limits.values()) == published["manifest"]["totals"]["calls"]
