@@ -69,11 +69,15 @@ def _stop_temporary_server() -> None:
     """Prefect's temporary API server shares our stderr and may log its own shutdown (a cancelled database
     rollback) after our message; stopping it first keeps the one-line error the last line. Only as the
     `codeclm` program: embedded in another process (tests), the server is not ours to stop."""
-    if _STANDALONE and "prefect.server.api.server" in sys.modules:
+    if not _STANDALONE:
+        return
+    if "prefect.logging.handlers" in sys.modules:
         from prefect.logging.handlers import APILogWorker
-        from prefect.server.api.server import SubprocessASGIServer
 
         APILogWorker.drain_all(timeout=5)  # the run's last logs reach the server before it stops
+    if "prefect.server.api.server" in sys.modules:
+        from prefect.server.api.server import SubprocessASGIServer
+
         SubprocessASGIServer().stop()
 
 
@@ -108,24 +112,57 @@ def _progress() -> Iterator[None]:
         return
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    from codeclm.concurrency import progress_line
     from codeclm.progress import add_listener
 
-    columns = (SpinnerColumn(), TextColumn("{task.description:<10}"),
-               TextColumn("{task.completed} calls · {task.fields[cached]} cached · {task.fields[failed]} failed"),
+    columns = (SpinnerColumn(), TextColumn("{task.description:<10}"), TextColumn("{task.fields[text]}"),
                TimeElapsedColumn())
     with Progress(*columns, transient=False) as bar:
         rows: dict[str, Any] = {}
+        limits = bar.add_task("limit", total=None, text="")  # adaptive requests in flight per endpoint
 
         def show(stage: str, counts: Any) -> None:
             if stage not in rows:
-                rows[stage] = bar.add_task(stage, total=None, cached=0, failed=0)
-            bar.update(rows[stage], completed=counts["done"], cached=counts["cached"], failed=counts["failed"])
+                rows[stage] = bar.add_task(stage, total=None, text="")
+            text = f"{counts['done']} calls · {counts['cached']} cached · {counts['failed']} failed"
+            bar.update(rows[stage], completed=counts["done"], text=text)
+            bar.update(limits, text=progress_line())
 
         remove = add_listener(show)
         try:
             yield
         finally:
             remove()
+
+
+def _prefect_api_early(calls_expected: bool = True) -> Callable[[], object]:
+    """Boot Prefect's temporary API server now, beside litellm's import and the model checks (unless
+    PREFECT_API_URL names a running server); returns the function that waits for it before the flow starts.
+    litellm (4-10 s to import) loads meanwhile when calls are expected: the first call needs it even when the
+    model checks did not (they remember what litellm said), and a rerun of a published run needs no call."""
+    import threading
+
+    from codeclm.model_facts import litellm_module
+    from codeclm.prefect_api import start_early
+
+    api = start_early()
+    if calls_expected:
+        threading.Thread(target=litellm_module, name="import-litellm", daemon=True).start()
+    return (lambda: None) if api is None else api.ready
+
+
+def _published_already(seeds: Path, out: Path, settings: Any) -> bool:
+    """OUT holds a run of these seeds with these settings and no failed call: a rerun will find every call cached."""
+    import json
+
+    from tasks.seeds import source_sha
+
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+        return (manifest["settings"] == settings.model_dump(mode="json") and manifest["totals"]["failed"] == 0
+                and manifest["run"]["seeds_sha"] == source_sha(seeds))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _settings(config: Path | None, **overrides: Any) -> Any:
@@ -168,6 +205,7 @@ def generate(
         from codeclm.storage import load_seeds
 
         load_seeds(seeds)  # a bad seed file fails in about a second, before Prefect and litellm are imported
+        api_ready = _prefect_api_early(calls_expected=not _published_already(seeds, out, settings))
         from codeclm.gateway import preflight
         from flows.generate import generate as generate_flow
         from flows.generate import generation_roles
@@ -175,6 +213,7 @@ def generate(
 
         validate_seeds(seeds, settings)
         preflight(settings, generation_roles(settings))
+        api_ready()
         summary = generate_flow(str(seeds), str(out), settings)
         typer.echo(f"{summary['train']} training pairs in {summary['out']} "
                    f"(cost ${summary['totals']['cost_usd']:.4f}, {summary['totals']['calls']} calls, "
@@ -320,10 +359,12 @@ def run_job(
             from codeclm.finetune import check_trainer
 
             check_trainer(settings)  # a run that cannot train must not pay for its dataset first
+        api_ready = _prefect_api_early()
         from flows.run import run as run_flow
         from tasks.seeds import validate_seeds
 
         validate_seeds(seeds, settings)
+        api_ready()
         result = run_flow(str(seeds), str(out), settings, benchmarks, limit)
         typer.echo(f"{result.dataset['train']} training pairs in {result.dataset['out']}")
         _print_leaderboard(result.evaluation)

@@ -3,7 +3,9 @@
 Why a real server and not a mock: retries, timeouts, connection pooling, headers and litellm's own
 request shaping only show up over a real socket. Output is deterministic (seeded from the request),
 schema-valid when a JSON schema is requested, and fault rules reproduce what real providers do
-(429 with Retry-After, hangs, resets, truncated or broken JSON). Stdlib only, so it starts anywhere.
+(429 with Retry-After, hangs, resets, truncated or broken JSON), a fraction of requests at random
+(`rate`), an overloaded server that answers 429 above N requests in flight, and a provider that states its
+requests-per-minute limit in `x-ratelimit-*` headers and enforces it. Stdlib only, so it starts anywhere.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import struct
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from contextlib import nullcontext, suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -155,6 +158,7 @@ class _HTTPServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like real servers, so client pooling is exercised
     server: _HTTPServer
+    pending_entry: dict[str, Any] | None = None  # the log entry of the chat request being answered
 
     def log_message(self, format: str, *args: Any) -> None:
         """Silence per-request stderr lines; the request log is the record."""
@@ -171,6 +175,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload).encode()
+        self.server.fake._logged(self, status)  # before the client can see the answer
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -193,6 +198,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_json(200, {"object": "list", "data": [{"id": "fake-llm", "object": "model"}]})
         elif path == "/_log":
             self.send_json(200, self.server.fake.requests)
+        elif path == "/_stats":
+            self.send_json(200, self.server.fake.stats())
         else:
             self.send_json(404, _error(404, f"no route GET {path}"))
 
@@ -230,8 +237,20 @@ class FakeLLMServer:
         responder: Responder | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        max_inflight: int | None = None,
+        rpm: int | None = None,
+        keep_bodies: bool = False,
+        seed: int = 0,
     ) -> None:
+        """`max_inflight`: answer 429 (no Retry-After, like an overloaded proxy) to requests beyond this many in
+        flight. `rpm`: state this requests-per-minute limit in x-ratelimit-* headers and enforce it (429 with
+        Retry-After). `keep_bodies`: log each request body too (benchmarks replay them)."""
         self.latency, self.responder, self.host, self.port = latency, responder, host, port
+        self.max_inflight, self.rpm, self.keep_bodies = max_inflight, rpm, keep_bodies
+        self._rng = random.Random(seed)  # draws for fault rules with a `rate`: reproducible per server
+        self._bucket = (float(rpm or 0), time.monotonic())  # `rpm` as a token bucket: (level, updated)
+        self._inflight = 0
+        self.max_inflight_seen = 0
         self._slots = threading.BoundedSemaphore(slots) if slots else None
         self._lock = threading.Lock()
         self._log: list[dict[str, Any]] = []
@@ -300,13 +319,27 @@ class FakeLLMServer:
             if rule.get("kind") not in FAULT_KINDS:
                 kinds = ", ".join(sorted(FAULT_KINDS))
                 raise ValueError(f"unknown fault kind {rule.get('kind')!r}; expected one of {kinds}")
+            if rule.get("rate") is not None and not 0 <= float(rule["rate"]) <= 1:
+                raise ValueError(f"fault rate must be between 0 and 1, got {rule['rate']!r}")
         with self._lock:
             self._faults, self._hits = [dict(r) for r in rules], [0] * len(rules)
 
     def reset(self) -> None:
-        """Clear the log, the fault rules and the concurrency peak."""
+        """Clear the log, the fault rules and the concurrency peaks."""
         with self._lock:
             self._log, self._faults, self._hits, self.max_concurrency_seen = [], [], [], self._active
+            self.max_inflight_seen = self._inflight
+            self._bucket = (float(self.rpm or 0), time.monotonic())
+
+    def stats(self) -> dict[str, Any]:
+        """A summary of the log: request count, statuses, first and last request times, concurrency peaks."""
+        with self._lock:
+            log = list(self._log)
+            peaks = {"max_inflight": self.max_inflight_seen, "max_concurrency": self.max_concurrency_seen}
+        statuses = Counter(str(e["status"]) for e in log)
+        return {"requests": len(log), "statuses": dict(statuses), **peaks,
+                "first_t": min((e["t"] for e in log), default=None),
+                "last_t_end": max((e["t_end"] for e in log), default=None)}
 
     def _track(self, conn: socket.socket, add: bool) -> None:
         with self._lock:
@@ -321,6 +354,8 @@ class FakeLLMServer:
                     continue
                 if rule.get("times") is not None and self._hits[i] >= rule["times"]:
                     continue
+                if rule.get("rate") is not None and self._rng.random() >= float(rule["rate"]):
+                    continue
                 self._hits[i] += 1
                 return rule
         return None
@@ -329,7 +364,13 @@ class FakeLLMServer:
         """Serve one chat completion, applying the first matching fault rule, and log it."""
         body = body if isinstance(body, dict) else {}
         rf = body.get("response_format")
-        rule = self._match_fault(body) if isinstance(body.get("messages"), list) else None
+        with self._lock:
+            self._inflight += 1
+            self.max_inflight_seen = max(self.max_inflight_seen, self._inflight)
+            overloaded = self.max_inflight is not None and self._inflight > self.max_inflight
+        rule = self._match_fault(body) if isinstance(body.get("messages"), list) and not overloaded else None
+        if overloaded:
+            rule = {"kind": "http", "status": 429}
         entry: dict[str, Any] = {
             "t": time.monotonic(), "t_end": None, "path": path, "model": body.get("model"),
             "status": 200, "fault": rule["kind"] if rule else None,
@@ -341,12 +382,40 @@ class FakeLLMServer:
                 for k, v in handler.headers.items()
             },
         }
+        if self.keep_bodies:
+            entry["body"] = body
+        handler.pending_entry = entry
         try:
-            entry["status"] = self._respond(handler, body, rule)
+            self._respond(handler, body, rule)
         finally:
-            entry["t_end"] = time.monotonic()
-            with self._lock:
-                self._log.append(entry)
+            self._logged(handler, None)  # a reset or a stop: no answer was sent
+
+    def _logged(self, handler: _Handler, status: int | None) -> None:
+        """Log the request being answered (once), so a client that has its answer finds it in the log."""
+        entry, handler.pending_entry = getattr(handler, "pending_entry", None), None
+        if entry is None:
+            return
+        entry["status"], entry["t_end"] = status, time.monotonic()
+        with self._lock:
+            self._inflight -= 1
+            self._log.append(entry)
+
+    def _rate_headers(self) -> tuple[dict[str, str], float | None]:
+        """x-ratelimit-* headers for the stated `rpm` (a token bucket refilled continuously, as OpenAI describes
+        its limits), and the seconds to wait when this request finds the bucket empty."""
+        if self.rpm is None:
+            return {}, None
+        now = time.monotonic()
+        with self._lock:
+            level, updated = self._bucket
+            level = min(float(self.rpm), level + (now - updated) * self.rpm / 60)
+            wait = None if level >= 1 else (1 - level) * 60 / self.rpm
+            if wait is None:
+                level -= 1
+            self._bucket = (level, now)
+        headers = {"x-ratelimit-limit-requests": str(self.rpm), "x-ratelimit-remaining-requests": str(int(level)),
+                   "x-ratelimit-reset-requests": f"{(self.rpm - level) * 60 / self.rpm:.3f}s"}
+        return headers, wait
 
     def _respond(self, handler: _Handler, body: dict[str, Any], rule: dict[str, Any] | None) -> int | None:
         kind = rule["kind"] if rule else None
@@ -356,6 +425,11 @@ class FakeLLMServer:
         if kind == "reset":
             handler.reset_connection()
             return None
+        limits, wait = self._rate_headers() if kind is None else ({}, None)
+        if wait is not None:
+            handler.send_json(429, _error(429, f"rate limit of {self.rpm} requests per minute reached"),
+                              {**limits, "Retry-After": f"{wait:.3f}"})
+            return 429
         if kind == "http":
             status = int(rule.get("status", 429))
             headers = {"Retry-After": str(rule["retry_after"])} if "retry_after" in rule else {}
@@ -387,7 +461,7 @@ class FakeLLMServer:
                          "finish_reason": finish}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
-        })
+        }, limits)
         return 200
 
     def _generate(self, body: dict[str, Any]) -> tuple[str, str]:
@@ -436,8 +510,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds slept per request")
     parser.add_argument("--slots", type=int, default=None, help="requests processed at once")
+    parser.add_argument("--max-inflight", type=int, default=None, help="answer 429 above this many in flight")
+    parser.add_argument("--rpm", type=int, default=None, help="state and enforce a requests-per-minute limit")
+    parser.add_argument("--keep-bodies", action="store_true", help="log request bodies (GET /_log)")
     args = parser.parse_args(argv)
-    with FakeLLMServer(latency=args.latency, slots=args.slots, host=args.host, port=args.port) as server:
+    with FakeLLMServer(latency=args.latency, slots=args.slots, host=args.host, port=args.port,
+                       max_inflight=args.max_inflight, rpm=args.rpm, keep_bodies=args.keep_bodies) as server:
         print(server.url, flush=True)
         with suppress(KeyboardInterrupt):
             threading.Event().wait()

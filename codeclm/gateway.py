@@ -3,7 +3,8 @@
 One retry layer (ours: litellm's and the OpenAI SDK's retries are off), an explicit timeout on every
 attempt, a per-call disk cache keyed on content, structured output fitted to the endpoint, tolerant
 parsing, and per-call tokens and cost. Calls run on one background event loop per process, so batch
-tasks in many threads share the per-role concurrency limits and litellm's connection pools.
+tasks in many threads share litellm's connection pools; every HTTP attempt asks the endpoint's adaptive
+limiter (codeclm.concurrency, one per endpoint per process) for a slot and tells it how the attempt went.
 """
 
 from __future__ import annotations
@@ -20,22 +21,25 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from codeclm import interrupt
+from codeclm import concurrency, interrupt
 from codeclm.cache import CallCache, call_key
 from codeclm.embedded import CONTEXT_TOKENS, EMBEDDED_MODEL, EMBEDDED_URL_ENV
 from codeclm.errors import ConfigError, ModelError, ParseError
+from codeclm.model_facts import litellm_module, model_facts
 from codeclm.progress import report_calls
 from codeclm.settings import RoleConfig, Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound=BaseModel)
+V = TypeVar("V")
+MemoKey = tuple[str, str, str, str]
 
 _FENCE = re.compile(r"^```(?:json)?\s*|\s*```$")
 
@@ -99,9 +103,9 @@ class Result:
 class _Transient(Exception):
     """An attempt failed in a way worth retrying after `delay` seconds (None: use backoff)."""
 
-    def __init__(self, message: str, delay: float | None = None) -> None:
+    def __init__(self, message: str, delay: float | None = None, status: int | None = None) -> None:
         super().__init__(message)
-        self.delay = delay
+        self.delay, self.status = delay, status
 
 
 class _Fatal(Exception):
@@ -114,19 +118,12 @@ class EmptyResponse(Exception):
 
 @dataclass
 class _RoleState:
-    semaphore: asyncio.Semaphore
+    """Per endpoint: the circuit breaker's count of connection failures in a row."""
+
     consecutive_failures: int = 0
-    calls: int = field(default=0)
 
 
-def _litellm() -> Any:
-    """Import litellm on first use: it costs seconds, and `codeclm --help` must not pay for it."""
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    import litellm
-
-    litellm.suppress_debug_info = True
-    litellm.drop_params = True
-    return litellm
+_litellm = litellm_module
 
 
 def resolve(settings: Settings, role: str) -> Endpoint:
@@ -144,45 +141,37 @@ def resolve(settings: Settings, role: str) -> Endpoint:
         api_key = os.environ.get(cfg.api_key_env)
         if not api_key:
             raise ModelError(f"{role} model {cfg.model}: env var {cfg.api_key_env} is not set; export the key")
+    facts = model_facts(cfg.model, cfg.api_base, settings.home)
     mode = cfg.output_mode
     if mode == "auto":
-        mode = "json_schema" if _supports_schema(cfg.model) else "text"
+        mode = "json_schema" if facts.schema else "text"
     identity = cfg.identity or f"{cfg.model}@{cfg.api_base or 'default'}"
-    return Endpoint(role, cfg.model, cfg.api_base, api_key, identity, mode, cfg, priced=_priced(cfg.model))
+    return Endpoint(role, cfg.model, cfg.api_base, api_key, identity, mode, cfg, priced=facts.priced)
 
 
-def _priced(model: str) -> bool:
-    litellm = _litellm()
-    return model in litellm.model_cost or model.split("/", 1)[-1] in litellm.model_cost
-
-
-def _supports_schema(model: str) -> bool:
-    try:
-        return bool(_litellm().supports_response_schema(model=model))
-    except Exception:  # litellm raises for models missing from its map; plain text is the safe protocol
-        return False
+_PREFLIGHTED: set[str] = set()  # role configs already checked in this process (the CLI checks before the flow)
 
 
 def preflight(settings: Settings, roles: Sequence[str]) -> None:
     """Fail before any work for an unknown model, a missing key or an unreachable endpoint."""
-    litellm = _litellm()
     for role in roles:
-        if settings.role(role).embedded:
+        checked = f"{role}:{settings.role(role).model_dump_json()}"
+        if settings.role(role).embedded or checked in _PREFLIGHTED:
             continue
         ep = resolve(settings, role)
-        try:
-            _, provider, _, _ = litellm.get_llm_provider(ep.model, api_base=ep.api_base)
-        except Exception:
+        provider = model_facts(ep.model, ep.api_base, settings.home).provider
+        if provider is None:
             raise ModelError(f"{role} model {ep.model!r} is not a model string litellm knows; use "
-                             "'provider/model', e.g. openai/gpt-4o-mini or gemini/gemini-2.0-flash") from None
+                             "'provider/model', e.g. openai/gpt-4o-mini or gemini/gemini-2.0-flash")
         if ep.api_base:
             _check_reachable(role, ep.api_base)
         elif not ep.api_key:
-            missing = litellm.validate_environment(model=ep.model).get("missing_keys") or []
+            missing = _litellm().validate_environment(model=ep.model).get("missing_keys") or []
             if missing:
                 raise ModelError(f"{role} model {ep.model}: {', '.join(missing)} is not set; export the key "
                                  f"or set {role}.api_key_env")
         log.debug("preflight ok for %s (%s via %s)", role, ep.model, provider)
+        _PREFLIGHTED.add(checked)
 
 
 def _check_reachable(role: str, api_base: str) -> None:
@@ -203,6 +192,7 @@ class Gateway:
         self._roles: dict[str, _RoleState] = {}
         self._endpoints: dict[str, Endpoint] = {}
         self._inflight: dict[str, asyncio.Future[Result]] = {}
+        self._started: dict[MemoKey, asyncio.Future[Result]] = {}  # calls begun by `submit`, kept for `run`
 
     def endpoint(self, role: str) -> Endpoint:
         if role not in self._endpoints:
@@ -221,19 +211,60 @@ class Gateway:
             raise
 
     async def _run_all(self, calls: list[Call]) -> list[Result]:
-        results = await asyncio.gather(*(self._one(c) for c in calls), return_exceptions=True)
+        results = await asyncio.gather(*(self._started_or_new(c) for c in calls), return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException):
                 raise r
         return results  # type: ignore[return-value]
 
+    def _memo_key(self, call: Call) -> MemoKey:
+        return self.key(call), call.role, call.stage, call.item_id
+
+    async def _started_or_new(self, call: Call) -> Result:
+        """The result of this call begun earlier by `submit` (exactly as it came: attempts, tokens, cached), or
+        a new call."""
+        started = self._started.pop(self._memo_key(call), None)
+        if started is None:
+            return await self._one(call)
+        return dataclasses.replace(await asyncio.shield(started), call=call)
+
+    def submit(self, call: Call) -> asyncio.Future[Result]:
+        """Begin a call now, on this gateway's loop (call from a coroutine running there); a later `run` asking
+        for the same call gets this result instead of calling again. Lets a step start an item's next call as
+        soon as its previous one is answered and still record every call through its usual `run`."""
+        started = asyncio.ensure_future(self._one(call))
+        self._started[self._memo_key(call)] = started
+        return started
+
+    def drive(self, coro: Coroutine[Any, Any, V]) -> V:
+        """Run a coroutine on this gateway's loop (where `submit` works) from a worker thread, and wait."""
+        if interrupt.stopped():
+            coro.close()
+            interrupt.raise_if_stopped()
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except (concurrent.futures.CancelledError, asyncio.CancelledError):
+            interrupt.raise_if_stopped()  # stopped on purpose: say why (dead model server, Ctrl-C)
+            raise
+
+    def forget(self, calls: Sequence[Call]) -> None:
+        """Drop results begun by `submit` that no `run` asked for (thread-safe)."""
+        keys = [self._memo_key(c) for c in calls]
+        self._loop.call_soon_threadsafe(lambda: [self._started.pop(k, None) for k in keys])
+
     def _state(self, ep: Endpoint) -> _RoleState:
-        """Limits per endpoint, not per role: roles sharing one server share its slots. The embedded
-        llama.cpp server answers one request at a time, so more in flight would only queue into timeouts."""
-        if ep.identity not in self._roles:
-            slots = 1 if ep.config.embedded else ep.config.max_concurrency
-            self._roles[ep.identity] = _RoleState(asyncio.Semaphore(slots))
-        return self._roles[ep.identity]
+        return self._roles.setdefault(ep.identity, _RoleState())
+
+    @staticmethod
+    def limiter(ep: Endpoint) -> concurrency.EndpointLimiter:
+        """The process-wide limiter of the endpoint (not of this gateway or role): roles, tasks and flows
+        calling one endpoint share its slots. The embedded llama.cpp server answers one request at a time,
+        so it gets one fixed slot; more in flight would only queue into timeouts."""
+        cfg = ep.config
+        return concurrency.limiter_for(ep.identity, 1 if cfg.embedded else cfg.max_concurrency, fixed=cfg.embedded,
+                                       requests_per_minute=cfg.requests_per_minute,
+                                       tokens_per_minute=cfg.tokens_per_minute)
 
     def key(self, call: Call) -> str:
         ep = self.endpoint(call.role)
@@ -292,22 +323,21 @@ class Gateway:
 
     async def _fresh(self, call: Call, ep: Endpoint, key: str, result: Result) -> Result:
         state = self._state(ep)
-        async with state.semaphore:
-            for _ in range(self.settings.parse_attempts):
-                if not await self._attempt_http(call, ep, result, state):
-                    break
-                try:
-                    if result.truncated and not call.accepts_truncation:
-                        raise ParseError("output stopped at max_tokens; raise max_tokens for this role")
-                    result.value = self._parse(call, ep, result.text or "")
-                except ParseError as exc:
-                    result.error_type = "Truncated" if result.truncated else "ParseError"
-                    result.message = str(exc)
-                    continue
-                result.ok, result.error_type, result.message = True, "", ""
-                self.cache.put(key, {"text": result.text, "model": ep.model,
-                                     "usage": [result.prompt_tokens, result.completion_tokens]})
+        for _ in range(self.settings.parse_attempts):
+            if not await self._attempt_http(call, ep, result, state):
                 break
+            try:
+                if result.truncated and not call.accepts_truncation:
+                    raise ParseError("output stopped at max_tokens; raise max_tokens for this role")
+                result.value = self._parse(call, ep, result.text or "")
+            except ParseError as exc:
+                result.error_type = "Truncated" if result.truncated else "ParseError"
+                result.message = str(exc)
+                continue
+            result.ok, result.error_type, result.message = True, "", ""
+            self.cache.put(key, {"text": result.text, "model": ep.model,
+                                 "usage": [result.prompt_tokens, result.completion_tokens]})
+            break
         report_calls(call.stage, done=1, failed=0 if result.ok else 1)
         if not result.ok:
             log.warning("%s %s failed after %d attempts: %s: %s", call.stage, call.item_id, result.attempts,
@@ -315,20 +345,32 @@ class Gateway:
         return result
 
     async def _attempt_http(self, call: Call, ep: Endpoint, result: Result, state: _RoleState) -> bool:
-        """Up to max_attempts HTTP attempts; True when a response came back (parsable or not)."""
+        """Up to max_attempts HTTP attempts, each holding a slot of the endpoint's limiter (backoff sleeps do
+        not); True when a response came back (parsable or not)."""
+        limiter = self.limiter(ep)
         for attempt in range(1, self.settings.max_attempts + 1):
+            ticket = await limiter.acquire()
             result.attempts += 1
             try:
                 response = await self._complete(call, ep)
             except _Fatal as exc:
+                limiter.release(ticket, headers=_headers(exc.__cause__))
                 result.error_type, result.message = type(exc.__cause__ or exc).__name__, str(exc)
                 return False
             except _Transient as exc:
+                limiter.release(ticket, congested=exc.status in (429, 503), retry_after=exc.delay,
+                                headers=_headers(exc.__cause__))
                 result.error_type, result.message = type(exc.__cause__ or exc).__name__, str(exc)
                 if attempt == self.settings.max_attempts:
                     return False
                 await asyncio.sleep(exc.delay if exc.delay is not None else self._backoff(attempt))
                 continue
+            except BaseException:
+                limiter.release(ticket)
+                raise
+            usage = getattr(response, "usage", None)
+            limiter.release(ticket, ok=True, headers=_headers(response),
+                            tokens=getattr(usage, "total_tokens", 0) or 0)
             state.consecutive_failures = 0
             self._account(result, response, ep)
             choice = response.choices[0]
@@ -370,7 +412,7 @@ class Gateway:
 
     def _classify(self, exc: Exception, ep: Endpoint) -> Exception:
         litellm = _litellm()
-        state = self._roles[ep.identity]
+        state = self._state(ep)
         status = getattr(exc, "status_code", None)
         message = str(exc)[:300]
         if isinstance(exc, litellm.ContextWindowExceededError):
@@ -394,7 +436,7 @@ class Gateway:
             delay = retry_after(exc)
             if delay is not None and delay > self.settings.retry_after_cap:
                 return _Fatal(f"server asked to wait {delay:.0f}s, above retry_after_cap; {message}")
-            return _Transient(message, delay)
+            return _Transient(message, delay, status)
         return _Fatal(message)
 
     def _account(self, result: Result, response: Any, ep: Endpoint) -> None:
@@ -445,13 +487,27 @@ def schema_of(output: type[BaseModel]) -> dict[str, Any]:
     return output.model_json_schema()
 
 
+def _headers(source: Any) -> dict[str, str]:
+    """Response headers of a litellm response or exception (lower-cased), for rate-limit information."""
+    if source is None:
+        return {}
+    headers: dict[str, str] = {}
+    hidden = getattr(source, "_hidden_params", None)
+    found = [hidden.get("additional_headers") if isinstance(hidden, dict) else None,
+             getattr(source, "litellm_response_headers", None), getattr(source, "headers", None),
+             getattr(getattr(source, "response", None), "headers", None)]
+    for item in found:
+        if item:
+            try:
+                headers.update({str(k).lower(): str(v) for k, v in dict(item).items()})
+            except (TypeError, ValueError):
+                continue
+    return headers
+
+
 def retry_after(exc: Exception) -> float | None:
     """Seconds a server asked us to wait (Retry-After seconds or HTTP date, or retry-after-ms)."""
-    headers: dict[str, str] = {}
-    for source in (getattr(exc, "litellm_response_headers", None), getattr(exc, "headers", None),
-                   getattr(getattr(exc, "response", None), "headers", None)):
-        if source:
-            headers.update({str(k).lower(): str(v) for k, v in dict(source).items()})
+    headers = _headers(exc)
     if "retry-after-ms" in headers:
         try:
             return float(headers["retry-after-ms"]) / 1000
@@ -503,11 +559,7 @@ def context_limit(settings: Settings, role: str) -> int | None:
         return cfg.context_tokens
     if cfg.embedded:
         return CONTEXT_TOKENS
-    try:
-        info = _litellm().get_model_info(cfg.model)
-    except Exception:  # unknown to litellm's map: nothing to check against
-        return None
-    return info.get("max_input_tokens") or info.get("max_tokens")
+    return model_facts(cfg.model, cfg.api_base, settings.home).context
 
 
 def check_context(texts: Sequence[tuple[str, str]], settings: Settings, role: str, overhead: int,

@@ -49,7 +49,11 @@ class RoleConfig(BaseModel):
     temperature: float = Field(0.7, ge=0, le=2)
     max_tokens: int = Field(2048, ge=1, le=131072, description="answer limit (paper A.3: 2048 for LLaMA runs)")
     timeout: float = Field(120.0, gt=0, le=3600, description="seconds per HTTP attempt")
-    max_concurrency: int = Field(8, ge=1, le=1024, description="requests in flight to this role at once")
+    max_concurrency: int = Field(64, ge=1, le=1024, description="ceiling of the adaptive limit of requests in "
+                                 "flight to this role's endpoint (hosted APIs take 64 at once; 429s lower it)")
+    requests_per_minute: float | None = Field(None, gt=0, description="pace requests to this rate; the provider's "
+                                              "x-ratelimit-* headers set it too when they state a lower one")
+    tokens_per_minute: float | None = Field(None, gt=0, description="pace tokens (prompt + answer) to this rate")
     output_mode: OutputMode = Field("auto", description="structured-output protocol; auto picks per model")
     context_tokens: int | None = Field(None, ge=256, description="prompt+answer limit; from litellm if None")
     identity: str | None = Field(None, description="what names this model in cache keys instead of model@api_base "

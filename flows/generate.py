@@ -1,7 +1,8 @@
 """Flow `generate`: seeds in, a CodecLM dataset out. Orchestration only; every step is a batch task.
 
-encode (per seed batch) -> augment (all) -> rubrics + decode (per batch) -> dedup (all) ->
-rounds 1..K of respond -> score -> filter, with improve before every round after the first -> export.
+encode (per seed batch) -> augment (all) -> rubrics + decode (per batch) -> dedup (all) -> rounds (per batch:
+rounds 1..K of respond -> score -> filter, with improve before every round after the first, each instruction
+moving on as soon as its own calls are answered) -> export.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from prefect import flow, unmapped
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from codeclm import concurrency
 from codeclm.checks import check_output
 from codeclm.embedded import models_ready
 from codeclm.gateway import preflight
-from codeclm.monitor import progress_view, stage_table, wait_stage
+from codeclm.monitor import progress_view, stage_table, wait_rounds, wait_stage
 from codeclm.settings import Settings
 from tasks._base import Outputs, Ref
 from tasks.augment import augment
@@ -25,11 +27,8 @@ from tasks.decode import decode
 from tasks.dedup import dedup
 from tasks.encode import encode
 from tasks.export import export
-from tasks.filter import filter_candidates
-from tasks.improve import improve
-from tasks.respond import respond
+from tasks.rounds import ordered, rounds
 from tasks.rubrics import rubrics
-from tasks.score import score
 from tasks.seeds import prepare_seeds, source_sha, validate_seeds
 
 GENERATION_ROLES = ("strong", "target")
@@ -59,6 +58,7 @@ def generation_roles(settings: Settings) -> tuple[str, ...]:
 def pipeline(seeds: str, out: str, settings: Settings) -> dict[str, Any]:
     """The CodecLM stages over batches; run as a subflow so the task runner can follow the settings."""
     refs: dict[str, list[Ref]] = defaultdict(list)
+    limits = concurrency.start_run()
     seed_batches = prepare_seeds(seeds, source_sha(Path(seeds)), settings)
     labels = [f"{i:03d}" for i in range(len(seed_batches))]
     refs["seeds"] = seed_batches
@@ -84,29 +84,16 @@ def pipeline(seeds: str, out: str, settings: Settings) -> dict[str, Any]:
         refs["candidates"] += basic
         refs["rejected"] += deduped["rejected"]
 
-    active = dict(zip(labels, basic, strict=True))
-    rubric_of = {label: out["rubrics"] for label, out in zip(labels, rubric_sets, strict=True)}
-    for round in range(1, settings.max_rounds + 1):
-        active = {label: ref for label, ref in active.items() if ref["rows"] > 0}
-        if not active:
-            break
-        names = list(active)
-        if round > 1:
-            improved = wait_stage(f"improve r{round}", improve.map(
-                list(active.values()), [rubric_of[n] for n in names], unmapped(settings), round, batch=names))
-            _collect(refs, improved)
-            active = {n: out["candidates"] for n, out in zip(names, improved, strict=True)}
-        cands = list(active.values())
-        answered = wait_stage(f"respond r{round}", respond.map(cands, unmapped(settings), round, batch=names))
-        responses = [a["responses"] for a in answered]
-        judged = wait_stage(f"score r{round}", score.map(cands, responses, unmapped(settings), round, batch=names))
-        filtered = wait_stage(f"filter r{round}", filter_candidates.map(
-            cands, responses, [j["judgements"] for j in judged], unmapped(settings), round, batch=names))
-        _collect(refs, answered + judged)
-        _collect(refs, filtered, skip=("pending",))
-        active = {n: out["pending"] for n, out in zip(names, filtered, strict=True)}
+    active = [(label, cands, out["rubrics"]) for label, cands, out in zip(labels, basic, rubric_sets, strict=True)
+              if cands["rows"] > 0]
+    names = [label for label, _, _ in active]
+    per_batch = wait_rounds(names, rounds.map([c for _, c, _ in active], [r for _, _, r in active],
+                                              unmapped(settings), batch=names))
+    for _, outputs in ordered(per_batch, settings.max_rounds):
+        _collect(refs, outputs, skip=("pending",))
 
-    run = {"flow_run_id": str(flow_run.get_id() or ""), "seeds": seeds, "seeds_sha": source_sha(Path(seeds))}
+    run = {"flow_run_id": str(flow_run.get_id() or ""), "seeds": seeds, "seeds_sha": source_sha(Path(seeds)),
+           "concurrency": concurrency.run_stats(limits)}
     return export(dict(refs), settings, out, run)
 
 
@@ -121,5 +108,7 @@ def generate(seeds: str, out: str, settings: Settings | None = None) -> dict[str
         preflight(settings, generation_roles(settings))
         summary = pipeline.with_options(task_runner=task_runner(settings))(seeds, out, settings)
     stage_table("generate-stages", summary["stages"], "calls, tokens, cost and seconds per CodecLM stage")
+    stage_table("generate-concurrency", summary["concurrency"], "adaptive requests in flight per endpoint: limit "
+                "now, lowest and highest, in-flight peak, 429/503 answers, Retry-After pauses")
     print(f"published {summary['train']} training pairs to {summary['out']}")
     return summary

@@ -114,8 +114,11 @@ def _stage_summary(stats: list[CallStats]) -> list[dict[str, Any]]:
 
 @codec_task("export", run_name="publish dataset · {out}")
 def export(refs: dict[str, list[Ref]], settings: Settings, out: str, run: dict[str, Any]) -> dict[str, Any]:
-    """Write train/rejected/failed/stages and the manifest aside, validate them, then swap into `out`."""
+    """Write train/rejected/failed/stages and the manifest aside, validate them, then swap into `out`.
+    `run` may carry `concurrency`: the adaptive limits per endpoint during the run, kept in the manifest."""
     target = Path(out)
+    run = dict(run)
+    limits = run.pop("concurrency", [])
     kept_all = _concat(refs.get("kept", []), TrainingPair)
     train, over_budget = apply_budget(kept_all, settings.budget, settings.seed)
     rejected = _concat(refs.get("rejected", []), RejectedCandidate) + over_budget
@@ -166,6 +169,7 @@ def export(refs: dict[str, list[Ref]], settings: Settings, out: str, run: dict[s
                 "failed_instructions": len({f.instruction_id for f in failed if f.instruction_id}),
             },
             "stages": stages,
+            "concurrency": limits,
             "totals": {k: sum(s[k] for s in stages) for k in ("calls", "cached", "failed", "prompt_tokens",
                                                               "completion_tokens", "cost_usd", "unpriced_calls")},
             "files": {name: _sha(path) for name, path in sorted(files.items())},
@@ -173,7 +177,7 @@ def export(refs: dict[str, list[Ref]], settings: Settings, out: str, run: dict[s
         write_json(staging / "manifest.json", manifest)
         publish(staging, target)
         return {"out": str(target), "train": len(train), "counts": manifest["counts"], "stages": stages,
-                "totals": manifest["totals"]}
+                "concurrency": limits, "totals": manifest["totals"]}
 
 
 @contextmanager

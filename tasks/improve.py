@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 
 from codeclm.gateway import Call
 from codeclm.parsing import parse_improved_instruction
-from codeclm.prompts import load_prompt
+from codeclm.prompts import Prompt, load_prompt
 from codeclm.records import Candidate, RubricSet, content_id
 from codeclm.settings import Settings
 from tasks._base import Outputs, Ref, Step, codec_task, read
@@ -30,6 +30,21 @@ def pick_action(candidate: Candidate, actions: list[str], round: int, settings: 
     return rng.choice(pool)
 
 
+def improve_call(cand: Candidate, action: str, prompt: Prompt) -> Call:
+    """The call rewriting one candidate with one action (a free-text answer)."""
+    return Call(role="strong", messages=prompt.render(False, action=action, instruction=cand.instruction),
+                output=Improved, text_parser=_from_text, free_text=True, prompt_version=prompt.version,
+                stage="improve", item_id=cand.candidate_id)
+
+
+def improved_candidate(cand: Candidate, action: str, answer: Improved, round: int) -> Candidate:
+    """The round-`round` candidate made from the rewritten instruction."""
+    text = answer.improved_instruction.strip()
+    return cand.model_copy(update={
+        "candidate_id": content_id("cand", cand.instruction_id, round, text), "round": round,
+        "instruction": text, "actions_applied": [*cand.actions_applied, action]})
+
+
 @codec_task("improve", run_name="{name} r{round} · batch {batch}", tags=["role:strong"])
 def improve(pending: Ref, rubric_sets: Ref, settings: Settings, round: int, batch: str) -> Outputs:
     """Make round `round` candidates from the ones Contrastive Filtering sent back."""
@@ -45,17 +60,9 @@ def improve(pending: Ref, rubric_sets: Ref, settings: Settings, round: int, batc
         else:
             step.fail(cand.candidate_id, "strong", "", "MissingRubrics", "no actions for this metadata: the rubrics "
                       "call failed", instruction_id=cand.instruction_id)
-    calls = [Call(role="strong", messages=prompt.render(False, action=action, instruction=cand.instruction),
-                  output=Improved, text_parser=_from_text, free_text=True, prompt_version=prompt.version,
-                  stage="improve", item_id=cand.candidate_id) for cand, action in todo]
+    calls = [improve_call(cand, action, prompt) for cand, action in todo]
     results = step.call(calls, {c.candidate_id: c.instruction_id for c, _ in todo})
-    improved = []
-    for (cand, action), result in zip(todo, results, strict=True):
-        if not result.ok:
-            continue
-        text = result.value.improved_instruction.strip()
-        improved.append(cand.model_copy(update={
-            "candidate_id": content_id("cand", cand.instruction_id, round, text), "round": round,
-            "instruction": text, "actions_applied": [*cand.actions_applied, action]}))
+    improved = [improved_candidate(cand, action, result.value, round)
+                for (cand, action), result in zip(todo, results, strict=True) if result.ok]
     step.write("candidates", improved, Candidate)
     return step.finish()

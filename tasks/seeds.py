@@ -39,13 +39,24 @@ def prepare_seeds(source: str, source_sha: str, settings: Settings) -> list[Ref]
 
 
 ENCODE_OVERHEAD_TOKENS = 600
+_VALIDATED: dict[tuple[str, ...], list[Seed]] = {}  # the CLI validates before the flow; the flow need not again
 
 
 def validate_seeds(source: Path, settings: Settings) -> list[Seed]:
     """Every check that needs no Prefect and no LLM call, so bad input fails in a second with one line."""
+    try:
+        stat = source.stat()
+        key: tuple[str, ...] | None = (str(source.resolve()), str(stat.st_mtime_ns), str(stat.st_size),
+                                       settings.strong.model_dump_json())
+    except OSError:
+        key = None  # load_seeds says what is wrong with it
+    if key in _VALIDATED:
+        return _VALIDATED[key]
     seeds = load_seeds(source)
     check_context([(f"seed {s.seed_id}", s.instruction) for s in seeds], settings, "strong",
                   ENCODE_OVERHEAD_TOKENS, str(source))
+    if key is not None and not source.is_dir():
+        _VALIDATED[key] = seeds
     return seeds
 
 

@@ -108,7 +108,7 @@ def test_cli_triggered_generate_run_completes_with_monitoring(deployed_generate_
     # task runs say stage and batch, and carry the role tags
     tasks = server.post("/task_runs/filter", {"flow_runs": {"id": {"any_": family}}})
     names = {t["name"] for t in tasks}
-    assert {"encode · batch 000", "decode · batch 000", "respond r1 · batch 000", "score r1 · batch 000"} <= names
+    assert {"encode · batch 000", "decode · batch 000", "rubrics · batch 000", "rounds · batch 000"} <= names
     encode = next(t for t in tasks if t["name"] == "encode · batch 000")
     assert {"codeclm", "encode", "role:strong"} <= set(encode["tags"])
     assert all(t["state_type"] == "COMPLETED" for t in tasks)

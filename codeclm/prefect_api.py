@@ -1,0 +1,106 @@
+"""Prefect's temporary API server, booted in its own process while this one loads litellm and checks the models.
+
+Without a configured server (PREFECT_API_URL), Prefect starts a temporary one when the first flow starts: it
+imports its server code into this process first (seconds, on the critical path) and then waits for the server
+process to boot (more seconds). Here the same server process (Prefect's own command and environment) starts as
+soon as the CLI has read its input, boots beside litellm's import and the preflight, and the flow is pointed at
+it. If it cannot start, nothing is set and Prefect starts its own as usual, reporting what went wrong.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+
+HEALTH_POLL_S = 0.1
+PR_SET_PDEATHSIG = 1  # prctl option: signal to receive when the parent dies
+
+
+def _die_with_parent() -> None:
+    """In the server process (Linux): end when this process ends, however it ends (kill -9 and signal exits skip
+    atexit), so no temporary server outlives its run."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class EarlyAPI:
+    """A temporary Prefect API server started now; `ready()` waits for it and points Prefect at it."""
+
+    def __init__(self) -> None:
+        import prefect
+        from prefect.settings import get_current_settings
+
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        settings = get_current_settings()
+        self.timeout = settings.server.ephemeral.startup_timeout_seconds
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+               "PREFECT__SERVER_FINAL": "1", **settings.to_environment_variables(exclude_unset=True)}
+        args = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory",
+                "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+                "--log-level", "error", "--lifespan", "on"]  # what Prefect's SubprocessASGIServer runs
+        self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+            args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        self._stack = ExitStack()
+        atexit.register(self.close)
+
+    def ready(self) -> bool:
+        """Wait until the server answers, then point Prefect (and any process it starts) at it; False, and the
+        server stopped, if it did not come up: Prefect then starts its own."""
+        deadline = time.monotonic() + self.timeout
+        with httpx.Client() as client:
+            while self.proc is not None and self.proc.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get(f"{self.url}/health", timeout=2).status_code == 200:
+                        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+                        os.environ["PREFECT_API_URL"] = self.url
+                        self._stack.enter_context(temporary_settings(updates={PREFECT_API_URL: self.url}))
+                        return True
+                time.sleep(HEALTH_POLL_S)
+        self.close()
+        return False
+
+    def close(self) -> None:
+        """Stop the server (at exit, or when it failed to start)."""
+        self._stack.close()
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if os.environ.get("PREFECT_API_URL") == self.url:
+            del os.environ["PREFECT_API_URL"]
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def start_early() -> EarlyAPI | None:
+    """Start the temporary server now, unless a server is configured (PREFECT_API_URL: used as it is) or
+    temporary servers are disabled."""
+    from prefect.settings import get_current_settings
+
+    current = get_current_settings()
+    if current.api.url or not current.server.ephemeral.enabled:
+        return None
+    return EarlyAPI()
