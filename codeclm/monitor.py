@@ -131,7 +131,7 @@ def wait_rounds(labels: Sequence[str], futures: Sequence[PrefectFuture[dict[str,
                 view.stages.setdefault(stage, _Stage(total)).done += 1
             view.advance("rounds")
         log.info("rounds: batch %s done", label_of[id(future)])
-    if view is not None:  # batches with no instruction left for a round have nothing more to do in it
+    if view is not None and total:  # batches with no instruction left for a round have nothing more to do in it
         for stage in reached:
             view.stages[stage].done = total
         view.advance("rounds", 0)
