@@ -78,9 +78,12 @@ def test_generate_on_embedded_model(tmp_path: Path, seeds: Path) -> None:
 
 def test_ctrl_c_stops_the_embedded_server(tmp_path: Path, seeds: Path) -> None:
     before = _llama_servers()
+    # Ctrl-C's default disposition even when this test runs in a background job, whose children inherit SIGINT as
+    # ignored (then Python never raises KeyboardInterrupt and the run would just finish)
     proc = subprocess.Popen([*CODECLM, "generate", str(seeds), "--out", str(tmp_path / "out"), "--config",
                              str(ROOT / "data" / "demo.toml")], env=_env(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not (_llama_servers() - before) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.5)
