@@ -5,12 +5,10 @@ our process so it cannot outlive us (not after Ctrl-C, not after kill -9)."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.util
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +21,7 @@ import httpx
 
 from codeclm import interrupt
 from codeclm.errors import ModelError
+from codeclm.processes import die_with_parent, free_port, stop
 from codeclm.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,18 +39,6 @@ def gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(f"the embedded model is not installed; {_INSTALL_HINT}, or set real models")
     return Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def die_with_parent() -> None:
-    """Runs in the child before exec: the kernel sends SIGTERM to it when our process dies (Linux)."""
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _now() -> str:
@@ -131,12 +118,7 @@ def serving(threads: int | None = None, startup_timeout: float = 120.0) -> Itera
         yield url
     finally:
         watch.closing.set()
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=10)
 
 
 def _wait_healthy(proc: subprocess.Popen[bytes], url: str, timeout: float, log_path: Path) -> None:

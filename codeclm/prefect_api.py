@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,22 +20,9 @@ from pathlib import Path
 
 import httpx
 
+from codeclm.processes import die_with_parent, free_port, stop
+
 HEALTH_POLL_S = 0.1
-PR_SET_PDEATHSIG = 1  # prctl option: signal to receive when the parent dies
-
-
-def _die_with_parent() -> None:
-    """In the server process (Linux): end when this process ends, however it ends (kill -9 and signal exits skip
-    atexit), so no temporary server outlives its run."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class EarlyAPI:
@@ -48,7 +32,7 @@ class EarlyAPI:
         import prefect
         from prefect.settings import get_current_settings
 
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
         settings = get_current_settings()
         self.timeout = settings.server.ephemeral.startup_timeout_seconds
@@ -58,7 +42,7 @@ class EarlyAPI:
                 "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
                 "--log-level", "error", "--lifespan", "on"]  # what Prefect's SubprocessASGIServer runs
         self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-            args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+            args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
         self._stack = ExitStack()
         atexit.register(self.close)
 
@@ -87,12 +71,7 @@ class EarlyAPI:
             return
         if os.environ.get("PREFECT_API_URL") == self.url:
             del os.environ["PREFECT_API_URL"]
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=5)
 
 
 def start_early() -> EarlyAPI | None:

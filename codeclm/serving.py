@@ -28,9 +28,9 @@ from typing import Any, Literal
 
 import httpx
 
-from codeclm.embedded import die_with_parent, free_port
 from codeclm.errors import ModelError
 from codeclm.finetune import INSTALL_HINT, FinetuneResult
+from codeclm.processes import die_with_parent, free_port, stop
 from codeclm.settings import RoleConfig
 
 log = logging.getLogger(__name__)
@@ -114,12 +114,7 @@ def serve_models(models: Mapping[str, Path], home: Path, adapters: Mapping[str, 
         log.info("%s serving %s at %s (pid %d)", backend, ", ".join(names), url, proc.pid)
         yield ServedModels(url, names, backend, proc.pid, log_path)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=15)
 
 
 def _check(models: Mapping[str, Path], adapters: Mapping[str, Path], backend: Backend) -> None:
