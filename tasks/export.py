@@ -133,20 +133,7 @@ def export(refs: dict[str, list[Ref]], settings: Settings, out: str, run: dict[s
                            f"{by_stage}; first: {failed[0].error_type if failed else '-'}); nothing was published")
 
     with _staging(target) as staging:
-        files = {
-            "train.parquet": write_records(staging / "train.parquet", train, TrainingPair),
-            "rejected.parquet": write_records(staging / "rejected.parquet", rejected, RejectedCandidate),
-            "failed_calls.parquet": write_records(staging / "failed_calls.parquet", failed, FailedCall),
-            "train.jsonl": write_jsonl(staging / "train.jsonl", chat_rows(train)),
-        }
-        tables: dict[str, tuple[list[Record], type[Record]]] = {
-            "train.parquet": (train, TrainingPair), "rejected.parquet": (rejected, RejectedCandidate),
-            "failed_calls.parquet": (failed, FailedCall)}
-        for name, model in STAGE_TABLES.items():
-            rows = _concat(refs.get(name, []), model)
-            files[f"stages/{name}.parquet"] = write_records(staging / "stages" / f"{name}.parquet", rows, model)
-            tables[f"stages/{name}.parquet"] = (rows, model)
-        _validate(staging, tables, len(train))
+        files, tables = write_dataset(staging, refs, train, (rejected, RejectedCandidate), failed, STAGE_TABLES)
 
         stats = _concat(refs.get("stats", []), CallStats)
         stages = _stage_summary(stats)
@@ -170,14 +157,45 @@ def export(refs: dict[str, list[Ref]], settings: Settings, out: str, run: dict[s
             },
             "stages": stages,
             "concurrency": limits,
-            "totals": {k: sum(s[k] for s in stages) for k in ("calls", "cached", "failed", "prompt_tokens",
-                                                              "completion_tokens", "cost_usd", "unpriced_calls")},
+            "totals": totals(stages),
             "files": {name: _sha(path) for name, path in sorted(files.items())},
         }
         write_json(staging / "manifest.json", manifest)
         publish(staging, target)
         return {"out": str(target), "train": len(train), "counts": manifest["counts"], "stages": stages,
                 "concurrency": limits, "totals": manifest["totals"]}
+
+
+Tables = dict[str, tuple[list[Record], type[Record]]]
+
+
+def write_dataset(staging: Path, refs: dict[str, list[Ref]], train: list[TrainingPair],
+                  rejected: tuple[list[Any], type[Record]], failed: list[FailedCall],
+                  stage_tables: dict[str, type[Record]]) -> tuple[dict[str, Path], Tables]:
+    """The published files of a dataset (CodecLM's or a baseline's, which rejects with its own row type), written
+    into `staging` and checked by re-reading; returns the paths and what each table should hold."""
+    rows, model = rejected
+    files = {
+        "train.parquet": write_records(staging / "train.parquet", train, TrainingPair),
+        "rejected.parquet": write_records(staging / "rejected.parquet", rows, model),
+        "failed_calls.parquet": write_records(staging / "failed_calls.parquet", failed, FailedCall),
+        "train.jsonl": write_jsonl(staging / "train.jsonl", chat_rows(train)),
+    }
+    tables: Tables = {"train.parquet": (train, TrainingPair), "rejected.parquet": (rows, model),
+                      "failed_calls.parquet": (failed, FailedCall)}
+    for name, stage_model in stage_tables.items():
+        stage_rows = _concat(refs.get(name, []), stage_model)
+        files[f"stages/{name}.parquet"] = write_records(staging / "stages" / f"{name}.parquet", stage_rows,
+                                                        stage_model)
+        tables[f"stages/{name}.parquet"] = (stage_rows, stage_model)
+    _validate(staging, tables, len(train))
+    return files, tables
+
+
+def totals(stages: list[dict[str, Any]]) -> dict[str, Any]:
+    """A run's totals over its per-stage summaries."""
+    return {k: sum(s[k] for s in stages) for k in ("calls", "cached", "failed", "prompt_tokens", "completion_tokens",
+                                                   "cost_usd", "unpriced_calls")}
 
 
 @contextmanager

@@ -14,10 +14,10 @@ from codeclm.errors import DatasetError
 from codeclm.prompts import load_prompt
 from codeclm.records import CallStats, Candidate, FailedCall, Metadata, Record, Seed, TrainingPair
 from codeclm.settings import Settings
-from codeclm.storage import publish, write_json, write_jsonl, write_records
+from codeclm.storage import publish, write_json
 from tasks._base import Ref, codec_task, read
 from tasks.evol import METHODS as EVOL_METHODS
-from tasks.export import _sha, _stage_summary, _staging, _validate, _versions, chat_rows
+from tasks.export import _sha, _stage_summary, _staging, _versions, totals, write_dataset
 
 STAGE_TABLES: dict[str, type[Record]] = {
     "seeds": Seed, "metadata": Metadata, "candidates": Candidate, "instructions": PoolInstruction,
@@ -61,22 +61,8 @@ def publish_baseline(method: str, refs: dict[str, list[Ref]], settings: Settings
         raise DatasetError(f"{method}: no pair was made (failed calls: {by_stage}); nothing was published")
     shortfall = budget - len(train)
     with _staging(target) as staging:
-        files = {
-            "train.parquet": write_records(staging / "train.parquet", train, TrainingPair),
-            "rejected.parquet": write_records(staging / "rejected.parquet", rejected, BaselineRejected),
-            "failed_calls.parquet": write_records(staging / "failed_calls.parquet", failed, FailedCall),
-            "train.jsonl": write_jsonl(staging / "train.jsonl", chat_rows(train)),
-        }
-        tables: dict[str, tuple[list[Record], type[Record]]] = {
-            "train.parquet": (train, TrainingPair), "rejected.parquet": (rejected, BaselineRejected),
-            "failed_calls.parquet": (failed, FailedCall)}
-        for name, model in STAGE_TABLES.items():
-            if name not in refs:
-                continue
-            rows = _concat(refs[name], model)
-            files[f"stages/{name}.parquet"] = write_records(staging / "stages" / f"{name}.parquet", rows, model)
-            tables[f"stages/{name}.parquet"] = (rows, model)
-        _validate(staging, tables, len(train))
+        present = {name: model for name, model in STAGE_TABLES.items() if name in refs}
+        files, tables = write_dataset(staging, refs, train, (rejected, BaselineRejected), failed, present)
         stages = _stage_summary(_concat(refs.get("stats", []), CallStats))
         instructions = _concat(refs.get("instructions", []), PoolInstruction)
         manifest = {
@@ -98,8 +84,7 @@ def publish_baseline(method: str, refs: dict[str, list[Ref]], settings: Settings
                 "failed_calls": dict(Counter(f.stage for f in failed)),
             },
             "stages": stages,
-            "totals": {k: sum(s[k] for s in stages) for k in ("calls", "cached", "failed", "prompt_tokens",
-                                                              "completion_tokens", "cost_usd", "unpriced_calls")},
+            "totals": totals(stages),
             "files": {name: _sha(path) for name, path in sorted(files.items())},
         }
         write_json(staging / "manifest.json", manifest)
