@@ -34,7 +34,7 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	bash tests/ui_setup.sh
-	$(BIN)/pytest -q -m "embedded or server or browser or train"
+	$(BIN)/pytest -q -m "embedded or server or browser or train or slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
