@@ -1,13 +1,26 @@
-"""Checks that run before the first LLM call, so a run that cannot publish never pays for its calls."""
+"""Checks that run before the first LLM call, so a run that cannot publish never pays for its calls: where a
+command writes (`check_output`) and what it reads (`check_generate`, `check_evaluate`, `check_run`)."""
 
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import os
 import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from codeclm.errors import ConfigError
+from codeclm.errors import ConfigError, SeedFileError
+
+if TYPE_CHECKING:  # `codeclm --help` stays instant: no pyarrow or settings import here
+    from codeclm.evaluation import EvalPlan, Target
+    from codeclm.records import Seed
+    from codeclm.settings import Settings
+
+T = TypeVar("T")
 
 # Files that mark a directory as one codeclm published (a dataset, an evaluation report), so it may be replaced.
 OUTPUT_MARKERS = ("manifest.json", "summary.json")
@@ -48,4 +61,131 @@ def check_run_output(out: Path | str) -> Path:
     root = check_output(out, replaced=False)
     for part in ("dataset", "model", "eval"):
         check_output(root / part, f"--out {out}:")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input checks: each command's inputs are loaded and validated once per process. The CLI runs a command's check
+# before Prefect starts (bad input fails in a second); the flow it then starts runs the same check and gets the
+# result already made (flows started without the CLI check for themselves). The loaded seeds are handed on to
+# the flow's seed task, so one run reads and hashes the seed file once.
+
+_DONE: dict[str, Any] = {}  # check results by request, in this process
+_SEEDS: dict[str, list[Seed]] = {}  # the seeds last checked, by content hash, for `loaded_seeds`
+ENCODE_OVERHEAD_TOKENS = 600
+GENERATION_ROLES = ("strong", "target")
+
+
+@dataclass(frozen=True)
+class SeedCheck:
+    """A seed file that passed every check: where it is, its content hash (cache keys follow it) and size."""
+
+    path: str
+    sha: str
+    count: int
+
+
+def _once(kind: str, request: dict[str, Any], check: Callable[[], T]) -> T:
+    """`check()` the first time this request is made in this process; its result after that."""
+    key = kind + ":" + json.dumps(request, sort_keys=True, default=str)
+    if key not in _DONE:
+        _DONE[key] = check()
+    result: T = _DONE[key]
+    return result
+
+
+def _stamp(path: Path) -> list[tuple[str, int, int]] | None:
+    """What changes when a file (or a directory's Parquet files) changes; None when it cannot be read."""
+    try:
+        files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+        return [(str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size) for f in files]
+    except OSError:
+        return None
+
+
+def source_sha(source: Path) -> str:
+    """Content hash of a seed file or of every Parquet file in a seed directory."""
+    if not source.exists():
+        raise SeedFileError(f"{source}: no such file or directory; pass a Parquet, JSONL or CSV file of seeds")
+    digest = hashlib.sha256()
+    files = sorted(source.glob("*.parquet")) if source.is_dir() else [source]
+    for f in files:
+        digest.update(f.name.encode())
+        digest.update(f.read_bytes())
+    return digest.hexdigest()
+
+
+def loaded_seeds(source: Path, sha: str) -> list[Seed]:
+    """The seeds of a checked file (read once, by its check); read again only in another process."""
+    from codeclm.storage import load_seeds
+
+    return _SEEDS[sha] if sha in _SEEDS else load_seeds(source)
+
+
+def generation_roles(settings: Settings) -> tuple[str, ...]:
+    """The roles `generate` calls: strong and target, and the judge when it scores."""
+    return (*GENERATION_ROLES, "judge") if settings.scorer == "judge" else GENERATION_ROLES
+
+
+def check_generate(seeds: Path | str, out: Path | str, settings: Settings, roles: Sequence[str] | None = None, *,
+                   loaded: Callable[[SeedCheck], object] | None = None) -> SeedCheck:
+    """Everything `generate` (or `baseline`, with its `roles`) can check before a call: the output folder, the
+    seed file (read and hashed once), every seed fitting the strong model's context, and the models (preflight).
+    `loaded` runs between the file checks and the model checks (the CLI boots Prefect's API server there)."""
+    source, roles = Path(seeds), tuple(roles or generation_roles(settings))
+    request = {"seeds": str(source.absolute()), "stamp": _stamp(source), "out": str(out), "roles": roles,
+               "settings": settings.model_dump(mode="json")}
+
+    def check() -> SeedCheck:
+        from codeclm.gateway import check_context, preflight
+        from codeclm.storage import load_seeds
+
+        check_output(out, "--out")
+        rows = load_seeds(source)
+        checked = SeedCheck(path=str(source), sha=source_sha(source), count=len(rows))
+        _SEEDS.clear()
+        _SEEDS[checked.sha] = rows
+        if loaded is not None:
+            loaded(checked)
+        check_context([(f"seed {s.seed_id}", s.instruction) for s in rows], settings, "strong",
+                      ENCODE_OVERHEAD_TOKENS, str(source))
+        preflight(settings, roles)
+        return checked
+
+    return _once("generate", request, check) if request["stamp"] is not None else check()
+
+
+def check_evaluate(benchmarks: Sequence[str], out: Path | str, settings: Settings,
+                   targets: Sequence[Target] | None = None, limit: int | None = None, rule: str | None = None,
+                   prompt_column: str | None = None) -> EvalPlan:
+    """Everything `evaluate` can check before a call: the output folder, the request and its benchmarks (each
+    loaded once per process), and every model it calls that is not embedded (preflight)."""
+    request = {"benchmarks": list(benchmarks), "out": str(out), "settings": settings.model_dump(mode="json"),
+               "targets": [t if isinstance(t, str) else t.model_dump(mode="json") for t in targets or []],
+               "limit": limit, "rule": rule, "prompt_column": prompt_column}
+
+    def check() -> EvalPlan:
+        from codeclm.evaluation import plan_evaluation
+        from codeclm.gateway import preflight
+
+        check_output(out, "--out")
+        plan = plan_evaluation(benchmarks, settings, targets, limit, rule, prompt_column)
+        for endpoint, roles in plan.endpoints():
+            preflight(endpoint, roles)
+        return plan
+
+    return _once("evaluate", request, check)
+
+
+def check_run(seeds: Path | str, out: Path | str, settings: Settings, benchmarks: Sequence[str],
+              limit: int | None) -> Path:
+    """`run`: its output folders, the seeds and models of `generate`, the benchmarks of `evaluate` and the
+    training setup, before any call; a run that cannot train must not pay for its dataset first."""
+    root = check_run_output(out)
+    check_generate(seeds, root / "dataset", settings)
+    check_evaluate(benchmarks, root / "eval", settings, limit=limit)
+    if settings.finetune.trainer != "off":
+        from codeclm.finetune import check_trainer
+
+        check_trainer(settings)
     return root

@@ -9,16 +9,19 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
-from codeclm.checks import check_output, check_run_output
+from codeclm.checks import SeedCheck, check_evaluate, check_generate, check_output, check_run
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # A fresh ephemeral Prefect server migrates its database first; 20 s (Prefect's default) is too short on 2 cores.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+if TYPE_CHECKING:
+    from codeclm.results import LeaderboardRow
 
 _STANDALONE = False  # set by main(): this process is the `codeclm` program, not a host that imported the app
 app = typer.Typer(help="CodecLM data factory: tailored synthetic instruction data, made and measured on Prefect.",
@@ -151,16 +154,14 @@ def _prefect_api_early(calls_expected: bool = True) -> Callable[[], object]:
     return (lambda: None) if api is None else api.ready
 
 
-def _published_already(seeds: Path, out: Path, settings: Any) -> bool:
+def _published_already(seeds: SeedCheck, out: Path, settings: Any) -> bool:
     """OUT holds a run of these seeds with these settings and no failed call: a rerun will find every call cached."""
     import json
 
-    from tasks.seeds import source_sha
-
     try:
         manifest = json.loads((out / "manifest.json").read_text())
-        return (manifest["settings"] == settings.model_dump(mode="json") and manifest["totals"]["failed"] == 0
-                and manifest["run"]["seeds_sha"] == source_sha(seeds))
+        return (manifest["settings"] == settings.for_stage("export").dump() and manifest["totals"]["failed"] == 0
+                and manifest["run"]["seeds_sha"] == seeds.sha)
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -201,23 +202,16 @@ def generate(
     def go() -> None:
         settings = _settings(config, strong=strong, target=target, batch_size=batch_size, max_rounds=max_rounds,
                              threshold=threshold, budget=budget, preset=preset)
-        check_output(out)
-        from codeclm.storage import load_seeds
-
-        load_seeds(seeds)  # a bad seed file fails in about a second, before Prefect and litellm are imported
-        api_ready = _prefect_api_early(calls_expected=not _published_already(seeds, out, settings))
-        from codeclm.gateway import preflight
+        ready: list[Callable[[], object]] = []
+        # a bad seed file fails in about a second; Prefect's API boots beside litellm's import and the model checks
+        check_generate(seeds, out, settings, loaded=lambda checked: ready.append(
+            _prefect_api_early(calls_expected=not _published_already(checked, out, settings))))
         from flows.generate import generate as generate_flow
-        from flows.generate import generation_roles
-        from tasks.seeds import validate_seeds
 
-        validate_seeds(seeds, settings)
-        preflight(settings, generation_roles(settings))
-        api_ready()
+        ready[0]()
         summary = generate_flow(str(seeds), str(out), settings)
-        typer.echo(f"{summary['train']} training pairs in {summary['out']} "
-                   f"(cost ${summary['totals']['cost_usd']:.4f}, {summary['totals']['calls']} calls, "
-                   f"{summary['totals']['cached']} cached)")
+        typer.echo(f"{summary.train} training pairs in {summary.out} (cost ${summary.totals['cost_usd']:.4f}, "
+                   f"{summary.totals['calls']} calls, {summary.totals['cached']} cached)")
 
     _run(go)
 
@@ -238,23 +232,14 @@ def baseline(
 
     def go() -> None:
         settings = _settings(config, strong=strong, budget=budget, preset=preset)
-        check_output(out)
-        from codeclm.storage import load_seeds
-
-        load_seeds(seeds)
-        from codeclm.gateway import preflight
+        check_generate(seeds, out, settings, ("strong",))
         from flows.baselines import baseline as baseline_flow
-        from tasks.seeds import validate_seeds
 
-        validate_seeds(seeds, settings)
-        preflight(settings, ("strong",))
         summary = baseline_flow(method, str(seeds), str(out), settings)
-        shortfall = summary["budget"]["shortfall"]
-        note = f"; SHORTFALL {shortfall} of {summary['budget']['wanted']}: {summary['budget']['limit']}" \
-            if shortfall else ""
-        typer.echo(f"{summary['train']} {method} pairs in {summary['out']} "
-                   f"(cost ${summary['totals']['cost_usd']:.4f}, {summary['totals']['calls']} calls, "
-                   f"{summary['totals']['cached']} cached{note})")
+        wanted = summary.budget
+        note = f"; SHORTFALL {wanted.shortfall} of {wanted.wanted}: {wanted.limit}" if wanted.shortfall else ""
+        typer.echo(f"{summary.train} {method} pairs in {summary.out} (cost ${summary.totals['cost_usd']:.4f}, "
+                   f"{summary.totals['calls']} calls, {summary.totals['cached']} cached{note})")
 
     _run(go)
 
@@ -266,7 +251,7 @@ def _with_judge(settings: Any, judge: str | None) -> Any:
     return settings.model_copy(update={"judge": settings.judge.model_copy(update={"model": judge})})
 
 
-def leaderboard_table(results: list[dict[str, Any]]) -> Any:
+def leaderboard_table(results: list[LeaderboardRow]) -> Any:
     """The CRR leaderboard, readable at 80 columns: no vertical rules, one W/T/L column, numbers and the
     benchmark never wrap (a long model string folds instead)."""
     from rich import box
@@ -279,16 +264,16 @@ def leaderboard_table(results: list[dict[str, Any]]) -> Any:
     for name in ("W/T/L", "fail", "CRR %", "95% CI", "flips"):
         table.add_column(name, justify="right", no_wrap=True)
     for r in results:
-        table.add_row(r["benchmark"], r["target"], f"{r['wins']}/{r['ties']}/{r['losses']}", str(r["failures"]),
-                      f"{r['crr']:.2f}", f"{r['ci_low']:.1f}-{r['ci_high']:.1f}", f"{r['flip_rate']:.0%}")
+        table.add_row(r.benchmark, r.target, f"{r.wins}/{r.ties}/{r.losses}", str(r.failures), f"{r.crr:.2f}",
+                      f"{r.ci_low:.1f}-{r.ci_high:.1f}", f"{r.flip_rate:.0%}")
     return table
 
 
-def _print_leaderboard(results: list[dict[str, Any]]) -> None:
+def _print_leaderboard(results: list[LeaderboardRow]) -> None:
     from rich.console import Console
 
     Console().print(leaderboard_table(results))
-    if any(r["judge_is_strong"] for r in results):
+    if any(r.judge_is_strong for r in results):
         typer.echo("warning: the judge is the strong model; it tends to prefer its own answers", err=True)
 
 
@@ -312,15 +297,12 @@ def evaluate(
 
     def go() -> None:
         settings = _with_judge(_settings(config, strong=strong, preset=preset), judge)
-        check_output(out)
-        from codeclm.evaluation import plan_evaluation
-
-        plan_evaluation(benchmark, settings, target, limit, rule, prompt_column)  # bad input fails before Prefect
+        check_evaluate(benchmark, out, settings, target, limit, rule, prompt_column)  # bad input fails before Prefect
         from flows.evaluate import evaluate as evaluate_flow
 
         summary = evaluate_flow(benchmark, str(out), target, settings, limit, rule, prompt_column)
-        _print_leaderboard(summary["results"])
-        typer.echo(f"report in {summary['out']}")
+        _print_leaderboard(summary.results)
+        typer.echo(f"report in {summary.out}")
 
     _run(go)
 
@@ -350,23 +332,16 @@ def run_job(
         settings = _with_judge(_settings(config, strong=strong, target=target, batch_size=batch_size,
                                          max_rounds=max_rounds, threshold=threshold, budget=budget, preset=preset),
                                judge).with_finetune(config, base_model=base, trainer=trainer)
-        check_run_output(out)
-        from codeclm.evaluation import default_benchmark, plan_evaluation
+        from codeclm.evaluation import default_benchmark
 
         benchmarks = benchmark or [default_benchmark()]
-        plan_evaluation(benchmarks, settings, limit=limit)  # bad input fails before Prefect
-        if settings.finetune.trainer != "off":
-            from codeclm.finetune import check_trainer
-
-            check_trainer(settings)  # a run that cannot train must not pay for its dataset first
+        check_run(seeds, out, settings, benchmarks, limit)  # bad input fails before Prefect
         api_ready = _prefect_api_early()
         from flows.run import run as run_flow
-        from tasks.seeds import validate_seeds
 
-        validate_seeds(seeds, settings)
         api_ready()
         result = run_flow(str(seeds), str(out), settings, benchmarks, limit)
-        typer.echo(f"{result.dataset['train']} training pairs in {result.dataset['out']}")
+        typer.echo(f"{result.dataset.train} training pairs in {result.dataset.out}")
         _print_leaderboard(result.evaluation)
         if result.model is None:
             from codeclm.loop import NO_TRAINING
@@ -431,14 +406,15 @@ def refresh(
         from flows.refresh import refresh as refresh_flow
 
         result = refresh_flow(str(seeds), str(root), settings, benchmark, target, limit, evaluate, slot)
-        if result["status"] != "published":
-            typer.echo(f"{result['status']}: latest is {result['version'] or 'none'} in {result['root']}")
+        if result.status != "published":
+            typer.echo(f"{result.status}: latest is {result.version or 'none'} in {result.root}")
             return
-        typer.echo(f"{result['version']}: {result['new_seeds']} new seeds, {result['train']} training pairs "
-                   f"(cost ${result['totals']['cost_usd']:.4f}) in {result['root']}/versions/{result['version']}")
-        for d in result["crr_delta"]:
-            change = f"{d['delta_pp']:+.2f} pp vs {d['previous_version']}" if d["delta_pp"] is not None else "first"
-            typer.echo(f"  {d['benchmark']} · {d['target']}: CRR {d['crr']:.2f}% ({change})")
+        cost = (result.totals or {}).get("cost_usd", 0.0)
+        typer.echo(f"{result.version}: {result.new_seeds} new seeds, {result.train} training pairs "
+                   f"(cost ${cost:.4f}) in {result.root}/versions/{result.version}")
+        for d in result.crr_delta:
+            change = f"{d.delta_pp:+.2f} pp vs {d.previous_version}" if d.delta_pp is not None else "first"
+            typer.echo(f"  {d.benchmark} · {d.target}: CRR {d.crr:.2f}% ({change})")
 
     _run(go)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
+from codeclm.crr import CRRSummary
 from codeclm.records import Record
 
 Outcome = Literal["win", "tie", "loss", "failed"]
@@ -61,8 +62,9 @@ class EvalQuestionResult(Record):
     judge_output: str | None = None
 
 
-class EvalSummary(Record):
-    """One leaderboard row: a target against the strong model on one benchmark.
+class EvalSummary(Record, CRRSummary):
+    """One leaderboard row: a target against the strong model on one benchmark, its CRR summary (`CRRSummary`)
+    with what was compared.
 
     `total` is the number of judged questions (the CRR denominator); `failures` are the questions that could
     not be judged. CRR and its bounds are percentages; lengths are mean answer lengths in characters.
@@ -74,15 +76,5 @@ class EvalSummary(Record):
     strong: str
     judge: str
     rule: str
-    wins: int
-    ties: int
-    losses: int
     failures: int
-    total: int
-    crr: float
-    ci_low: float
-    ci_high: float
-    flip_rate: float
-    mean_target_length: float
-    mean_strong_length: float
     judge_is_strong: bool

@@ -17,12 +17,11 @@ from codeclm.crr import Rule, summarize
 from codeclm.errors import BenchmarkError, ConfigError, ModelError
 from codeclm.eval_records import EvalQuestionResult, EvalSummary
 from codeclm.prompts import load_prompt
+from codeclm.results import LeaderboardRow
 from codeclm.settings import EMBEDDED, RoleConfig, Settings
 
 DEFAULT_BENCHMARK_ENV = "CODECLM_DEFAULT_BENCHMARK"
 RULES: tuple[Rule, ...] = ("codeclm", "alpagasus")
-RESULT_KEYS = ("benchmark", "target", "strong", "judge", "wins", "ties", "losses", "failures", "total", "crr",
-               "ci_low", "ci_high", "flip_rate", "mean_target_length", "mean_strong_length", "judge_is_strong")
 
 
 @dataclass
@@ -74,13 +73,26 @@ def plan_evaluation(benchmarks: Sequence[str], settings: Settings, targets: Sequ
         plan.warnings.append(f"the judge is the strong model ({settings.judge.model}); a judge tends to prefer its "
                              "own answers, so CRR is biased low; use a different --judge for reportable numbers")
     for spec in benchmarks:
-        questions = load_benchmark(spec, cache_dir=settings.home / "benchmarks", limit=limit,
-                                   prompt_column=prompt_column)
+        questions = _questions(spec, settings.home / "benchmarks", limit, prompt_column)
         label = questions[0].benchmark
         if label in plan.questions:
             raise BenchmarkError(f"two benchmarks are named {label!r} ({spec}); rename one of the files")
         plan.questions[label] = questions
     return plan
+
+
+_LOADED: dict[str, list[BenchmarkQuestion]] = {}  # benchmarks loaded in this process, by spec and file stamp
+
+
+def _questions(spec: str, cache_dir: Path, limit: int | None, prompt_column: str | None) -> list[BenchmarkQuestion]:
+    """A benchmark's questions, loaded once per process: `run` plans its evaluation before generating, and again
+    for the tuned targets after training, on the same questions."""
+    path = Path(spec)
+    stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else None
+    key = repr((spec, str(cache_dir), limit, prompt_column, stamp))
+    if key not in _LOADED:
+        _LOADED[key] = load_benchmark(spec, cache_dir=cache_dir, limit=limit, prompt_column=prompt_column)
+    return list(_LOADED[key])
 
 
 def _check_not_self(target: Settings, warnings: list[str]) -> None:
@@ -146,9 +158,9 @@ def report_meta(plan: EvalPlan, limit: int | None, flow_run_id: str) -> dict[str
             "prompts": {name: load_prompt(name).version for name in ("respond", "judge")}}
 
 
-def results_of(summaries: Sequence[EvalSummary]) -> list[dict[str, Any]]:
-    """The flow's return rows (read by the refresh flow)."""
-    return [{key: getattr(s, key) for key in RESULT_KEYS} for s in summaries]
+def results_of(summaries: Sequence[EvalSummary]) -> list[LeaderboardRow]:
+    """The flow's leaderboard rows (read by the CLI and the refresh flow)."""
+    return [LeaderboardRow.model_validate(s.model_dump(include=set(LeaderboardRow.model_fields))) for s in summaries]
 
 
 LOCAL_QUESTIONS = Path(__file__).resolve().parents[1] / "data" / "eval_questions.jsonl"

@@ -34,7 +34,7 @@ from codeclm.embedded import CONTEXT_TOKENS, EMBEDDED_MODEL, EMBEDDED_URL_ENV
 from codeclm.errors import ConfigError, ModelError, ParseError
 from codeclm.model_facts import litellm_module, model_facts
 from codeclm.progress import report_calls
-from codeclm.settings import RoleConfig, Settings
+from codeclm.settings import CALLS, ROLES, RoleConfig, Settings, StageSettings, scope
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound=BaseModel)
@@ -126,7 +126,7 @@ class _RoleState:
 _litellm = litellm_module
 
 
-def resolve(settings: Settings, role: str) -> Endpoint:
+def resolve(settings: Settings | StageSettings, role: str) -> Endpoint:
     """Turn a role's settings into an endpoint; 'embedded' becomes the local llama.cpp server."""
     cfg = settings.role(role)
     if cfg.embedded:
@@ -185,7 +185,7 @@ def _check_reachable(role: str, api_base: str) -> None:
 class Gateway:
     """Makes calls for one Settings; create with `gateway_for(settings)` to share it within a process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings | StageSettings) -> None:
         self.settings = settings
         self.cache = CallCache(settings.cache_dir)
         self._loop = _shared_loop()
@@ -543,16 +543,19 @@ def _shared_loop() -> asyncio.AbstractEventLoop:
         return _LOOP
 
 
-def gateway_for(settings: Settings) -> Gateway:
-    """One gateway per settings per process, shared by all batch tasks running in its threads."""
-    fingerprint = json.dumps(settings.model_dump(mode="json"), sort_keys=True)
+def gateway_for(settings: Settings | StageSettings) -> Gateway:
+    """One gateway per endpoint identity per process: the roles the settings (or a step's settings) hold and
+    the call settings (`CALLS`), nothing else. Steps calling the same endpoints with different thresholds, and
+    targets on one server, share it; the gateway itself sees only these settings."""
+    own = scope(settings, "gateway", [*(r for r in ROLES if hasattr(settings, r)), *CALLS])
+    fingerprint = json.dumps(own.model_dump(mode="json"), sort_keys=True)
     with _LOCK:
         if fingerprint not in _GATEWAYS:
-            _GATEWAYS[fingerprint] = Gateway(settings)
+            _GATEWAYS[fingerprint] = Gateway(own)
         return _GATEWAYS[fingerprint]
 
 
-def context_limit(settings: Settings, role: str) -> int | None:
+def context_limit(settings: Settings | StageSettings, role: str) -> int | None:
     """Tokens a role's model accepts (prompt + answer), from settings, the embedded server or litellm."""
     cfg = settings.role(role)
     if cfg.context_tokens:

@@ -8,8 +8,9 @@ from __future__ import annotations
 import math
 import os
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -206,7 +207,42 @@ class BaselineSettings(BaseModel):
     answer_topups: int = Field(3, ge=0, le=20, description="extra generate/answer passes to replace failed answers")
 
 
-class Settings(BaseSettings):
+class _Derived:
+    """What follows from settings, the same for the whole `Settings` and for one step's `StageSettings`."""
+
+    if TYPE_CHECKING:  # fields of both classes; pydantic must not see them here
+        home: Path
+        budget: int
+        oversample: float
+        instructions_per_metadata: int | None
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "calls"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.home / "work"
+
+    def role(self, name: str) -> RoleConfig:
+        role: RoleConfig = getattr(self, name)
+        return role
+
+    def per_metadata(self, n_metadata: int) -> int:
+        """Basic instructions per metadata: the budget, oversampled for filtering, split evenly (paper §5.3)."""
+        if self.instructions_per_metadata:
+            return self.instructions_per_metadata
+        return max(1, math.ceil(self.budget * self.oversample / max(n_metadata, 1)))
+
+    def metadata_to_decode(self, available: int) -> int:
+        """How many metadata get basic instructions: all of them, unless the budget (oversampled) asks for fewer
+        instructions than there are metadata; then a sample, one instruction each, rather than one per metadata."""
+        if self.instructions_per_metadata:
+            return available
+        return min(available, max(1, math.ceil(self.budget * self.oversample)))
+
+
+class Settings(_Derived, BaseSettings):
     """Pipeline, gateway and runner settings (paper defaults where the paper gives one)."""
 
     model_config = SettingsConfigDict(env_prefix="CODECLM_", env_nested_delimiter="__", extra="forbid")
@@ -303,17 +339,6 @@ class Settings(BaseSettings):
             self.augment_max_skills = self.max_skills
         return self
 
-    @property
-    def cache_dir(self) -> Path:
-        return self.home / "calls"
-
-    @property
-    def work_dir(self) -> Path:
-        return self.home / "work"
-
-    def role(self, name: str) -> RoleConfig:
-        return getattr(self, name)
-
     def with_finetune(self, source: Path | None = None, **overrides: Any) -> Settings:
         """A copy with `[finetune]` fields replaced (CLI flags; None keeps the value), validated again."""
         values = {**self.finetune.model_dump(exclude_unset=True),
@@ -323,18 +348,13 @@ class Settings(BaseSettings):
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc, source)) from None
 
-    def per_metadata(self, n_metadata: int) -> int:
-        """Basic instructions per metadata: the budget, oversampled for filtering, split evenly (paper §5.3)."""
-        if self.instructions_per_metadata:
-            return self.instructions_per_metadata
-        return max(1, math.ceil(self.budget * self.oversample / max(n_metadata, 1)))
-
-    def metadata_to_decode(self, available: int) -> int:
-        """How many metadata get basic instructions: all of them, unless the budget (oversampled) asks for fewer
-        instructions than there are metadata; then a sample, one instruction each, rather than one per metadata."""
-        if self.instructions_per_metadata:
-            return available
-        return min(available, max(1, math.ceil(self.budget * self.oversample)))
+    def for_stage(self, stage: str, *roles: str) -> StageSettings:
+        """The settings step `stage` reads (`STAGE_READS`), plus `roles` (the role a step answers as); the
+        scorer's role follows `scorer`. Only these enter the step's cache key, work folder and gateway."""
+        names = [*STAGE_READS[stage], *roles]
+        if "scorer" in names and self.scorer == "judge":
+            names.append("judge")
+        return scope(self, stage, names)
 
     @classmethod
     def load(cls, config: Path | None = None, **overrides: Any) -> Settings:
@@ -358,6 +378,66 @@ class Settings(BaseSettings):
             return cls(**data)
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc, config)) from None
+
+
+# The settings the gateway reads besides role configs: they enter its identity and every calling step's key.
+CALLS = ("home", "max_attempts", "parse_attempts", "backoff_base", "backoff_max", "retry_after_cap",
+         "breaker_failures")
+# What generation wrote into a manifest: every setting except the later steps' sections.
+_GENERATION = tuple(name for name in Settings.model_fields if name not in ("finetune", "baselines"))
+
+# Every step's settings: what it reads, so that only these enter its Prefect cache key (INPUTS), its work folder
+# and its gateway. A step reading anything else fails with AttributeError (see `StageSettings`).
+STAGE_READS: dict[str, tuple[str, ...]] = {
+    "seeds": ("home", "batch_size", "seed_sample", "seed"),
+    "encode": ("strong", "max_skills", *CALLS),
+    "augment": ("home", "n_metadata", "augment_max_skills", "seed", "budget", "oversample",
+                "instructions_per_metadata"),
+    "rubrics": ("strong", "n_rubrics", *CALLS),
+    "decode": ("strong", "drop_seed_overlap", *CALLS),
+    "dedup": ("home",),
+    # respond, score, filter and improve, round by round (`tasks.rounds`); the scorer's role is added
+    "rounds": ("strong", "target", "scorer", "score_temperature", "threshold", "keep_target_when_better",
+               "max_rounds", "action_sampling", "seed", *CALLS),
+    "export": _GENERATION,
+    "answer": CALLS,  # plus the role answering (`for_stage("answer", role)`)
+    "judge": ("judge", *CALLS),
+    "finetune": ("home", "finetune"),
+    "self_instruct": ("strong", "seed", "baselines", *CALLS),
+    "evol": ("strong", "seed", "baselines", *CALLS),
+    "pairs": ("strong", "target", "seed", *CALLS),
+    "alpagasus": ("strong", "score_temperature", "baselines", *CALLS),
+    "publish_baseline": (*_GENERATION, "baselines"),
+}
+
+
+class StageSettings(_Derived, BaseModel):
+    """The settings one step reads, by name: what it hashes into its cache key and work folder. Reading a
+    setting the step did not declare raises AttributeError, so a declaration cannot silently fall short."""
+
+    model_config = ConfigDict(frozen=True)
+
+    stage: str
+    settings: dict[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        values = self.__dict__.get("settings")
+        if values is not None and name in values:
+            return values[name]
+        if name.startswith("_") or values is None:
+            return super().__getattr__(name)  # type: ignore[misc]
+        raise AttributeError(f"step {self.__dict__.get('stage')!r} reads setting {name!r} without declaring it "
+                             "(codeclm.settings.STAGE_READS)")
+
+    def dump(self) -> dict[str, Any]:
+        """The settings as JSON values, as a manifest records them."""
+        values: dict[str, Any] = self.model_dump(mode="json")["settings"]
+        return values
+
+
+def scope(settings: Settings | StageSettings, stage: str, names: Iterable[str]) -> StageSettings:
+    """The named settings of `settings` as a `StageSettings` (from a view, only what the view declares)."""
+    return StageSettings(stage=stage, settings={name: getattr(settings, name) for name in dict.fromkeys(names)})
 
 
 def format_validation_error(exc: ValidationError, source: Path | None) -> str:

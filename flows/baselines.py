@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from pathlib import Path
-from typing import Any
 
 from prefect import flow, unmapped
 from prefect.runtime import flow_run
 
 from codeclm.baseline_records import METHODS
-from codeclm.checks import check_output
+from codeclm.checks import check_generate
 from codeclm.embedded import models_ready
 from codeclm.errors import ConfigError
-from codeclm.gateway import preflight
 from codeclm.monitor import stage_table
+from codeclm.results import BaselineResult
 from codeclm.settings import Settings
 from tasks._base import Outputs, Ref
 from tasks.alpagasus import alpagasus
@@ -34,7 +32,7 @@ from tasks.encode import encode
 from tasks.evol import evol
 from tasks.pairs import answer_pairs
 from tasks.publish_baseline import publish_baseline
-from tasks.seeds import prepare_seeds, source_sha, validate_seeds
+from tasks.seeds import prepare_seeds
 
 Refs = dict[str, list[Ref]]
 
@@ -52,8 +50,8 @@ def _self_instruct_pairs(seeds: list[Ref], settings: Settings, refs: Refs) -> st
 
     cfg, budget, want = settings.baselines, settings.budget, settings.budget
     for attempt in range(cfg.answer_topups + 1):
-        made = self_instruct(seeds, settings, want)
-        answered = answer_pairs(made["instructions"], settings, None, "self_instruct", False)
+        made = self_instruct(seeds, settings.for_stage("self_instruct"), want)
+        answered = answer_pairs(made["instructions"], settings.for_stage("pairs"), None, "self_instruct", False)
         have = answered["pairs"]["rows"]
         if have >= budget or made["instructions"]["rows"] < want or attempt == cfg.answer_topups:
             break
@@ -76,9 +74,9 @@ def _alpagasus_pairs(seeds: list[Ref], settings: Settings, refs: Refs) -> str | 
     limit = math.ceil(budget * cfg.alpagasus_max_oversample)
     want = min(limit, math.ceil(budget * cfg.alpagasus_oversample))
     while True:
-        made = self_instruct(seeds, settings, want)
-        answered = answer_pairs(made["instructions"], settings, None, "alpagasus", False)
-        rated = alpagasus(answered["pairs"], settings, "alpagasus")
+        made = self_instruct(seeds, settings.for_stage("self_instruct"), want)
+        answered = answer_pairs(made["instructions"], settings.for_stage("pairs"), None, "alpagasus", False)
+        rated = alpagasus(answered["pairs"], settings.for_stage("alpagasus"), "alpagasus")
         passed = rated["pairs"]["rows"]
         print(f"alpagasus: {passed} of {answered['pairs']['rows']} pairs rated >= {cfg.alpagasus_threshold}")
         if passed >= budget or want >= limit or made["instructions"]["rows"] < want:
@@ -98,18 +96,19 @@ def _basic_instructions(seeds: list[Ref], settings: Settings, roots: int, refs: 
     """CodecLM's encode and decode (and dedup), asked for `roots` basic instructions: WizardLM+'s seeds."""
     front = settings.model_copy(update={"budget": roots, "oversample": 1.0, "instructions_per_metadata": None})
     labels = [f"{i:03d}" for i in range(len(seeds))]
-    encoded = [f.result() for f in encode.map(seeds, unmapped(front), batch=labels)]
+    encoded = [f.result() for f in encode.map(seeds, unmapped(front.for_stage("encode")), batch=labels)]
     for out in encoded:
         _add(refs, out, skip=("metadata",))
-    metas = augment([e["metadata"] for e in encoded], front, len(labels))
+    metas = augment([e["metadata"] for e in encoded], front.for_stage("augment"), len(labels))
     refs["metadata"] += metas
     per_metadata = front.per_metadata(sum(r["rows"] for r in metas))
-    decoded = [f.result() for f in decode.map(metas, unmapped(seeds), unmapped(front), per_metadata, batch=labels)]
+    decoded = [f.result() for f in decode.map(metas, unmapped(seeds), unmapped(front.for_stage("decode")), per_metadata,
+                                                batch=labels)]
     for out in decoded:
         _add(refs, out, skip=("candidates", "rejected"))
     basic = [out["candidates"] for out in decoded]
     if front.drop_duplicates:
-        basic = dedup(basic, front, len(basic))["candidates"]
+        basic = dedup(basic, front.for_stage("dedup"), len(basic))["candidates"]
     refs["candidates"] += basic
     return basic
 
@@ -119,8 +118,8 @@ def _evol_pairs(method: str, seeds: list[Ref], settings: Settings, refs: Refs) -
     want = math.ceil(settings.budget * cfg.evol_oversample)
     basic = _basic_instructions(seeds, settings, math.ceil(want / cfg.evol_rounds), refs) \
         if method == "wizardlm_plus" else []
-    made = evol(seeds, basic, settings, want, method)
-    answered = answer_pairs(made["instructions"], settings, settings.budget, method, True)
+    made = evol(seeds, basic, settings.for_stage("evol"), want, method)
+    answered = answer_pairs(made["instructions"], settings.for_stage("pairs"), settings.budget, method, True)
     _add(refs, made)
     _add(refs, answered)
     if answered["pairs"]["rows"] >= settings.budget:
@@ -130,16 +129,14 @@ def _evol_pairs(method: str, seeds: list[Ref], settings: Settings, refs: Refs) -
 
 
 @flow(name="codeclm-baseline", flow_run_name="baseline {method} · {seeds} → {out}", log_prints=True)
-def baseline(method: str, seeds: str, out: str, settings: Settings | None = None) -> dict[str, Any]:
+def baseline(method: str, seeds: str, out: str, settings: Settings | None = None) -> BaselineResult:
     """Make a baseline dataset (`METHODS`) from a seed file into `out`, at the settings' budget."""
     settings = settings or Settings()
     if method not in METHODS:
         raise ConfigError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
-    check_output(out, "out")
-    validate_seeds(Path(seeds), settings)
+    checked = check_generate(seeds, out, settings, ("strong",))  # already done when the CLI started this flow
     with models_ready(settings, ("strong",)):
-        preflight(settings, ("strong",))
-        seed_refs = prepare_seeds(seeds, source_sha(Path(seeds)), settings)
+        seed_refs = prepare_seeds(seeds, checked.sha, settings.for_stage("seeds"))
         refs: Refs = defaultdict(list)
         refs["seeds"] = seed_refs
         if method == "self_instruct":
@@ -148,12 +145,13 @@ def baseline(method: str, seeds: str, out: str, settings: Settings | None = None
             limit = _alpagasus_pairs(seed_refs, settings, refs)
         else:
             limit = _evol_pairs(method, seed_refs, settings, refs)
-        run = {"flow_run_id": str(flow_run.get_id() or ""), "seeds": seeds, "seeds_sha": source_sha(Path(seeds))}
-        summary = publish_baseline(method, dict(refs), settings, out, run, limit)
-    stage_table("baseline-stages", summary["stages"], f"calls, tokens, cost and seconds per {method} step")
-    budget = summary["budget"]
-    if budget["shortfall"]:
-        print(f"WARNING: {method} published {budget['published']} of {budget['wanted']} pairs (shortfall "
-              f"{budget['shortfall']}): {budget['limit']}")
-    print(f"published {summary['train']} {method} pairs to {summary['out']}")
+        run = {"flow_run_id": str(flow_run.get_id() or ""), "seeds": seeds, "seeds_sha": checked.sha}
+        summary = BaselineResult.model_validate(
+            publish_baseline(method, dict(refs), settings.for_stage("publish_baseline"), out, run, limit))
+    stage_table("baseline-stages", summary.stages, f"calls, tokens, cost and seconds per {method} step")
+    budget = summary.budget
+    if budget.shortfall:
+        print(f"WARNING: {method} published {budget.published} of {budget.wanted} pairs (shortfall "
+              f"{budget.shortfall}): {budget.limit}")
+    print(f"published {summary.train} {method} pairs to {summary.out}")
     return summary

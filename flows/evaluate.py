@@ -16,15 +16,15 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from codeclm.checks import check_output
+from codeclm.checks import check_evaluate
 from codeclm.crr import Rule
 from codeclm.embedded import models_ready
 from codeclm.eval_records import EvalQuestionResult
 from codeclm.eval_report import write_report
-from codeclm.evaluation import EvalPlan, plan_evaluation, report_meta, results_of, summarize_plan
-from codeclm.gateway import preflight
+from codeclm.evaluation import EvalPlan, report_meta, results_of, summarize_plan
 from codeclm.monitor import progress_view, stage_table, wait_stage
 from codeclm.records import FailedCall
+from codeclm.results import EvaluateResult
 from codeclm.settings import RoleConfig, Settings
 from codeclm.storage import read_records
 from flows.generate import task_runner
@@ -35,11 +35,10 @@ from tasks.judge import judge
 
 @contextmanager
 def endpoints_ready(plan: EvalPlan) -> Iterator[None]:
-    """The embedded server (started once, if any role needs it) and a preflight of every model."""
+    """The embedded server, started once if any role needs it (the other models were checked with the plan)."""
     with ExitStack() as stack:
         for settings, roles in plan.endpoints():
             stack.enter_context(models_ready(settings, roles))
-            preflight(settings, roles)
         yield
 
 
@@ -50,15 +49,16 @@ def evaluation(batches: dict[str, list[dict[str, Any]]], settings: Settings, tar
     parameters with pydantic, which rejects typing.TypedDict on Python 3.11); a subflow so the task runner
     can follow the settings."""
     jobs = [(f"{name}-{i:03d}", cast(Ref, ref)) for name, refs in batches.items() for i, ref in enumerate(refs)]
-    strong = [answer.submit(ref, settings, "strong", batch=label) for label, ref in jobs]
+    strong = [answer.submit(ref, settings.for_stage("answer", "strong"), "strong", batch=label) for label, ref in jobs]
     # A target configured exactly like the strong model (the embedded default) asks the same calls: waiting
     # for the strong answers turns them into cache hits instead of a second, equally slow, round of calls.
-    own = [[answer.submit(ref, t, "target", batch=label, wait_for=[strong[j]] if t.target == settings.strong else None)
+    own = [[answer.submit(ref, t.for_stage("answer", "target"), "target", batch=label,
+                          wait_for=[strong[j]] if t.target == settings.strong else None)
             for j, (label, ref) in enumerate(jobs)] for t in targets]
     answered = wait_stage("answer", [*strong, *(f for futures in own for f in futures)], key_prefix="eval")
     strong_out, own_out = answered[:len(jobs)], answered[len(jobs):]
     judged = wait_stage("judge", [
-        judge.submit(ref, strong_out[j]["answers"], own_out[t * len(jobs) + j]["answers"], settings,
+        judge.submit(ref, strong_out[j]["answers"], own_out[t * len(jobs) + j]["answers"], settings.for_stage("judge"),
                      target.target.model, rule, batch=label)
         for t, target in enumerate(targets) for j, (label, ref) in enumerate(jobs)], key_prefix="eval")
     outputs: list[Outputs] = answered + judged
@@ -74,12 +74,11 @@ def _run_name() -> str:
 def evaluate(benchmarks: list[str], out: str, targets: list[str | RoleConfig] | None = None,
              settings: Settings | None = None, limit: int | None = None,
              rule: Literal["codeclm", "alpagasus"] | None = None,
-             prompt_column: str | None = None) -> dict[str, Any]:
+             prompt_column: str | None = None) -> EvaluateResult:
     """CRR of every target against the strong model on every benchmark, published into `out` when complete;
     `rule` defaults to the settings' rule."""
     settings = settings or Settings()
-    check_output(out, "out")
-    plan = plan_evaluation(benchmarks, settings, targets, limit, rule, prompt_column)
+    plan = check_evaluate(benchmarks, out, settings, targets, limit, rule, prompt_column)  # the CLI's, if it ran
     logger = get_run_logger()
     for warning in plan.warnings:
         logger.warning(warning)
@@ -91,9 +90,10 @@ def evaluate(benchmarks: list[str], out: str, targets: list[str | RoleConfig] | 
     rows, summaries = summarize_plan(plan, rows)
     report = write_report(Path(out), rows, summaries, failed, report_meta(plan, limit, str(flow_run.get_id() or "")))
     results = results_of(summaries)
-    stage_table("crr-leaderboard", results, "CRR per benchmark and target against the strong model")
+    stage_table("crr-leaderboard", [r.model_dump() for r in results], "CRR per benchmark and target against the "
+                "strong model")
     create_markdown_artifact(report["markdown"], key="crr-report", description="CRR report with chart")
     for r in results:
-        print(f"{r['benchmark']} · {r['target']}: CRR {r['crr']:.2f}% [{r['ci_low']:.1f}, {r['ci_high']:.1f}] "
-              f"({r['wins']}W/{r['ties']}T/{r['losses']}L, {r['failures']} failed)")
-    return {"out": str(Path(out)), "results": results}
+        print(f"{r.benchmark} · {r.target}: CRR {r.crr:.2f}% [{r.ci_low:.1f}, {r.ci_high:.1f}] "
+              f"({r.wins}W/{r.ties}T/{r.losses}L, {r.failures} failed)")
+    return EvaluateResult(out=str(Path(out)), results=results)

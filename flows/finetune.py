@@ -31,12 +31,13 @@ def finetune(dataset: str, out: str, settings: Settings | None = None) -> Finetu
     """The tuned model in OUT (local: merged checkpoint and adapter; remote: the provider's model id)."""
     settings = settings or Settings()
     plan = plan_finetune(Path(dataset), settings)
-    state = finetune_task(dataset, plan.dataset.sha, out, settings, return_state=True)
+    state = finetune_task(dataset, plan.dataset.sha, out, settings.for_stage("finetune"), return_state=True)
     result = state.result()
     if state.name == "Cached":
         result = result.model_copy(update={"cached": True})
     if not is_published(result):  # Prefect's cache remembers a DIR that has since been removed or replaced
-        result = finetune_task.with_options(refresh_cache=True)(dataset, plan.dataset.sha, out, settings)
+        result = finetune_task.with_options(refresh_cache=True)(dataset, plan.dataset.sha, out,
+                                                               settings.for_stage("finetune"))
     rows = read_log(Path(result.out) / LOG_FILE)
     create_markdown_artifact(report_markdown(result, rows, data_uri(loss_svg(rows))), key="finetune-report",
                              description="fine-tuning: loss by step")

@@ -8,7 +8,6 @@ moving on as soon as its own calls are answered) -> export.
 from __future__ import annotations
 
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, unmapped
@@ -16,10 +15,10 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from codeclm import concurrency
-from codeclm.checks import check_output
+from codeclm.checks import check_generate, generation_roles
 from codeclm.embedded import models_ready
-from codeclm.gateway import preflight
 from codeclm.monitor import progress_view, stage_table, wait_rounds, wait_stage
+from codeclm.results import GenerateResult
 from codeclm.settings import Settings
 from tasks._base import Outputs, Ref
 from tasks.augment import augment
@@ -29,9 +28,7 @@ from tasks.encode import encode
 from tasks.export import export
 from tasks.rounds import ordered, rounds
 from tasks.rubrics import rubrics
-from tasks.seeds import prepare_seeds, source_sha, validate_seeds
-
-GENERATION_ROLES = ("strong", "target")
+from tasks.seeds import prepare_seeds
 
 
 def task_runner(settings: Settings) -> Any:
@@ -50,36 +47,32 @@ def _collect(refs: dict[str, list[Ref]], outputs: list[Outputs], skip: tuple[str
                 refs[kind].append(ref)
 
 
-def generation_roles(settings: Settings) -> tuple[str, ...]:
-    return (*GENERATION_ROLES, "judge") if settings.scorer == "judge" else GENERATION_ROLES
-
-
 @flow(name="codeclm-pipeline", flow_run_name="pipeline · {seeds}", log_prints=True)
-def pipeline(seeds: str, out: str, settings: Settings) -> dict[str, Any]:
+def pipeline(seeds: str, seeds_sha: str, out: str, settings: Settings) -> dict[str, Any]:
     """The CodecLM stages over batches; run as a subflow so the task runner can follow the settings."""
     refs: dict[str, list[Ref]] = defaultdict(list)
     limits = concurrency.start_run()
-    seed_batches = prepare_seeds(seeds, source_sha(Path(seeds)), settings)
+    seed_batches = prepare_seeds(seeds, seeds_sha, settings.for_stage("seeds"))
     labels = [f"{i:03d}" for i in range(len(seed_batches))]
     refs["seeds"] = seed_batches
 
-    encoded = wait_stage("encode", encode.map(seed_batches, unmapped(settings), batch=labels))
+    encoded = wait_stage("encode", encode.map(seed_batches, unmapped(settings.for_stage("encode")), batch=labels))
     _collect(refs, encoded, skip=("metadata",))
-    meta_batches = augment([e["metadata"] for e in encoded], settings, len(labels))
+    meta_batches = augment([e["metadata"] for e in encoded], settings.for_stage("augment"), len(labels))
     refs["metadata"] = meta_batches
     per_metadata = settings.per_metadata(sum(r["rows"] for r in meta_batches))
     print(f"{len(seed_batches)} batches, {sum(r['rows'] for r in meta_batches)} metadata, "
           f"{per_metadata} basic instructions per metadata")
 
-    rubric_futures = rubrics.map(meta_batches, unmapped(settings), batch=labels)
-    decoded = wait_stage("decode", decode.map(meta_batches, unmapped(seed_batches), unmapped(settings),
-                                              per_metadata, batch=labels))
+    rubric_futures = rubrics.map(meta_batches, unmapped(settings.for_stage("rubrics")), batch=labels)
+    decoded = wait_stage("decode", decode.map(meta_batches, unmapped(seed_batches),
+                                              unmapped(settings.for_stage("decode")), per_metadata, batch=labels))
     rubric_sets = wait_stage("rubrics", rubric_futures)
     _collect(refs, rubric_sets)
     _collect(refs, decoded, skip=("candidates",) if settings.drop_duplicates else ())
     basic = [out["candidates"] for out in decoded]
     if settings.drop_duplicates:  # across batches: the first occurrence in the whole run is kept
-        deduped = dedup(basic, settings, len(basic))
+        deduped = dedup(basic, settings.for_stage("dedup"), len(basic))
         basic = deduped["candidates"]
         refs["candidates"] += basic
         refs["rejected"] += deduped["rejected"]
@@ -88,27 +81,26 @@ def pipeline(seeds: str, out: str, settings: Settings) -> dict[str, Any]:
               if cands["rows"] > 0]
     names = [label for label, _, _ in active]
     per_batch = wait_rounds(names, rounds.map([c for _, c, _ in active], [r for _, _, r in active],
-                                              unmapped(settings), batch=names))
+                                              unmapped(settings.for_stage("rounds")), batch=names))
     for _, outputs in ordered(per_batch, settings.max_rounds):
         _collect(refs, outputs, skip=("pending",))
 
-    run = {"flow_run_id": str(flow_run.get_id() or ""), "seeds": seeds, "seeds_sha": source_sha(Path(seeds)),
+    run = {"flow_run_id": str(flow_run.get_id() or ""), "seeds": seeds, "seeds_sha": seeds_sha,
            "concurrency": concurrency.run_stats(limits)}
-    return export(dict(refs), settings, out, run)
+    return export(dict(refs), settings.for_stage("export"), out, run)
 
 
 @flow(name="codeclm-generate", flow_run_name="generate · {seeds} → {out}", log_prints=True)
-def generate(seeds: str, out: str, settings: Settings | None = None) -> dict[str, Any]:
+def generate(seeds: str, out: str, settings: Settings | None = None) -> GenerateResult:
     """Make a CodecLM dataset from a seed file into `out` (published atomically when complete)."""
     settings = settings or Settings()
-    check_output(out, "out")
-    validate_seeds(Path(seeds), settings)
+    checked = check_generate(seeds, out, settings)  # already done (and remembered) when the CLI started this flow
     with progress_view("generate-progress", f"generate · {seeds} → {out}"), \
             models_ready(settings, generation_roles(settings)):
-        preflight(settings, generation_roles(settings))
-        summary = pipeline.with_options(task_runner=task_runner(settings))(seeds, out, settings)
-    stage_table("generate-stages", summary["stages"], "calls, tokens, cost and seconds per CodecLM stage")
-    stage_table("generate-concurrency", summary["concurrency"], "adaptive requests in flight per endpoint: limit "
+        summary = GenerateResult.model_validate(
+            pipeline.with_options(task_runner=task_runner(settings))(seeds, checked.sha, out, settings))
+    stage_table("generate-stages", summary.stages, "calls, tokens, cost and seconds per CodecLM stage")
+    stage_table("generate-concurrency", summary.concurrency, "adaptive requests in flight per endpoint: limit "
                 "now, lowest and highest, in-flight peak, 429/503 answers, Retry-After pauses")
-    print(f"published {summary['train']} training pairs to {summary['out']}")
+    print(f"published {summary.train} training pairs to {summary.out}")
     return summary

@@ -8,7 +8,7 @@ run twice makes one version; a killed run leaves the previous version and `lates
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -21,6 +21,7 @@ from codeclm.evaluation import default_benchmark, plan_evaluation
 from codeclm.finetune import FinetuneResult, check_trainer
 from codeclm.loop import compared_targets
 from codeclm.monitor import progress_view, step
+from codeclm.results import CRRDelta, LeaderboardRow, RefreshResult
 from codeclm.settings import Settings
 from codeclm.versions import (
     NewSeed,
@@ -74,12 +75,13 @@ def publish_version(store: VersionStore, staging: Path, entry: dict[str, Any]) -
     return str(final)
 
 
-def _unchanged(store: VersionStore, status: str, version: str | None, slot: str, why: str) -> dict[str, Any]:
+def _unchanged(store: VersionStore, status: Literal["slot-done", "no-new-seeds"], version: str | None, slot: str,
+               why: str) -> RefreshResult:
     """A refresh that adds no version still says so in the UI, and returns what `latest` is."""
     get_run_logger().info("%s; latest stays %s", why, store.latest())
     step("nothing to do", done=True)
     _report(store, f"# Refresh · slot {slot}\n\n{why}; latest stays **{store.latest()}**.\n")
-    return {"status": status, "version": version, "previous": store.latest(), "slot": slot, "root": str(store.root)}
+    return RefreshResult(status=status, version=version, previous=store.latest(), slot=slot, root=str(store.root))
 
 
 def _report(store: VersionStore, markdown: str) -> None:
@@ -91,7 +93,7 @@ def _report(store: VersionStore, markdown: str) -> None:
 @flow(name="codeclm-refresh", flow_run_name=_run_name, log_prints=True)
 def refresh(seeds: str, root: str, settings: Settings | None = None, benchmarks: list[str] | None = None,
             targets: list[str] | None = None, eval_limit: int | None = DEFAULT_EVAL_LIMIT, run_eval: bool = True,
-            slot: str | None = None) -> dict[str, Any]:
+            slot: str | None = None) -> RefreshResult:
     """Append a dataset version under ROOT made from the seeds in SEEDS no version has processed yet.
 
     `targets` may contain `{version}` (e.g. `openai/tuned-{version}`) to evaluate the model tuned on this
@@ -128,7 +130,7 @@ def refresh(seeds: str, root: str, settings: Settings | None = None, benchmarks:
         with models_ready(settings, ROLES):
             dataset = generate.with_options(flow_run_name=f"{version} · generate · {len(new)} new seeds")(
                 str(seeds_file), str(staging / "dataset"), settings)
-            results: list[dict[str, Any]] = []
+            results: list[LeaderboardRow] = []
             tuned: FinetuneResult | None = None
             evaluate_version = evaluate.with_options(flow_run_name=f"{version} · evaluate · {', '.join(bench)}")
             if train:
@@ -137,16 +139,16 @@ def refresh(seeds: str, root: str, settings: Settings | None = None, benchmarks:
                 with compared_targets(tuned, settings) as (base, tuned_role):
                     specs = {base.model: "base", tuned_role.model: "tuned"}  # compared across versions by role
                     results = evaluate_version(bench, str(staging / "eval"), targets=[base, tuned_role],
-                                               settings=settings, limit=eval_limit)["results"]
+                                               settings=settings, limit=eval_limit).results
             elif run_eval:
                 results = evaluate_version(bench, str(staging / "eval"), targets=list(specs) or None,
-                                           settings=settings, limit=eval_limit)["results"]
+                                           settings=settings, limit=eval_limit).results
         step("publish version", done=False)
-        rows = eval_rows(results, specs)
+        rows = eval_rows([r.model_dump() for r in results], specs)
         entry = {"version": version, "slot": slot, "parent": previous, "created_at": now_iso(),
                  "flow_run_id": str(flow_run.get_id() or ""), "seeds_new": len(new),
-                 "seed_files": sorted({s.source for s in new}), "train": dataset["train"],
-                 "totals": dataset["totals"], "eval": rows, "trained": tuned is not None,
+                 "seed_files": sorted({s.source for s in new}), "train": dataset.train,
+                 "totals": dataset.totals, "eval": rows, "trained": tuned is not None,
                  "model": tuned.model_dump(include={"trainer", "key", "served_name", "remote_model", "steps",
                                                     "final_loss"}) if tuned else None,
                  "crr_delta": crr_deltas(store.entry(previous) if previous else None, rows)}
@@ -156,6 +158,6 @@ def refresh(seeds: str, root: str, settings: Settings | None = None, benchmarks:
     for d in entry["crr_delta"]:
         change = f"{d['delta_pp']:+.2f} pp vs {d['previous_version']}" if d["delta_pp"] is not None else "first"
         print(f"{version} · {d['benchmark']} · {d['target']}: CRR {d['crr']:.2f}% ({change})")
-    return {"status": "published", "version": version, "previous": previous, "slot": slot, "root": str(store.root),
-            "new_seeds": len(new), "train": dataset["train"], "totals": dataset["totals"], "eval": rows,
-            "crr_delta": entry["crr_delta"]}
+    return RefreshResult(status="published", version=version, previous=previous, slot=slot, root=str(store.root),
+                         new_seeds=len(new), train=dataset.train, totals=dataset.totals, eval=rows,
+                         crr_delta=[CRRDelta.model_validate(d) for d in entry["crr_delta"]])

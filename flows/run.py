@@ -9,25 +9,22 @@ Every step is a subflow inside one `models_ready`, so the embedded model server 
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
-from codeclm.checks import check_run_output
+from codeclm.checks import check_run
 from codeclm.embedded import models_ready
-from codeclm.evaluation import default_benchmark, plan_evaluation
-from codeclm.finetune import FinetuneResult, check_trainer, load_dataset
+from codeclm.evaluation import default_benchmark
+from codeclm.finetune import FinetuneResult, load_dataset
 from codeclm.loop import LoopRow, compared_targets, loop_markdown, loop_rows, read_questions
 from codeclm.monitor import progress_view
+from codeclm.results import GenerateResult, LeaderboardRow
 from codeclm.settings import Settings
 from codeclm.storage import write_json
 from flows.evaluate import evaluate
 from flows.finetune import finetune
 from flows.generate import generate
-from tasks.seeds import validate_seeds
 
 ROLES = ("strong", "target", "judge")
 DEFAULT_LIMIT = 8
@@ -38,10 +35,10 @@ class RunResult(BaseModel):
     leaderboard rows and the loop's paired comparison per benchmark."""
 
     out: str
-    dataset: dict[str, Any]
+    dataset: GenerateResult
     data_sha: str
     model: FinetuneResult | None
-    evaluation: list[dict[str, Any]]
+    evaluation: list[LeaderboardRow]
     loop: list[LoopRow]
     report: str
 
@@ -52,12 +49,8 @@ def run(seeds: str, out: str, settings: Settings | None = None, benchmarks: list
     """Dataset, tuned model and CRR of base and tuned; bad seeds, benchmarks or training setup fail before any call."""
     settings = settings or Settings()
     benchmarks = benchmarks or [default_benchmark()]
-    root = check_run_output(out)
-    validate_seeds(Path(seeds), settings)
-    plan_evaluation(benchmarks, settings, limit=limit)
+    root = check_run(seeds, out, settings, benchmarks, limit)  # already done when the CLI started this flow
     training = settings.finetune.trainer != "off"
-    if training:
-        check_trainer(settings)
     with progress_view("run-progress", f"run · {seeds} → {out}"), models_ready(settings, ROLES):
         dataset = generate(seeds, str(root / "dataset"), settings)
         data_sha = load_dataset(root / "dataset").sha
@@ -79,5 +72,5 @@ def run(seeds: str, out: str, settings: Settings | None = None, benchmarks: list
     for r in rows:
         print(f"{r.benchmark}: CRR base {r.crr_base:.2f}% → tuned {r.crr_tuned:.2f}% ({r.delta:+.2f} pp, 95% paired "
               f"CI {r.ci_low:+.1f} to {r.ci_high:+.1f}, {r.questions} questions)")
-    return RunResult(out=str(root), dataset=dataset, data_sha=data_sha, model=tuned, evaluation=evaluation["results"],
+    return RunResult(out=str(root), dataset=dataset, data_sha=data_sha, model=tuned, evaluation=evaluation.results,
                      loop=rows, report=str(root / "report.md"))

@@ -23,7 +23,7 @@ from typing_extensions import TypedDict  # pydantic (Prefect parameters) rejects
 from codeclm.errors import CodecError, ModelError
 from codeclm.gateway import Call, Result, gateway_for
 from codeclm.records import CallStats, FailedCall, Record
-from codeclm.settings import Settings
+from codeclm.settings import StageSettings
 from codeclm.storage import read_records, write_json, write_records
 
 R = TypeVar("R", bound=Record)
@@ -94,7 +94,7 @@ def _abort_if_all_failed(stage: str, results: Sequence[Result]) -> None:
 class Step:
     """One run of a step over one batch: makes calls, collects failures and stats, writes outputs."""
 
-    def __init__(self, stage: str, batch: str, settings: Settings, **inputs: Any) -> None:
+    def __init__(self, stage: str, batch: str, settings: StageSettings, **inputs: Any) -> None:
         self.stage, self.batch, self.settings = stage, batch, settings
         fingerprint = json.dumps({"stage": stage, "batch": batch, "settings": settings.model_dump(mode="json"),
                                   "inputs": inputs}, sort_keys=True, default=str)

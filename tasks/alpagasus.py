@@ -12,7 +12,7 @@ from codeclm.errors import ParseError
 from codeclm.gateway import Call
 from codeclm.prompts import load_prompt
 from codeclm.records import TrainingPair
-from codeclm.settings import Settings
+from codeclm.settings import StageSettings
 from tasks._base import Outputs, Ref, Step, codec_task, read
 
 _RATING = re.compile(r"\**\s*(?:rating|score)?\s*[:=]?\s*\**\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
@@ -31,12 +31,12 @@ def parse_rating(text: str) -> RatingOut:
     return RatingOut(rating=float(match.group(1)))
 
 
-def kept(rating: float, settings: Settings) -> bool:
+def kept(rating: float, settings: StageSettings) -> bool:
     return rating >= settings.baselines.alpagasus_threshold
 
 
 @codec_task("alpagasus", run_name="{name} · {method}", tags=["role:strong"])
-def alpagasus(pairs: Ref, settings: Settings, method: str) -> Outputs:
+def alpagasus(pairs: Ref, settings: StageSettings, method: str) -> Outputs:
     """Rate every pair at the judge's determinism (score_temperature); keep those at or above the threshold."""
     step = Step("alpagasus", method, settings, pairs=pairs["sha"])
     if (done := step.done()) is not None:

@@ -13,7 +13,7 @@ from typing import Literal
 
 from codeclm.benchmarks import BenchmarkQuestion
 from codeclm.eval_records import EvalAnswer, EvalQuestion
-from codeclm.settings import Settings
+from codeclm.settings import Settings, StageSettings
 from codeclm.storage import write_records
 from tasks._base import Outputs, Ref, Step, codec_task, read, ref_to
 from tasks.respond import answer_calls
@@ -25,7 +25,7 @@ def item_id(benchmark: str, question_id: str) -> str:
     return f"{benchmark}/{question_id}"
 
 
-def question_batches(questions: Sequence[BenchmarkQuestion], settings: Settings) -> list[Ref]:
+def question_batches(questions: Sequence[BenchmarkQuestion], settings: Settings | StageSettings) -> list[Ref]:
     """The questions as content-addressed Parquet batches, so task caches follow the questions' content."""
     rows = [EvalQuestion(**q.model_dump()) for q in questions]
     blob = json.dumps([r.model_dump() for r in rows], sort_keys=True).encode()
@@ -39,7 +39,7 @@ def question_batches(questions: Sequence[BenchmarkQuestion], settings: Settings)
 
 
 @codec_task("answer", run_name="{name} {role} · {batch}", tags=["eval"])
-def answer(questions: Ref, settings: Settings, role: AnswerRole, batch: str) -> Outputs:
+def answer(questions: Ref, settings: StageSettings, role: AnswerRole, batch: str) -> Outputs:
     """One role's answers to a batch; a failed answer keeps its reason, and its question fails later."""
     step = Step("answer", batch, settings, questions=questions["sha"], role=role)
     if (done := step.done()) is not None:

@@ -9,7 +9,7 @@ import random
 from collections import Counter
 
 from codeclm.records import Metadata
-from codeclm.settings import Settings
+from codeclm.settings import StageSettings
 from codeclm.storage import write_records
 from tasks._base import Ref, codec_task, read, ref_to
 from tasks.encode import metadata_of
@@ -80,7 +80,7 @@ def for_budget(pool: list[Metadata], keep: int, seed: int) -> list[Metadata]:
 
 
 @codec_task("augment", run_name="augment metadata · {n_batches} batches")
-def augment(metadata: list[Ref], settings: Settings, n_batches: int) -> list[Ref]:
+def augment(metadata: list[Ref], settings: StageSettings, n_batches: int) -> list[Ref]:
     """All encoded metadata in, `n_batches` Parquet files of augmented metadata out (one per seed batch)."""
     originals = [m for ref in metadata for m in read(ref, Metadata)]
     pool = mix_and_match(originals, settings.n_metadata, settings.augment_max_skills, settings.seed)

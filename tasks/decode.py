@@ -11,7 +11,7 @@ from codeclm.gateway import Call
 from codeclm.parsing import parse_improved_instruction, parse_numbered_list
 from codeclm.prompts import load_prompt
 from codeclm.records import Candidate, Metadata, RejectedCandidate, Seed, content_id
-from codeclm.settings import DECODE_MAX_PER_CALL, Settings
+from codeclm.settings import DECODE_MAX_PER_CALL, StageSettings
 from tasks._base import Outputs, Ref, Step, codec_task, read
 
 
@@ -61,7 +61,7 @@ def _calls(metas: list[Metadata], made: dict[str, list[str]], size: int, part: i
 
 
 @codec_task("decode", tags=["role:strong"])
-def decode(metadata: Ref, seeds: list[Ref], settings: Settings, per_metadata: int, batch: str) -> Outputs:
+def decode(metadata: Ref, seeds: list[Ref], settings: StageSettings, per_metadata: int, batch: str) -> Outputs:
     """Ask for `per_metadata` diverse instructions per metadata (over several calls when the schema's cap needs
     it); drop copies of seeds. Repeats across the whole run are the `dedup` step's job."""
     step = Step("decode", batch, settings, metadata=metadata["sha"], seeds=[s["sha"] for s in seeds], n=per_metadata)

@@ -12,7 +12,7 @@ import hashlib
 import json
 
 from codeclm.records import Candidate, RejectedCandidate
-from codeclm.settings import Settings
+from codeclm.settings import StageSettings
 from codeclm.storage import write_records
 from tasks._base import Ref, codec_task, read, ref_to
 from tasks.decode import normal_text
@@ -38,7 +38,7 @@ def drop_repeats(batches: list[list[Candidate]]) -> tuple[list[list[Candidate]],
 
 
 @codec_task("dedup", run_name="drop duplicates · {n_batches} batches")
-def dedup(candidates: list[Ref], settings: Settings, n_batches: int) -> dict[str, list[Ref]]:
+def dedup(candidates: list[Ref], settings: StageSettings, n_batches: int) -> dict[str, list[Ref]]:
     """Round-1 candidates of every batch in, the same batches without repeats and one file of rejections out."""
     kept, rejected = drop_repeats([read(ref, Candidate) for ref in candidates])
     digest = hashlib.sha256(json.dumps([r["sha"] for r in candidates]).encode()).hexdigest()[:20]

@@ -8,7 +8,7 @@ from codeclm.gateway import Call
 from codeclm.parsing import parse_metadata
 from codeclm.prompts import load_prompt
 from codeclm.records import Metadata, Seed, content_id
-from codeclm.settings import Settings
+from codeclm.settings import StageSettings
 from tasks._base import Outputs, Ref, Step, codec_task, read
 
 MAX_LISTED_SKILLS = 10  # the most `max_skills` allows; a longer list is cut here, then to `max_skills`
@@ -35,7 +35,7 @@ def metadata_of(use_case: str, skills: list[str], origin: str, seed_ids: list[st
 
 
 @codec_task("encode", tags=["role:strong"])
-def encode(seeds: Ref, settings: Settings, batch: str) -> Outputs:
+def encode(seeds: Ref, settings: StageSettings, batch: str) -> Outputs:
     """Ask the strong model for the use case and skills of every seed in the batch."""
     step = Step("encode", batch, settings, seeds=seeds["sha"])
     if (done := step.done()) is not None:

@@ -24,7 +24,7 @@ from codeclm.gateway import Call
 from codeclm.parsing import parse_improved_instruction
 from codeclm.prompts import load_prompt
 from codeclm.records import Candidate, Seed, content_id
-from codeclm.settings import Settings
+from codeclm.settings import StageSettings
 from tasks._base import Outputs, Ref, Step, codec_task, read
 from tasks.decode import normal_text
 
@@ -52,7 +52,7 @@ def plan(roots: int, want: int, rounds: int) -> tuple[int, int]:
     return len(METHODS), roots
 
 
-def pick_methods(instruction_id: str, round: int, fanout: int, settings: Settings) -> list[str]:
+def pick_methods(instruction_id: str, round: int, fanout: int, settings: StageSettings) -> list[str]:
     """`fanout` distinct methods, drawn without replacement; in-breadth weighs `evol_breadth_weight`, each
     in-depth method 1 (so in-breadth is the rarer kind, as in WizardLM)."""
     rng = random.Random(f"{settings.seed}:evol:{instruction_id}:{round}")
@@ -91,7 +91,7 @@ def roots_of(seeds: list[Seed], basic: list[Candidate], method: str) -> list[Poo
 
 
 @codec_task("evol", run_name="{name} · {method}", tags=["role:strong"])
-def evol(seeds: list[Ref], basic: list[Ref], settings: Settings, want: int, method: str) -> Outputs:
+def evol(seeds: list[Ref], basic: list[Ref], settings: StageSettings, want: int, method: str) -> Outputs:
     """Evolve the roots for `evol_rounds` rounds; every surviving evolution of every round joins the pool."""
     step = Step("evol", method, settings, seeds=[s["sha"] for s in seeds], basic=[b["sha"] for b in basic],
                 want=want)

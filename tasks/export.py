@@ -33,7 +33,7 @@ from codeclm.records import (
     Seed,
     TrainingPair,
 )
-from codeclm.settings import Settings
+from codeclm.settings import StageSettings
 from codeclm.storage import check_schema, publish, write_json, write_jsonl, write_records
 from tasks._base import Ref, codec_task, read
 from tasks.respond import answer_messages
@@ -113,7 +113,7 @@ def _stage_summary(stats: list[CallStats]) -> list[dict[str, Any]]:
 
 
 @codec_task("export", run_name="publish dataset · {out}")
-def export(refs: dict[str, list[Ref]], settings: Settings, out: str, run: dict[str, Any]) -> dict[str, Any]:
+def export(refs: dict[str, list[Ref]], settings: StageSettings, out: str, run: dict[str, Any]) -> dict[str, Any]:
     """Write train/rejected/failed/stages and the manifest aside, validate them, then swap into `out`.
     `run` may carry `concurrency`: the adaptive limits per endpoint during the run, kept in the manifest."""
     target = Path(out)
@@ -142,7 +142,7 @@ def export(refs: dict[str, list[Ref]], settings: Settings, out: str, run: dict[s
             "versions": _versions(),
             "prompts": {p: load_prompt(p).version for p in PROMPTS},
             "preset": settings.preset,
-            "settings": settings.model_dump(mode="json"),
+            "settings": settings.dump(),
             "counts": {
                 "seeds": len(tables["stages/seeds.parquet"][0]),
                 "metadata": dict(Counter(m.origin for m in tables["stages/metadata.parquet"][0])),  # type: ignore[attr-defined]

@@ -13,11 +13,11 @@ from codeclm.records import (
     TrainingPair,
     content_id,
 )
-from codeclm.settings import Settings
+from codeclm.settings import StageSettings
 from tasks._base import Outputs, Ref, Step, codec_task, read
 
 
-def decide(gap: float, round: int, settings: Settings) -> Decision:
+def decide(gap: float, round: int, settings: StageSettings) -> Decision:
     """|G| > theta keeps the better answer (the target's only if allowed); otherwise another Self-Rubrics
     round, or rejection after the last one (the paper leaves that case open; we drop it and say why). A clear
     target win that may not be kept goes round again like a tie: a harder instruction may give a strong win."""
@@ -29,7 +29,7 @@ def decide(gap: float, round: int, settings: Settings) -> Decision:
     return "next_round" if round < settings.max_rounds else "reject"
 
 
-def reject_reason(gap: float, settings: Settings) -> RejectReason:
+def reject_reason(gap: float, settings: StageSettings) -> RejectReason:
     """Why a last-round candidate ends without a pair: no clear winner, or a clear target win not kept."""
     return "target_better" if gap < -settings.threshold else "below_threshold"
 
@@ -50,7 +50,7 @@ def training_pair(cand: Candidate, judgement: Judgement, answers: dict[str, Resp
 
 
 @codec_task("filter", run_name="{name} r{round} · batch {batch}")
-def filter_candidates(candidates: Ref, responses: Ref, judgements: Ref, settings: Settings, round: int,
+def filter_candidates(candidates: Ref, responses: Ref, judgements: Ref, settings: StageSettings, round: int,
                       batch: str) -> Outputs:
     """Split judged candidates into kept pairs, candidates for the next round, and rejections."""
     step = Step("filter", batch, settings, candidates=candidates["sha"], responses=responses["sha"],

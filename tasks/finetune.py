@@ -13,7 +13,7 @@ from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from codeclm.finetune import FinetuneResult, plan_finetune, run_finetune
-from codeclm.settings import Settings
+from codeclm.settings import StageSettings
 from tasks._base import codec_task
 
 
@@ -34,7 +34,7 @@ class _ProgressArtifact:
 
 
 @codec_task("finetune", run_name="finetune · {out}", tags=["role:target"], retries=0)
-def finetune(dataset: str, data_sha: str, out: str, settings: Settings) -> FinetuneResult:
+def finetune(dataset: str, data_sha: str, out: str, settings: StageSettings) -> FinetuneResult:
     """Train the target on DATASET (its sha256 is `data_sha`) into `out`; `data_sha` keys Prefect's cache."""
     plan = plan_finetune(Path(dataset), settings)
     return run_finetune(plan, settings, Path(out), _ProgressArtifact())

@@ -10,7 +10,7 @@ from codeclm.gateway import Call
 from codeclm.parsing import parse_improved_instruction
 from codeclm.prompts import Prompt, load_prompt
 from codeclm.records import Candidate, RubricSet, content_id
-from codeclm.settings import Settings
+from codeclm.settings import StageSettings
 from tasks._base import Outputs, Ref, Step, codec_task, read
 
 
@@ -22,7 +22,7 @@ def _from_text(text: str) -> Improved:
     return Improved(improved_instruction=parse_improved_instruction(text))
 
 
-def pick_action(candidate: Candidate, actions: list[str], round: int, settings: Settings) -> str:
+def pick_action(candidate: Candidate, actions: list[str], round: int, settings: StageSettings) -> str:
     """One random action per round, reproducible from the seed; without replacement unless configured."""
     rng = random.Random(f"{settings.seed}:{candidate.instruction_id}:{round}")
     fresh = [a for a in actions if a not in candidate.actions_applied]
@@ -46,7 +46,7 @@ def improved_candidate(cand: Candidate, action: str, answer: Improved, round: in
 
 
 @codec_task("improve", run_name="{name} r{round} · batch {batch}", tags=["role:strong"])
-def improve(pending: Ref, rubric_sets: Ref, settings: Settings, round: int, batch: str) -> Outputs:
+def improve(pending: Ref, rubric_sets: Ref, settings: StageSettings, round: int, batch: str) -> Outputs:
     """Make round `round` candidates from the ones Contrastive Filtering sent back."""
     step = Step("improve", batch, settings, pending=pending["sha"], rubrics=rubric_sets["sha"], round=round)
     if (done := step.done()) is not None:

@@ -17,7 +17,7 @@ from codeclm.eval_records import EvalAnswer, EvalQuestion, EvalQuestionResult
 from codeclm.gateway import Call, Result
 from codeclm.parsing import parse_two_scores
 from codeclm.prompts import load_prompt
-from codeclm.settings import Settings
+from codeclm.settings import StageSettings
 from tasks._base import Outputs, Ref, Step, codec_task, read
 from tasks.answer import item_id
 
@@ -59,7 +59,7 @@ def verdict_calls(question: str, item: str, target: str, strong: str, structured
 
 
 def question_result(question: EvalQuestion, target: EvalAnswer, strong: EvalAnswer, orders: Sequence[Result],
-                    settings: Settings, rule: Rule) -> EvalQuestionResult:
+                    settings: StageSettings, rule: Rule) -> EvalQuestionResult:
     """The verdict of one question, or `failed` with the reason when an answer or a judgement is missing."""
     row = EvalQuestionResult(benchmark=question.benchmark, question_id=question.question_id, prompt=question.prompt,
                              target_model=target.model, strong_model=strong.model, judge_model=settings.judge.model,
@@ -82,7 +82,7 @@ def question_result(question: EvalQuestion, target: EvalAnswer, strong: EvalAnsw
 
 
 @codec_task("judge", run_name="{name} · {batch} · {target_model}", tags=["eval", "role:judge"])
-def judge(questions: Ref, strong_answers: Ref, target_answers: Ref, settings: Settings, target_model: str,
+def judge(questions: Ref, strong_answers: Ref, target_answers: Ref, settings: StageSettings, target_model: str,
           rule: Rule, batch: str) -> Outputs:
     """Judge every question of a batch that has both answers; every question gets exactly one result row.
     `settings` is the run's own (not a per-target copy), so all targets share the judge's concurrency limit;

@@ -13,7 +13,7 @@ import re
 
 from codeclm.baseline_records import BaselineRejected, PoolInstruction
 from codeclm.records import TrainingPair, content_id
-from codeclm.settings import Settings
+from codeclm.settings import StageSettings
 from tasks._base import Outputs, Ref, Step, codec_task, read
 from tasks.respond import answer_calls
 
@@ -26,7 +26,7 @@ def failed_answer(text: str) -> bool:
     return bool(_SORRY.search(text)) and len(text.split()) < SORRY_MAX_WORDS
 
 
-def pair_of(item: PoolInstruction, answer: str, model: str, settings: Settings) -> TrainingPair:
+def pair_of(item: PoolInstruction, answer: str, model: str, settings: StageSettings) -> TrainingPair:
     """A baseline pair in the CodecLM schema: lineage from the pool row; no contrastive scores (NaN), no other
     answer, decision keep_strong (the strong model's answer is the one kept)."""
     nan = math.nan
@@ -40,7 +40,7 @@ def pair_of(item: PoolInstruction, answer: str, model: str, settings: Settings) 
         decision="keep_strong")
 
 
-def answer_order(items: list[PoolInstruction], settings: Settings) -> list[PoolInstruction]:
+def answer_order(items: list[PoolInstruction], settings: StageSettings) -> list[PoolInstruction]:
     """The order instructions are answered in: a reproducible shuffle, so a budget below the pool samples it."""
     ordered = sorted(items, key=lambda p: p.instruction_id)
     random.Random(f"{settings.seed}:pairs").shuffle(ordered)
@@ -48,7 +48,7 @@ def answer_order(items: list[PoolInstruction], settings: Settings) -> list[PoolI
 
 
 @codec_task("pairs", run_name="{name} · {method}", tags=["role:strong"])
-def answer_pairs(pool: Ref, settings: Settings, want: int | None, method: str, check: bool) -> Outputs:
+def answer_pairs(pool: Ref, settings: StageSettings, want: int | None, method: str, check: bool) -> Outputs:
     """Answer in waves of the pairs still missing; `want=None` answers the whole pool."""
     step = Step("pairs", method, settings, pool=pool["sha"], want=want, check=check)
     if (done := step.done()) is not None:

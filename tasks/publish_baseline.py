@@ -13,7 +13,7 @@ from codeclm.baseline_records import BaselineRejected, PoolInstruction, Rating
 from codeclm.errors import DatasetError
 from codeclm.prompts import load_prompt
 from codeclm.records import CallStats, Candidate, FailedCall, Metadata, Record, Seed, TrainingPair
-from codeclm.settings import Settings
+from codeclm.settings import StageSettings
 from codeclm.storage import publish, write_json
 from tasks._base import Ref, codec_task, read
 from tasks.evol import METHODS as EVOL_METHODS
@@ -48,7 +48,7 @@ def _concat(refs: list[Ref], model: type[Record]) -> list[Any]:
 
 
 @codec_task("publish_baseline", run_name="publish {method} · {out}")
-def publish_baseline(method: str, refs: dict[str, list[Ref]], settings: Settings, out: str, run: dict[str, Any],
+def publish_baseline(method: str, refs: dict[str, list[Ref]], settings: StageSettings, out: str, run: dict[str, Any],
                      limit: str | None) -> dict[str, Any]:
     """Write aside, validate, swap into `out`; `limit` names the stated limit a shortfall comes from."""
     target = Path(out)
@@ -71,7 +71,7 @@ def publish_baseline(method: str, refs: dict[str, list[Ref]], settings: Settings
             "versions": _versions(),
             "prompts": {p: load_prompt(p).version for p in PROMPTS[method]},
             "preset": settings.preset,
-            "settings": settings.model_dump(mode="json"),
+            "settings": settings.dump(),
             "budget": {"wanted": budget, "published": len(train), "shortfall": shortfall,
                        "limit": limit if shortfall else None},
             "counts": {

@@ -5,7 +5,7 @@ from __future__ import annotations
 from codeclm.gateway import Call
 from codeclm.prompts import load_prompt
 from codeclm.records import Candidate, Response
-from codeclm.settings import Settings
+from codeclm.settings import StageSettings
 from tasks._base import Outputs, Ref, Step, codec_task, read
 
 ROLES = ("strong", "target")
@@ -27,7 +27,7 @@ def answer_calls(prompts: list[tuple[str, str]], role: str, stage: str) -> list[
 
 
 @codec_task("respond", run_name="{name} r{round} · batch {batch}", tags=["role:strong", "role:target"])
-def respond(candidates: Ref, settings: Settings, round: int, batch: str) -> Outputs:
+def respond(candidates: Ref, settings: StageSettings, round: int, batch: str) -> Outputs:
     """Both answers for every candidate; a candidate whose answer failed fails as a whole."""
     step = Step("respond", batch, settings, candidates=candidates["sha"], round=round)
     if (done := step.done()) is not None:

@@ -14,7 +14,7 @@ import asyncio
 from codeclm.gateway import Call, Gateway, Result, gateway_for
 from codeclm.prompts import load_prompt
 from codeclm.records import Candidate, RubricSet
-from codeclm.settings import Settings
+from codeclm.settings import StageSettings
 from tasks._base import Outputs, Ref, codec_task, read
 from tasks.filter import decide, filter_candidates
 from tasks.improve import improve, improve_call, improved_candidate, pick_action
@@ -30,7 +30,7 @@ def stage_key(stage: str, round: int) -> str:
 class _Chains:
     """Every candidate's chain of calls through the rounds, started at once on the gateway's loop."""
 
-    def __init__(self, gateway: Gateway, settings: Settings, actions: dict[str, list[str]]) -> None:
+    def __init__(self, gateway: Gateway, settings: StageSettings, actions: dict[str, list[str]]) -> None:
         self.gateway, self.settings, self.actions = gateway, settings, actions
         self.structured = gateway.endpoint(settings.scorer).output_mode != "text"
         self.improve_prompt = load_prompt("improve")
@@ -77,7 +77,7 @@ class _Chains:
 
 
 @codec_task("rounds", run_name="rounds · batch {batch}", tags=["role:strong", "role:target"])
-def rounds(candidates: Ref, rubric_sets: Ref, settings: Settings, batch: str) -> dict[str, Outputs]:
+def rounds(candidates: Ref, rubric_sets: Ref, settings: StageSettings, batch: str) -> dict[str, Outputs]:
     """Every Self-Rubrics round of one batch; the outputs of each step and round, keyed like 'respond r1'."""
     gateway = gateway_for(settings)
     actions = {r.metadata_id: r.actions for r in read(rubric_sets, RubricSet)}
@@ -90,7 +90,7 @@ def rounds(candidates: Ref, rubric_sets: Ref, settings: Settings, batch: str) ->
         gateway.forget(chains.begun)
 
 
-def record(candidates: Ref, rubric_sets: Ref, settings: Settings, batch: str) -> dict[str, Outputs]:
+def record(candidates: Ref, rubric_sets: Ref, settings: StageSettings, batch: str) -> dict[str, Outputs]:
     """Write every round's tables with the step functions, exactly as the stage-by-stage flow did."""
     outputs: dict[str, Outputs] = {}
     cands = candidates

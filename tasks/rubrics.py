@@ -8,7 +8,7 @@ from codeclm.gateway import Call
 from codeclm.parsing import parse_rubrics_actions
 from codeclm.prompts import load_prompt
 from codeclm.records import Metadata, RubricSet
-from codeclm.settings import Settings
+from codeclm.settings import StageSettings
 from tasks._base import Outputs, Ref, Step, codec_task, read
 
 
@@ -18,7 +18,7 @@ class RubricsAndActions(BaseModel):
 
 
 @codec_task("rubrics", tags=["role:strong"])
-def rubrics(metadata: Ref, settings: Settings, batch: str) -> Outputs:
+def rubrics(metadata: Ref, settings: StageSettings, batch: str) -> Outputs:
     """One call per metadata for `n_rubrics` rubrics and actions tailored to its use case and skills."""
     step = Step("rubrics", batch, settings, metadata=metadata["sha"])
     if (done := step.done()) is not None:

@@ -10,7 +10,7 @@ from codeclm.gateway import Call
 from codeclm.parsing import parse_two_scores
 from codeclm.prompts import load_prompt
 from codeclm.records import Candidate, Judgement, Response
-from codeclm.settings import Settings
+from codeclm.settings import StageSettings
 from tasks._base import Outputs, Ref, Step, codec_task, read
 
 
@@ -45,7 +45,7 @@ def judgement_of(candidate: Candidate, order_a: ScorePair, order_b: ScorePair) -
 
 
 @codec_task("score", run_name="{name} r{round} · batch {batch}", tags=["role:strong"])
-def score(candidates: Ref, responses: Ref, settings: Settings, round: int, batch: str) -> Outputs:
+def score(candidates: Ref, responses: Ref, settings: StageSettings, round: int, batch: str) -> Outputs:
     """Judge every candidate that has both answers."""
     step = Step("score", batch, settings, candidates=candidates["sha"], responses=responses["sha"], round=round)
     if (done := step.done()) is not None:

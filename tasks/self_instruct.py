@@ -16,7 +16,7 @@ from codeclm.parsing import parse_numbered_list
 from codeclm.prompts import load_prompt
 from codeclm.records import Seed, content_id
 from codeclm.rouge import RougePool
-from codeclm.settings import DECODE_MAX_PER_CALL, Settings
+from codeclm.settings import DECODE_MAX_PER_CALL, StageSettings
 from tasks._base import Outputs, Ref, Step, codec_task, read
 from tasks.decode import Instructions
 
@@ -25,7 +25,7 @@ def _from_text(text: str) -> Instructions:
     return Instructions(instructions=parse_numbered_list(text)[:DECODE_MAX_PER_CALL])
 
 
-def demos(seeds: list[Seed], generated: list[PoolInstruction], settings: Settings, round: int, index: int
+def demos(seeds: list[Seed], generated: list[PoolInstruction], settings: StageSettings, round: int, index: int
           ) -> tuple[list[Seed], list[PoolInstruction]]:
     """The pool instructions one call is shown: a sample of seeds, then a sample of generated ones."""
     rng = random.Random(f"{settings.seed}:self_instruct:{round}:{index}")
@@ -34,7 +34,7 @@ def demos(seeds: list[Seed], generated: list[PoolInstruction], settings: Setting
             rng.sample(generated, min(cfg.generated_demos, len(generated))))
 
 
-def prompt_call(shown: list[str], settings: Settings, structured: bool, item_id: str) -> Call:
+def prompt_call(shown: list[str], settings: StageSettings, structured: bool, item_id: str) -> Call:
     prompt = load_prompt("self_instruct")
     n = settings.baselines.new_per_call
     examples = "\n".join(f"{i}. {text}" for i, text in enumerate(shown, start=1))
@@ -44,7 +44,7 @@ def prompt_call(shown: list[str], settings: Settings, structured: bool, item_id:
 
 
 @codec_task("self_instruct", run_name="{name} · {want} instructions", tags=["role:strong"])
-def self_instruct(seeds: list[Ref], settings: Settings, want: int) -> Outputs:
+def self_instruct(seeds: list[Ref], settings: StageSettings, want: int) -> Outputs:
     """Bootstrap until `want` instructions pass the ROUGE-L filter or `max_generation_calls` is reached."""
     step = Step("self_instruct", "all", settings, seeds=[s["sha"] for s in seeds], want=want)
     if (done := step.done()) is not None:

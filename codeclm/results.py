@@ -1,0 +1,95 @@
+"""What each flow returns: typed results the CLI, the refresh flow and callers read by attribute. The files a
+flow publishes (manifest.json, summary.json, ...) keep their own schemas; these mirror what they summarize."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+
+class DatasetResult(BaseModel):
+    """A published dataset: where, how many training pairs, counts per stage, call stats and their totals."""
+
+    out: str
+    train: int
+    counts: dict[str, Any]
+    stages: list[dict[str, Any]]
+    totals: dict[str, Any]
+
+
+class GenerateResult(DatasetResult):
+    """`generate`: the dataset, and the adaptive concurrency seen per endpoint."""
+
+    concurrency: list[dict[str, Any]]
+
+
+class BaselineBudget(BaseModel):
+    """Pairs wanted and published; a shortfall names the stated limit that ended the run."""
+
+    wanted: int
+    published: int
+    shortfall: int
+    limit: str | None
+
+
+class BaselineResult(DatasetResult):
+    """`baseline`: the dataset of one baseline method, and whether it reached the budget."""
+
+    method: str
+    budget: BaselineBudget
+
+
+class LeaderboardRow(BaseModel):
+    """One benchmark x target of an evaluation: `codeclm.eval_records.EvalSummary` without its rule."""
+
+    benchmark: str
+    target: str
+    strong: str
+    judge: str
+    wins: int
+    ties: int
+    losses: int
+    failures: int
+    total: int
+    crr: float
+    ci_low: float
+    ci_high: float
+    flip_rate: float
+    mean_target_length: float
+    mean_strong_length: float
+    judge_is_strong: bool
+
+
+class EvaluateResult(BaseModel):
+    """`evaluate`: the report folder and the leaderboard."""
+
+    out: str
+    results: list[LeaderboardRow]
+
+
+class CRRDelta(BaseModel):
+    """CRR of one benchmark x target spec in a new version, and its change from the previous version."""
+
+    benchmark: str
+    target_spec: str
+    target: str
+    crr: float
+    previous_version: str | None
+    previous_crr: float | None
+    delta_pp: float | None
+
+
+class RefreshResult(BaseModel):
+    """`refresh`: the version made (`published`), or why none was (`slot-done`, `no-new-seeds`)."""
+
+    status: Literal["published", "slot-done", "no-new-seeds"]
+    version: str | None
+    previous: str | None
+    slot: str
+    root: str
+    new_seeds: int = 0
+    train: int | None = None
+    totals: dict[str, Any] | None = None
+    eval: list[dict[str, Any]] = []
+    crr_delta: list[CRRDelta] = []
