@@ -28,8 +28,9 @@ class Prompt:
     version: str
     sections: dict[str, str]
 
-    def render(self, structured: bool, **values: object) -> list[dict[str, str]]:
-        """Chat messages; values are stripped of our delimiter tags so data cannot close its own tag."""
+    def render(self, *, structured: bool, **values: object) -> list[dict[str, str]]:
+        """Chat messages, with the JSON format section when `structured` (else the text one); values are stripped
+        of our delimiter tags so data cannot close its own tag."""
         clean = {k: _TAG.sub("", v) if isinstance(v, str) else v for k, v in values.items()}
         user = Template(self.sections["user"]).substitute(clean)
         fmt = self.sections.get("format:json" if structured else "format:text")

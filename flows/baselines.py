@@ -51,7 +51,8 @@ def _self_instruct_pairs(seeds: list[Ref], settings: Settings, refs: Refs) -> st
     cfg, budget, want = settings.baselines, settings.budget, settings.budget
     for attempt in range(cfg.answer_topups + 1):
         made = self_instruct(seeds, settings.for_stage("self_instruct"), want)
-        answered = answer_pairs(made["instructions"], settings.for_stage("pairs"), None, "self_instruct", False)
+        answered = answer_pairs(made["instructions"], settings.for_stage("pairs"), None, "self_instruct",
+                               check=False)
         have = answered["pairs"]["rows"]
         if have >= budget or made["instructions"]["rows"] < want or attempt == cfg.answer_topups:
             break
@@ -75,7 +76,7 @@ def _alpagasus_pairs(seeds: list[Ref], settings: Settings, refs: Refs) -> str | 
     want = min(limit, math.ceil(budget * cfg.alpagasus_oversample))
     while True:
         made = self_instruct(seeds, settings.for_stage("self_instruct"), want)
-        answered = answer_pairs(made["instructions"], settings.for_stage("pairs"), None, "alpagasus", False)
+        answered = answer_pairs(made["instructions"], settings.for_stage("pairs"), None, "alpagasus", check=False)
         rated = alpagasus(answered["pairs"], settings.for_stage("alpagasus"), "alpagasus")
         passed = rated["pairs"]["rows"]
         print(f"alpagasus: {passed} of {answered['pairs']['rows']} pairs rated >= {cfg.alpagasus_threshold}")
@@ -119,7 +120,8 @@ def _evol_pairs(method: str, seeds: list[Ref], settings: Settings, refs: Refs) -
     basic = _basic_instructions(seeds, settings, math.ceil(want / cfg.evol_rounds), refs) \
         if method == "wizardlm_plus" else []
     made = evol(seeds, basic, settings.for_stage("evol"), want, method)
-    answered = answer_pairs(made["instructions"], settings.for_stage("pairs"), settings.budget, method, True)
+    answered = answer_pairs(made["instructions"], settings.for_stage("pairs"), settings.budget, method,
+                           check=True)
     _add(refs, made)
     _add(refs, answered)
     if answered["pairs"]["rows"] >= settings.budget:

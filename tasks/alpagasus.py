@@ -44,7 +44,8 @@ def alpagasus(pairs: Ref, settings: StageSettings, method: str) -> Outputs:
     prompt = load_prompt("alpagasus")
     structured = step.structured("strong")
     rows = read(pairs, TrainingPair)
-    calls = [Call(role="strong", messages=prompt.render(structured, instruction=p.instruction, answer=p.response),
+    calls = [Call(role="strong",
+                  messages=prompt.render(structured=structured, instruction=p.instruction, answer=p.response),
                   output=RatingOut, text_parser=parse_rating, prompt_version=prompt.version, stage="alpagasus",
                   item_id=p.pair_id, temperature=settings.score_temperature)
              for p in rows]

@@ -51,8 +51,8 @@ def _calls(metas: list[Metadata], made: dict[str, list[str]], size: int, part: i
     calls = []
     for m in metas:
         written = "\n".join(f"{i}. {text}" for i, text in enumerate(made[m.metadata_id], start=1))
-        messages = prompt.render(structured and not single, n=size, use_case=m.use_case, skills=", ".join(m.skills),
-                                 written=written)
+        messages = prompt.render(structured=structured and not single, n=size, use_case=m.use_case,
+                                 skills=", ".join(m.skills), written=written)
         calls.append(Call(role="strong", messages=messages, output=Instructions,
                           text_parser=_one_from_text if single else _from_text, free_text=single,
                           prompt_version=prompt.version, stage="decode",

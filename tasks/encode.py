@@ -43,7 +43,7 @@ def encode(seeds: Ref, settings: StageSettings, batch: str) -> Outputs:
     prompt = load_prompt("encode")
     structured = step.structured("strong")
     rows = read(seeds, Seed)
-    calls = [Call(role="strong", messages=prompt.render(structured, instruction=s.instruction,
+    calls = [Call(role="strong", messages=prompt.render(structured=structured, instruction=s.instruction,
                                                         max_skills=settings.max_skills),
                   output=EncodedMetadata, text_parser=_from_text, prompt_version=prompt.version,
                   stage="encode", item_id=s.seed_id) for s in rows]

@@ -111,7 +111,7 @@ def evol(seeds: list[Ref], basic: list[Ref], settings: StageSettings, want: int,
         calls = []
         for parent, m in jobs:
             prompt = load_prompt(f"evol_{m}")
-            calls.append(Call(role="strong", messages=prompt.render(False, instruction=parent.instruction),
+            calls.append(Call(role="strong", messages=prompt.render(structured=False, instruction=parent.instruction),
                               output=Evolved, text_parser=_from_text, free_text=True,
                               prompt_version=prompt.version, stage="evol", item_id=f"{parent.instruction_id}>{m}"))
         generation = []

@@ -32,7 +32,7 @@ def pick_action(candidate: Candidate, actions: list[str], round: int, settings: 
 
 def improve_call(cand: Candidate, action: str, prompt: Prompt) -> Call:
     """The call rewriting one candidate with one action (a free-text answer)."""
-    return Call(role="strong", messages=prompt.render(False, action=action, instruction=cand.instruction),
+    return Call(role="strong", messages=prompt.render(structured=False, action=action, instruction=cand.instruction),
                 output=Improved, text_parser=_from_text, free_text=True, prompt_version=prompt.version,
                 stage="improve", item_id=cand.candidate_id)
 

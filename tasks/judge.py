@@ -52,7 +52,8 @@ def verdict_from_text(text: str) -> Verdict:
 def verdict_calls(question: str, item: str, target: str, strong: str, structured: bool) -> list[Call]:
     """Order A (target first) then order B (strong first), at the judge role's own temperature."""
     prompt = load_prompt("judge")
-    return [Call(role="judge", messages=prompt.render(structured, question=question, answer_1=first, answer_2=second),
+    return [Call(role="judge",
+                 messages=prompt.render(structured=structured, question=question, answer_1=first, answer_2=second),
                  output=Verdict, text_parser=verdict_from_text, prompt_version=prompt.version, stage="judge",
                  item_id=f"{item}#{order}", truncation_ok=True)  # the scores come first; a cut explanation is fine
             for order, first, second in (("A", target, strong), ("B", strong, target))]

@@ -48,7 +48,7 @@ def answer_order(items: list[PoolInstruction], settings: StageSettings) -> list[
 
 
 @codec_task("pairs", run_name="{name} · {method}", tags=["role:strong"])
-def answer_pairs(pool: Ref, settings: StageSettings, want: int | None, method: str, check: bool) -> Outputs:
+def answer_pairs(pool: Ref, settings: StageSettings, want: int | None, method: str, *, check: bool) -> Outputs:
     """Answer in waves of the pairs still missing; `want=None` answers the whole pool."""
     step = Step("pairs", method, settings, pool=pool["sha"], want=want, check=check)
     if (done := step.done()) is not None:

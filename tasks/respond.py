@@ -14,7 +14,7 @@ ROLES = ("strong", "target")
 def answer_messages(instruction: str) -> list[dict[str, str]]:
     """The chat messages a model answers an instruction under (system prompt included); train.jsonl is built
     from the same messages, so the data trains on exactly what was answered."""
-    return load_prompt("respond").render(False, instruction=instruction)
+    return load_prompt("respond").render(structured=False, instruction=instruction)
 
 
 def answer_calls(prompts: list[tuple[str, str]], role: str, stage: str) -> list[Call]:

@@ -32,7 +32,7 @@ def rubrics(metadata: Ref, settings: StageSettings, batch: str) -> Outputs:
         return RubricsAndActions(rubrics=found_rubrics, actions=found_actions)
 
     metas = read(metadata, Metadata)
-    calls = [Call(role="strong", messages=prompt.render(structured, n=n, use_case=m.use_case,
+    calls = [Call(role="strong", messages=prompt.render(structured=structured, n=n, use_case=m.use_case,
                                                         skills=", ".join(m.skills)),
                   output=RubricsAndActions, text_parser=from_text, prompt_version=prompt.version,
                   stage="rubrics", item_id=m.metadata_id) for m in metas]

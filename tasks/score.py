@@ -28,7 +28,8 @@ def pair_calls(question: str, item_id: str, strong: str, target: str, role: str,
                stage: str, structured: bool, prompt_name: str = "score") -> list[Call]:
     """Two calls judging the same pair: order A shows the strong answer first, order B the target's."""
     prompt = load_prompt(prompt_name)
-    return [Call(role=role, messages=prompt.render(structured, question=question, answer_1=first, answer_2=second),
+    return [Call(role=role,
+                 messages=prompt.render(structured=structured, question=question, answer_1=first, answer_2=second),
                  output=ScorePair, text_parser=_from_text, prompt_version=prompt.version, stage=stage,
                  item_id=item_id, temperature=temperature)
             for first, second in ((strong, target), (target, strong))]

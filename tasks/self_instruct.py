@@ -38,7 +38,7 @@ def prompt_call(shown: list[str], settings: StageSettings, structured: bool, ite
     prompt = load_prompt("self_instruct")
     n = settings.baselines.new_per_call
     examples = "\n".join(f"{i}. {text}" for i, text in enumerate(shown, start=1))
-    return Call(role="strong", messages=prompt.render(structured, k=len(shown), n=n, examples=examples),
+    return Call(role="strong", messages=prompt.render(structured=structured, k=len(shown), n=n, examples=examples),
                 output=Instructions, text_parser=_from_text, prompt_version=prompt.version, stage="self_instruct",
                 item_id=item_id)
 

@@ -117,18 +117,18 @@ def test_both_orders_scripted_crr_and_failures(setup: Setup) -> None:
     attempts = setup.settings.parse_attempts
     assert sorted(o for q, o in judged if q == "q7") == ["A"] * attempts + ["B"] * attempts
 
-    (row,) = setup.first["results"]
-    assert (row["wins"], row["ties"], row["losses"], row["failures"], row["total"]) == (1, 4, 1, 1, 6)
-    assert row["crr"] == pytest.approx(500 / 6)
-    assert row["ci_low"] <= row["crr"] <= row["ci_high"]
-    assert row["flip_rate"] == pytest.approx(3 / 6)
-    assert row["mean_target_length"] == len("fake-target answers q1: ") + 30
-    assert row["mean_strong_length"] == len("fake-strong answers q1: ") + 80
-    assert (row["target"], row["strong"], row["judge"]) == ("openai/fake-target", "openai/fake-strong",
+    (row,) = setup.first.results
+    assert (row.wins, row.ties, row.losses, row.failures, row.total) == (1, 4, 1, 1, 6)
+    assert row.crr == pytest.approx(500 / 6)
+    assert row.ci_low <= row.crr <= row.ci_high
+    assert row.flip_rate == pytest.approx(3 / 6)
+    assert row.mean_target_length == len("fake-target answers q1: ") + 30
+    assert row.mean_strong_length == len("fake-strong answers q1: ") + 80
+    assert (row.target, row.strong, row.judge) == ("openai/fake-target", "openai/fake-strong",
                                                             "openai/fake-judge")
-    assert row["judge_is_strong"] is False
+    assert row.judge_is_strong is False
 
-    out = Path(setup.first["out"])
+    out = Path(setup.first.out)
     assert sorted(p.name for p in out.iterdir()) == ["crr.svg", "failed_calls.parquet", "questions.parquet",
                                                      "report.md", "summary.json", "summary.parquet"]
     assert not list(setup.root.glob(".out*"))  # no staging left beside it
@@ -189,9 +189,9 @@ def test_rerun_answers_are_cached_and_a_second_target_costs_only_its_own(setup: 
     # fake-target-2's verdicts only, plus q7 again for both targets: its verdict failed, and failures are retried
     assert sorted(j for j in judged if j[0] != "q7") == sorted((f"q{i}", o) for i in range(1, 7) for o in "AB")
     assert {j for j in judged if j[0] == "q7"} == {("q7", "A"), ("q7", "B")}
-    first, second = result["results"]
-    assert first == setup.first["results"][0]
-    assert (second["target"], second["wins"], second["ties"], second["losses"], second["total"]) == (
+    first, second = result.results
+    assert first == setup.first.results[0]
+    assert (second.target, second.wins, second.ties, second.losses, second.total) == (
         "openai/fake-target-2", 1, 5, 1, 7)
 
 
@@ -202,9 +202,9 @@ def test_another_rule_reuses_every_answer_and_verdict(setup: Setup) -> None:
     new = setup.judge.since(mark)
     assert [kind for kind, *_ in new if kind == "answer"] == []
     assert {q for kind, _, q, _ in new if kind == "judge"} == {"q7"}  # failures are never cached: asked again
-    (row,) = result["results"]
-    assert (row["wins"], row["ties"], row["losses"], row["failures"]) == (2, 2, 2, 1)
-    assert row["crr"] == pytest.approx(400 / 6)
+    (row,) = result.results
+    assert (row.wins, row.ties, row.losses, row.failures) == (2, 2, 2, 1)
+    assert row.crr == pytest.approx(400 / 6)
 
 
 def test_a_judge_that_never_scores_fails_the_run_and_writes_nothing(setup: Setup) -> None:

@@ -294,7 +294,7 @@ def test_plain_text_mode_parses_the_paper_formats(fake_llm: FakeLLMServer, tmp_p
                                                   expected: BaseModel) -> None:
     fake_llm.responder = _paper_formats
     template = load_prompt(prompt)
-    call = Call(role="strong", messages=template.render(False, **values), output=output, text_parser=parser,
+    call = Call(role="strong", messages=template.render(structured=False, **values), output=output, text_parser=parser,
                 prompt_version=template.version, stage=prompt, item_id="x")
     result = _run_one(_gateway(fake_llm, tmp_path, output_mode="text"), call)
     assert result.ok, result.message

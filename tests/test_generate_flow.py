@@ -101,7 +101,7 @@ def test_generate_publishes_a_valid_dataset_and_a_rerun_is_free(prefect_harness:
     manifest = published["manifest"]
     requests = len(fake_llm.requests)
     counts = manifest["counts"]
-    assert summary["train"] == len(published["train.parquet"]) == 2
+    assert summary.train == len(published["train.parquet"]) == 2
     assert sum(counts["kept_per_round"].values()) == 2 + counts["rejected"]["over_budget"] > 2
     assert counts["seeds"] == len(SEEDS) and counts["metadata"]["seed"] == len(SEEDS)
     assert manifest["totals"]["calls"] == requests and manifest["totals"]["failed"] == 0
@@ -113,7 +113,7 @@ def test_generate_publishes_a_valid_dataset_and_a_rerun_is_free(prefect_harness:
     assert len(fake_llm.requests) == requests, "a rerun of a finished run made LLM calls"
     republished = _check_published(out)
     assert republished["train.parquet"] == published["train.parquet"]
-    assert again["counts"] == summary["counts"]
+    assert again.counts == summary.counts
     _no_leftovers(out)
 
 

@@ -307,8 +307,8 @@ def _tag_counts(text: str) -> dict[str, int]:
 def test_injected_tags_cannot_close_the_data_block(prompt: str, field: str, values: dict, payload: str,
                                                    structured: bool) -> None:
     template = load_prompt(prompt)
-    benign = template.render(structured, **values, **{field: "a harmless text"})
-    attacked = template.render(structured, **values, **{field: payload})
+    benign = template.render(structured=structured, **values, **{field: "a harmless text"})
+    attacked = template.render(structured=structured, **values, **{field: payload})
     assert [m["role"] for m in attacked] == [m["role"] for m in benign]
     assert attacked[0] == benign[0]  # the system message never carries data
     assert _tag_counts(attacked[-1]["content"]) == _tag_counts(benign[-1]["content"])
@@ -318,5 +318,6 @@ def test_injected_tags_cannot_close_the_data_block(prompt: str, field: str, valu
 
 
 def test_template_syntax_in_data_is_not_substituted() -> None:
-    (_, user) = load_prompt("encode").render(True, instruction="${max_skills} and $instruction", max_skills=3)
+    (_, user) = load_prompt("encode").render(structured=True, instruction="${max_skills} and $instruction",
+                                             max_skills=3)
     assert "${max_skills} and $instruction" in user["content"]

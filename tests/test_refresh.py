@@ -77,16 +77,16 @@ def test_seed_drops_make_versions_and_reruns_make_none(fake_llm: FakeLLMServer, 
 
     _drop(drops, "drop-001.parquet", DROP_1)
     first = _refresh(drops, root, settings, bench, slot="2026-01-01T02:00Z")
-    assert (first["status"], first["version"], first["previous"], first["new_seeds"]) == ("published", "v0001",
+    assert (first.status, first.version, first.previous, first.new_seeds) == ("published", "v0001",
                                                                                         None, 3)
     assert _seed_ids(root / "versions" / "v0001") == {s for s, _ in DROP_1}
-    assert [d["delta_pp"] for d in first["crr_delta"]] == [None]  # nothing to compare with yet
+    assert [d.delta_pp for d in first.crr_delta] == [None]  # nothing to compare with yet
     v1 = _tree(root / "versions" / "v0001")
 
     # the second drop repeats one seed of the first (another id, same text): only the two new ones are processed
     _drop(drops, "drop-002.parquet", [*DROP_2, ("d2-dup", DROP_1[0][1] + "  ")])
     second = _refresh(drops, root, settings, bench, slot="2026-01-02T02:00Z")
-    assert (second["status"], second["version"], second["previous"], second["new_seeds"]) == ("published", "v0002",
+    assert (second.status, second.version, second.previous, second.new_seeds) == ("published", "v0002",
                                                                                            "v0001", 2)
     assert _seed_ids(root / "versions" / "v0002") == {s for s, _ in DROP_2}
     assert _tree(root / "versions" / "v0001") == v1
@@ -97,26 +97,27 @@ def test_seed_drops_make_versions_and_reruns_make_none(fake_llm: FakeLLMServer, 
     assert store.train_files() == [root / "versions" / v / "dataset" / "train.parquet" for v in ("v0001", "v0002")]
 
     # the CRR change is against v0001's number for the same benchmark and target spec (model name differs)
-    (delta,) = second["crr_delta"]
-    (old,) = first["eval"]
-    assert (delta["target"], old["target"]) == ("openai/fake-target-v0002", "openai/fake-target-v0001")
-    assert delta["previous_version"] == "v0001" and delta["previous_crr"] == old["crr"]
-    assert delta["delta_pp"] == pytest.approx(delta["crr"] - old["crr"])
+    (delta,) = second.crr_delta
+    (old,) = first.eval
+    assert (delta.target, old["target"]) == ("openai/fake-target-v0002", "openai/fake-target-v0001")
+    assert delta.previous_version == "v0001" and delta.previous_crr == old["crr"]
+    assert delta.delta_pp == pytest.approx(delta.crr - old["crr"])
     report = _latest_report()
-    assert "Refresh v0002" in report and "2 new seeds" in report and f"{delta['delta_pp']:+.2f}" in report
-    assert json.loads((root / "versions" / "v0002" / "version.json").read_text())["crr_delta"] == second["crr_delta"]
+    assert "Refresh v0002" in report and "2 new seeds" in report and f"{delta.delta_pp:+.2f}" in report
+    version = json.loads((root / "versions" / "v0002" / "version.json").read_text())
+    assert version["crr_delta"] == [d.model_dump() for d in second.crr_delta]
 
     # the same drops again in a new slot: nothing new, no version
     calls = len(fake_llm.requests)
     third = _refresh(drops, root, settings, bench, slot="2026-01-03T02:00Z")
-    assert (third["status"], third["version"]) == ("no-new-seeds", "v0002")
+    assert (third.status, third.version) == ("no-new-seeds", "v0002")
     assert len(fake_llm.requests) == calls
     assert sorted(p.name for p in (root / "versions").iterdir()) == ["v0001", "v0002"]
 
     # the slot that made v0002 triggered again (scheduler + manual): one version per slot, even with new seeds
     _drop(drops, "drop-003.parquet", [("d3-tea", "How do I brew green tea without it turning bitter?")])
     again = _refresh(drops, root, settings, bench, slot="2026-01-02T02:00Z")
-    assert (again["status"], again["version"]) == ("slot-done", "v0002")
+    assert (again.status, again.version) == ("slot-done", "v0002")
     assert [e["version"] for e in store.history()] == ["v0001", "v0002"]
     assert len(fake_llm.requests) == calls
 
@@ -148,7 +149,7 @@ def test_killed_refresh_leaves_previous_version_and_latest(fake_llm: FakeLLMServ
     _drop(drops, "drop-001.parquet", DROP_1)
     from flows.refresh import refresh
 
-    assert refresh(str(drops), str(root), settings, run_eval=False, slot="s1")["version"] == "v0001"
+    assert refresh(str(drops), str(root), settings, run_eval=False, slot="s1").version == "v0001"
     v1, registry, link = _tree(root / "versions" / "v0001"), store.registry_path.read_bytes(), os.readlink(
         root / "latest")
 
@@ -177,7 +178,7 @@ def test_killed_refresh_leaves_previous_version_and_latest(fake_llm: FakeLLMServ
     # the next refresh cleans up the leftover and makes v0002 from the same new seeds
     fake_llm.latency = 0.0
     result = refresh(str(drops), str(root), settings, run_eval=False, slot="s2")
-    assert (result["version"], result["new_seeds"]) == ("v0002", 2)
+    assert (result.version, result.new_seeds) == ("v0002", 2)
     assert sorted(p.name for p in (root / "versions").iterdir()) == ["v0001", "v0002"]
     assert _tree(root / "versions" / "v0001") == v1
 

@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent("""
 
     settings = Settings.model_validate_json(Path(sys.argv[1]).read_text())
     summary = generate(sys.argv[2], sys.argv[3], settings)
-    print("DONE", summary["train"], flush=True)
+    print("DONE", summary.train, flush=True)
 """)
 SEEDS = [
     ("r1", "Write a haiku about the first snow of winter."),

@@ -30,10 +30,10 @@ def test_run_makes_a_dataset_then_its_evaluation(prefect_harness: None, fake_llm
                 return_state=True)
     result = state.result()
 
-    assert result.dataset["out"] == str(tmp_path / "job" / "dataset")
-    assert pq.read_metadata(tmp_path / "job" / "dataset" / "train.parquet").num_rows == result.dataset["train"]
+    assert result.dataset.out == str(tmp_path / "job" / "dataset")
+    assert pq.read_metadata(tmp_path / "job" / "dataset" / "train.parquet").num_rows == result.dataset.train
     (row,) = result.evaluation
-    assert (row["benchmark"], row["total"] + row["failures"]) == ("bench", 2)
+    assert (row.benchmark, row.total + row.failures) == ("bench", 2)
     assert (tmp_path / "job" / "eval" / "report.md").exists()
     assert result.model is None and result.loop == [] and not (tmp_path / "job" / "model").exists()
     assert "measures the model, not the data" in (tmp_path / "job" / "report.md").read_text()
