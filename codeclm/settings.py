@@ -22,6 +22,7 @@ Preset = Literal["default", "paper"]
 EMBEDDED = "embedded"
 ROLES = ("strong", "target", "judge")
 DECODE_MAX_PER_CALL = 50  # instructions one decode call may ask for; larger counts are split over calls
+MAX_SKILLS = 10  # the most skills `max_skills` may keep; an encode answer listing more is cut to this
 
 # Named presets: values a preset puts under the config file, env vars and flags (which still win). `default` is
 # the field defaults below; `paper` states every setting the paper gives (§5.3, A.3) and, for what the paper
@@ -258,8 +259,8 @@ class Settings(_Derived, BaseSettings):
     seed_sample: int | None = Field(None, ge=1, description="use a reproducible sample of N seeds (the paper "
                                     "seeds from a 20% split of each benchmark); None uses all")
     n_metadata: int = Field(200, ge=1, description="metadata after mix-and-match augmentation")
-    max_skills: int = Field(3, ge=1, le=10, description="skills kept per encoded seed")
-    augment_max_skills: int = Field(3, ge=1, le=10, description="skills per augmented metadata (1..this)")
+    max_skills: int = Field(3, ge=1, le=MAX_SKILLS, description="skills kept per encoded seed")
+    augment_max_skills: int = Field(3, ge=1, le=MAX_SKILLS, description="skills per augmented metadata (1..this)")
     n_rubrics: int = Field(4, ge=1, le=10, description="rubrics and actions per metadata")
     max_rounds: int = Field(4, ge=1, le=10, description="Self-Rubrics rounds; the basic instruction is round 1")
     threshold: float = Field(3.0, ge=0, le=9, description="keep when |score gap| > threshold (theta)")

@@ -8,22 +8,20 @@ from codeclm.gateway import Call
 from codeclm.parsing import parse_metadata
 from codeclm.prompts import load_prompt
 from codeclm.records import Metadata, Seed, content_id
-from codeclm.settings import StageSettings
+from codeclm.settings import MAX_SKILLS, StageSettings
 from tasks._base import Outputs, Ref, Step, codec_task, read
-
-MAX_LISTED_SKILLS = 10  # the most `max_skills` allows; a longer list is cut here, then to `max_skills`
 
 
 class EncodedMetadata(BaseModel):
     """What the strong model returns for one seed."""
 
     use_case: str = Field(min_length=1, max_length=200)
-    skills: list[str] = Field(min_length=1, max_length=MAX_LISTED_SKILLS)
+    skills: list[str] = Field(min_length=1, max_length=MAX_SKILLS)
 
 
 def _from_text(text: str) -> EncodedMetadata:
     use_case, skills = parse_metadata(text)
-    return EncodedMetadata(use_case=use_case, skills=skills[:MAX_LISTED_SKILLS])
+    return EncodedMetadata(use_case=use_case, skills=skills[:MAX_SKILLS])  # then to `max_skills`
 
 
 def metadata_of(use_case: str, skills: list[str], origin: str, seed_ids: list[str]) -> Metadata:
