@@ -70,7 +70,8 @@ def check_run_output(out: Path | str) -> Path:
 # result already made (flows started without the CLI check for themselves). The loaded seeds are handed on to
 # the flow's seed task, so one run reads and hashes the seed file once.
 
-_DONE: dict[str, Any] = {}  # check results by request, in this process
+_DONE: dict[str, Any] = {}  # check results by request, in this process (the latest REMEMBERED)
+REMEMBERED = 16  # a long-lived worker process keeps no more
 _SEEDS: dict[str, list[Seed]] = {}  # the seeds last checked, by content hash, for `loaded_seeds`
 ENCODE_OVERHEAD_TOKENS = 600
 GENERATION_ROLES = ("strong", "target")
@@ -90,6 +91,8 @@ def _once(kind: str, request: dict[str, Any], check: Callable[[], T]) -> T:
     key = kind + ":" + json.dumps(request, sort_keys=True, default=str)
     if key not in _DONE:
         _DONE[key] = check()
+        while len(_DONE) > REMEMBERED:
+            del _DONE[next(iter(_DONE))]
     result: T = _DONE[key]
     return result
 
@@ -133,14 +136,14 @@ def check_generate(seeds: Path | str, out: Path | str, settings: Settings, roles
     seed file (read and hashed once), every seed fitting the strong model's context, and the models (preflight).
     `loaded` runs between the file checks and the model checks (the CLI boots Prefect's API server there)."""
     source, roles = Path(seeds), tuple(roles or generation_roles(settings))
-    request = {"seeds": str(source.absolute()), "stamp": _stamp(source), "out": str(out), "roles": roles,
+    request = {"seeds": str(source.absolute()), "stamp": _stamp(source), "roles": roles,
                "settings": settings.model_dump(mode="json")}
+    check_output(out, "--out")  # every time: cheap, and the folder may have changed since
 
     def check() -> SeedCheck:
         from codeclm.gateway import check_context, preflight
         from codeclm.storage import load_seeds
 
-        check_output(out, "--out")
         rows = load_seeds(source)
         checked = SeedCheck(path=str(source), sha=source_sha(source), count=len(rows))
         _SEEDS.clear()
@@ -160,15 +163,16 @@ def check_evaluate(benchmarks: Sequence[str], out: Path | str, settings: Setting
                    prompt_column: str | None = None) -> EvalPlan:
     """Everything `evaluate` can check before a call: the output folder, the request and its benchmarks (each
     loaded once per process), and every model it calls that is not embedded (preflight)."""
-    request = {"benchmarks": list(benchmarks), "out": str(out), "settings": settings.model_dump(mode="json"),
+    request = {"benchmarks": list(benchmarks), "settings": settings.model_dump(mode="json"),
                "targets": [t if isinstance(t, str) else t.model_dump(mode="json") for t in targets or []],
                "limit": limit, "rule": rule, "prompt_column": prompt_column}
+
+    check_output(out, "--out")
 
     def check() -> EvalPlan:
         from codeclm.evaluation import plan_evaluation
         from codeclm.gateway import preflight
 
-        check_output(out, "--out")
         plan = plan_evaluation(benchmarks, settings, targets, limit, rule, prompt_column)
         for endpoint, roles in plan.endpoints():
             preflight(endpoint, roles)

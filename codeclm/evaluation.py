@@ -92,6 +92,8 @@ def _questions(spec: str, cache_dir: Path, limit: int | None, prompt_column: str
     key = repr((spec, str(cache_dir), limit, prompt_column, stamp))
     if key not in _LOADED:
         _LOADED[key] = load_benchmark(spec, cache_dir=cache_dir, limit=limit, prompt_column=prompt_column)
+        while len(_LOADED) > 16:  # a long-lived worker process keeps no more
+            del _LOADED[next(iter(_LOADED))]
     return list(_LOADED[key])
 
 

@@ -190,7 +190,7 @@ def test_self_instruct_exact_budget_rouge_filter_and_free_rerun(prefect_harness:
     manifest, train = pub["manifest"], pub["train"]
     requests = len(fake_llm.requests)
     # round 1: 2 calls x 3 new = 6; round 2: 2 calls, 1 more needed; then 7 answers
-    assert len(train) == summary["train"] == 7 and manifest["budget"] == {
+    assert len(train) == summary.train == 7 and manifest["budget"] == {
         "wanted": 7, "published": 7, "shortfall": 0, "limit": None}
     assert requests == 4 + 7 == manifest["totals"]["calls"]
     assert manifest["method"] == "self_instruct" and manifest["counts"]["instructions_per_round"] == {"1": 6, "2": 1}
