@@ -183,7 +183,8 @@ def _check_reachable(role: str, api_base: str) -> None:
 
 
 class Gateway:
-    """Makes calls for one Settings; create with `gateway_for(settings)` to share it within a process."""
+    """Makes calls for one endpoint identity (role configs and call settings); create with
+    `gateway_for(settings)` to share it within a process."""
 
     def __init__(self, settings: Settings | StageSettings) -> None:
         self.settings = settings

@@ -53,7 +53,8 @@ def _retryable(task: Any, task_run: Any, state: Any) -> bool:
 
 def codec_task(name: str, run_name: str = "{name} · batch {batch}", tags: Sequence[str] = (), retries: int = 2
                ) -> Callable[[Callable[..., Any]], Any]:
-    """The house task decorator: cross-run cache on inputs (content hashes + settings), JSON results,
+    """The house task decorator: cross-run cache on inputs (content hashes + the step's own settings, a
+    `StageSettings` from `Settings.for_stage`), JSON results,
     retries that skip user errors, and a run name that says stage and batch."""
     return lambda fn: task(
         fn,
@@ -92,7 +93,8 @@ def _abort_if_all_failed(stage: str, results: Sequence[Result]) -> None:
 
 
 class Step:
-    """One run of a step over one batch: makes calls, collects failures and stats, writes outputs."""
+    """One run of a step over one batch: makes calls, collects failures and stats, writes outputs into a folder
+    named by the step's own settings and inputs."""
 
     def __init__(self, stage: str, batch: str, settings: StageSettings, **inputs: Any) -> None:
         self.stage, self.batch, self.settings = stage, batch, settings
