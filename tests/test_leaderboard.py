@@ -7,11 +7,13 @@ import io
 from rich.console import Console
 
 from codeclm.cli import leaderboard_table
+from codeclm.results import LeaderboardRow
 
 
-def _row(benchmark: str, target: str) -> dict[str, object]:
-    return {"benchmark": benchmark, "target": target, "wins": 12, "ties": 103, "losses": 45, "failures": 0,
-            "crr": 71.88, "ci_low": 64.4, "ci_high": 100.0, "flip_rate": 0.37, "judge_is_strong": False}
+def _row(benchmark: str, target: str) -> LeaderboardRow:
+    return LeaderboardRow(benchmark=benchmark, target=target, strong="openai/gpt-4o", judge="openai/gpt-4o-mini",
+                          wins=12, ties=103, losses=45, failures=0, total=160, crr=71.88, ci_low=64.4, ci_high=100.0,
+                          flip_rate=0.37, mean_target_length=900.0, mean_strong_length=1200.0, judge_is_strong=False)
 
 
 def test_leaderboard_fits_80_columns() -> None:

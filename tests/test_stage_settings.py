@@ -20,8 +20,8 @@ from codeclm.settings import CALLS, STAGE_READS, FinetuneConfig, Settings
 
 pytestmark = pytest.mark.timeout(300, method="thread")
 
-SMALL = {"n_metadata": 4, "instructions_per_metadata": 2, "n_rubrics": 2, "max_rounds": 2, "budget": 100,
-         "batch_size": 2, "max_parallel_batches": 2}
+SMALL = {"n_metadata": 2, "instructions_per_metadata": 1, "n_rubrics": 1, "max_rounds": 1, "budget": 100,
+         "batch_size": 1, "max_parallel_batches": 2}  # two batches of one seed
 GENERATE_STEPS = ("seeds", "encode", "augment", "rubrics", "decode", "dedup", "rounds", "export")
 # a value other than the default for every setting, to change one at a time
 CHANGED: dict[str, Any] = {
@@ -115,8 +115,8 @@ def _generate(seeds: Path, out: Path, settings: Settings) -> dict[str, set[str]]
 def test_changing_theta_reruns_the_rounds_and_export_only(prefect_harness: None, fake_llm: FakeLLMServer,
                                                           tmp_path: Path) -> None:
     seeds = tmp_path / "seeds.jsonl"
-    pd.DataFrame({"instruction": ["Write a haiku about rain.", "Why is the sky blue?", "Plan a picnic for six.",
-                                  "How do I find a slow SQL join?"]}).to_json(seeds, orient="records", lines=True)
+    pd.DataFrame({"instruction": ["Plan a picnic for six.", "Explain tides to a child."]}).to_json(
+        seeds, orient="records", lines=True)
     settings = settings_for(fake_llm, tmp_path, **SMALL)
     first = _generate(seeds, tmp_path / "out", settings)
     assert set(first) == set(GENERATE_STEPS) and all("Cached" not in s for s in first.values()), first
