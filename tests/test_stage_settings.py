@@ -112,6 +112,7 @@ def _generate(seeds: Path, out: Path, settings: Settings) -> dict[str, set[str]]
     return _task_states(state.state_details.flow_run_id)
 
 
+@pytest.mark.slow  # three generate runs, ~13 s each on the test harness (Prefect's tag concurrency calls)
 def test_changing_theta_reruns_the_rounds_and_export_only(prefect_harness: None, fake_llm: FakeLLMServer,
                                                           tmp_path: Path) -> None:
     seeds = tmp_path / "seeds.jsonl"
@@ -129,8 +130,8 @@ def test_changing_theta_reruns_the_rounds_and_export_only(prefect_harness: None,
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["settings"]["threshold"] == 1.0 and "finetune" not in manifest["settings"]
 
-    later = settings.model_copy(update={"threshold": 1.0, "finetune": FinetuneConfig(epochs=1.0, trainer="off")})
-    later.baselines.evol_rounds = 2
+    later = settings.model_copy(update={"threshold": 1.0, "finetune": FinetuneConfig(epochs=1.0, trainer="off"),
+                                        "baselines": settings.baselines.model_copy(update={"evol_rounds": 2})})
     steps = _generate(seeds, tmp_path / "out", later)
     # only the export runs again: its input names the flow run it publishes
     assert {step: s for step, s in steps.items() if step != "export"} == {
