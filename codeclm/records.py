@@ -208,3 +208,4 @@ class CallStats(Record):
     cost_usd: float = 0.0
     unpriced_calls: int = 0
     seconds: float = 0.0
+    cache_unreadable: int = 0  # corrupt call-cache entries met and treated as misses (the calls were made again)

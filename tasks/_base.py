@@ -129,6 +129,7 @@ class Step:
             self.stats.completion_tokens += r.completion_tokens
             self.stats.cost_usd += r.cost_usd
             self.stats.unpriced_calls += r.unpriced and not r.cached
+            self.stats.cache_unreadable += r.cache_unreadable
             if not r.ok:
                 self.stats.failed += 1
                 self.fail(r.call.item_id, r.call.role, r.model, r.error_type, r.message, r.attempts, r.text, r.key,

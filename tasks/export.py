@@ -176,7 +176,7 @@ def write_dataset(staging: Path, refs: dict[str, list[Ref]], train: list[Trainin
 def totals(stages: list[dict[str, Any]]) -> dict[str, Any]:
     """A run's totals over its per-stage summaries."""
     return {k: sum(s[k] for s in stages) for k in ("calls", "cached", "failed", "prompt_tokens", "completion_tokens",
-                                                   "cost_usd", "unpriced_calls")}
+                                                   "cost_usd", "unpriced_calls", "cache_unreadable")}
 
 
 def _validate(staging: Path, tables: dict[str, tuple[list[Record], type[Record]]], n_train: int) -> None:
