@@ -44,3 +44,91 @@ def test_a_corrupted_call_cache_entry_is_a_reported_miss(damage: str, fake_llm: 
     lines = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
     assert len(lines) == 1 and str(entry) in lines[0] and "treating it as a miss" in lines[0]
     assert Step("drill", "b3", settings).call(_calls(3))[1].cached  # the fresh answer replaced the entry
+
+
+# --- disk full while publishing ------------------------------------------------------------------------------
+
+# Runs inside a private mount namespace (`unshare -m`, or `unshare -rm` without root): mounts a small tmpfs,
+# publishes a dataset there, fills the disk, runs again with another threshold (every call cached, so the
+# second run only has to publish), and prints what it saw as JSON. argv: disk, seeds, config.
+DISK_FULL_DRIVER = r"""
+import hashlib, json, os, subprocess, sys
+from pathlib import Path
+disk, seeds, config = map(Path, sys.argv[1:4])
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], check=True)
+out = disk / "out"
+codeclm = str(Path(sys.executable).with_name("codeclm"))
+run = lambda *extra: subprocess.run([codeclm, "generate", str(seeds), "--out", str(out), "--config", str(config),
+                                     *extra], capture_output=True, text=True, timeout=600)
+files = lambda: {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+                 for p in sorted(out.rglob("*")) if p.is_file()}
+first = run()
+before = files() if first.returncode == 0 else {}
+with open(disk / "filler", "wb") as fh:  # fill the disk, then give back a few blocks: room to start, not to finish
+    try:
+        while True:
+            fh.write(b"\0" * 65536)
+            fh.flush()
+    except OSError:
+        pass
+    fh.truncate(max(0, fh.tell() - 5 * 4096))
+second = run("--threshold", "2.5")
+from codeclm.publish import leftovers
+print(json.dumps({"first": [first.returncode, first.stderr[-2000:]], "second": [second.returncode, second.stderr],
+                  "before": before, "after": files(), "leftovers": leftovers(out)}))
+"""
+
+
+def _namespace_prefix() -> list[str] | None:
+    """How to get a private mount namespace here: as root `unshare -m`; otherwise a user namespace."""
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None or shutil.which("mount") is None:
+        return None
+    for prefix in (["unshare", "-m"], ["unshare", "-rm"]):
+        probe = subprocess.run([*prefix, "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", "/mnt"],
+                               capture_output=True)
+        if probe.returncode == 0:
+            return prefix
+    return None
+
+
+@pytest.mark.slow
+def test_disk_full_while_publishing_is_one_clear_line_and_keeps_the_previous_output(fake_llm: FakeLLMServer,
+                                                                                    tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    prefix = _namespace_prefix()
+    if prefix is None:
+        pytest.skip("no private mount namespace here (unshare -m / -rm refused), so no small tmpfs to fill")
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("".join(json.dumps({"seed_id": f"s{i}", "instruction": text}) + "\n" for i, text in enumerate(
+        ["Write a short poem about autumn rain.", "Explain why the moon has phases.", "How do I speed up SQL?"])))
+    config = tmp_path / "codeclm.toml"
+    config.write_text('n_metadata = 4\ninstructions_per_metadata = 2\nn_rubrics = 2\nmax_rounds = 2\nbudget = 100\n'
+                      + "".join(f'[{role}]\nmodel = "openai/fake-{role}"\napi_base = "{fake_llm.url}"\n'
+                                f'output_mode = "json_schema"\n' for role in ("strong", "target", "judge")))
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "CODECLM_"))}
+    repo = str(Path(__file__).resolve().parents[1])
+    env |= {"CODECLM_HOME": str(tmp_path / "home"), "PREFECT_HOME": str(tmp_path / "prefect"),
+            "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "prefect" / "storage"),
+            "PYTHONPATH": repo, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    done = subprocess.run([*prefix, sys.executable, "-c", DISK_FULL_DRIVER, str(disk), str(seeds), str(config)],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["first"][0] == 0, seen["first"][1]
+    code, stderr = seen["second"]
+    lines = stderr.strip().splitlines()
+    assert code == 2, stderr[-3000:]
+    # the run's own log shows the failed task; the CLI ends with one line that says what and what to do
+    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], stderr[-3000:]
+    assert "disk full" in lines[-1] and "the previous output is intact" in lines[-1] and "Traceback" not in stderr
+    assert seen["after"] == seen["before"] and "manifest.json" in seen["before"]  # the old dataset, byte for byte
+    assert seen["leftovers"] == []  # the half-written version was removed
