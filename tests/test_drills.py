@@ -132,3 +132,83 @@ def test_disk_full_while_publishing_is_one_clear_line_and_keeps_the_previous_out
     assert "disk full" in lines[-1] and "the previous output is intact" in lines[-1] and "Traceback" not in stderr
     assert seen["after"] == seen["before"] and "manifest.json" in seen["before"]  # the old dataset, byte for byte
     assert seen["leftovers"] == []  # the half-written version was removed
+
+
+# --- two refreshes at once on one root -----------------------------------------------------------------------
+
+def _cli_env(tmp_path: Path, name: str) -> dict[str, str]:
+    """A CLI child's environment: its own Prefect home (each starts its own temporary API), one shared codeclm home."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "CODECLM_"))}
+    return env | {"CODECLM_HOME": str(tmp_path / "home"), "PREFECT_HOME": str(tmp_path / name),
+                  "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / name / "storage"),
+                  "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+
+
+@pytest.mark.slow
+def test_two_refreshes_at_once_on_one_root_one_is_refused_and_nothing_is_corrupted(fake_llm: FakeLLMServer,
+                                                                                    tmp_path: Path) -> None:
+    """Refresh A holds the root (its LLM calls are held at the server) when refresh B starts on the same root
+    and slot: B stops with one line and exit 2, touching nothing; A then publishes v0001 whole."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import pandas as pd
+
+    from codeclm.publish import leftovers
+    from codeclm.versions import VersionStore
+
+    gate = threading.Event()
+
+    def hold(body: dict[str, object]) -> None:
+        gate.wait(300)  # every call of A waits here until B was refused; then the default answer
+        return None
+
+    fake_llm.responder = hold
+    drops, root = tmp_path / "drops", tmp_path / "root"
+    drops.mkdir()
+    pd.DataFrame([("d-poem", "Write a short poem about autumn rain."), ("d-moon", "Why does the moon have phases?")],
+                 columns=["seed_id", "instruction"]).to_parquet(drops / "drop-001.parquet")
+    config = tmp_path / "codeclm.toml"
+    config.write_text('n_metadata = 2\ninstructions_per_metadata = 2\nn_rubrics = 2\nmax_rounds = 1\nbudget = 100\n'
+                      + "".join(f'[{role}]\nmodel = "openai/fake-{role}"\napi_base = "{fake_llm.url}"\n'
+                                f'output_mode = "json_schema"\n' for role in ("strong", "target", "judge")))
+    codeclm = str(Path(sys.executable).with_name("codeclm"))
+    args = ["refresh", str(drops), "--root", str(root), "--config", str(config), "--no-evaluate",
+            "--slot", "2026-01-01T02:00Z"]
+
+    def start(name: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([codeclm, *args], env=_cli_env(tmp_path, name), cwd=tmp_path, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    a = start("prefect-a")
+    try:
+        deadline = time.monotonic() + 240
+        while not any(p.name.startswith(".v0001.partial") for p in (root / "versions").glob(".*")):  # A locked
+            assert a.poll() is None and time.monotonic() < deadline, "refresh A never got going"
+            time.sleep(0.2)
+        b = start("prefect-b")
+        _, b_err = b.communicate(timeout=240)
+    finally:
+        gate.set()
+    a_out, a_err = a.communicate(timeout=300)
+
+    b_lines = b_err.strip().splitlines()
+    assert b.returncode == 2, b_err[-3000:]
+    assert [line for line in b_lines if line.startswith("error: ")] == b_lines[-1:], b_err[-3000:]
+    assert "another refresh is running on this root" in b_lines[-1] and "Traceback" not in b_err
+    assert a.returncode == 0, a_err[-3000:]
+    assert "v0001: 2 new seeds" in a_out
+    store = VersionStore(root)
+    assert [e["version"] for e in store.history()] == ["v0001"] and store.latest() == "v0001"
+    assert sorted(p.name for p in (root / "versions").iterdir()) == ["v0001"]  # no partial, no second version
+    assert os.readlink(root / "latest") == "versions/v0001"
+    dataset = root / "latest" / "dataset"
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    assert manifest["counts"]["seeds"] == 2 and leftovers(dataset) == []
+    assert json.loads((root / "versions" / "v0001" / "version.json").read_text())["version"] == "v0001"
