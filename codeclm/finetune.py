@@ -3,9 +3,9 @@ result, and the files a training leaves in DIR. No heavy imports here: torch and
 `codeclm.trainer_local`, so `codeclm --help` and a bad dataset stay fast.
 
 Work lives under HOME/finetune/<key>/ (checkpoints, adapter, merged model, log); DIR receives hard links to the
-finished files, swapped in atomically. The key is the dataset's sha256, the base model, the trainer and the
-effective hyperparameters: a finished key is never trained again, an unfinished one resumes from its last
-checkpoint.
+finished files, published in one atomic flip (codeclm.publish). The key is the dataset's sha256, the base model,
+the trainer and the effective hyperparameters: a finished key is never trained again, an unfinished one resumes
+from its last checkpoint.
 """
 
 from __future__ import annotations
