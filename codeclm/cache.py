@@ -1,7 +1,9 @@
 """Content-addressed store of successful LLM calls on disk, shared by processes and surviving crashes.
 
 One JSON file per key, written to a temp name and renamed, so a killed writer never leaves a torn entry
-that a reader trusts; an unreadable entry is a miss. Failures are never stored here.
+that a reader trusts. An entry that is unreadable anyway (a bad disk, a hand edit, another tool) is a miss:
+logged, counted (`CallStats.cache_unreadable`), asked again, and overwritten by the fresh answer. Failures are
+never stored here.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import logging
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,14 @@ def call_key(**parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Lookup:
+    """A cache lookup: the stored entry, or None on a miss; `unreadable` says the miss was a corrupt entry."""
+
+    entry: dict[str, Any] | None
+    unreadable: bool = False
+
+
 class CallCache:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -30,15 +41,23 @@ class CallCache:
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.json"
 
-    def get(self, key: str) -> dict[str, Any] | None:
+    def get(self, key: str) -> Lookup:
         path = self._path(key)
         try:
-            return json.loads(path.read_text())
+            entry = json.loads(path.read_text())
         except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            log.warning("call cache entry %s is unreadable; treating it as a miss", path)
-            return None
+            return Lookup(None)
+        except (OSError, ValueError) as exc:
+            return self._unreadable(path, f"{type(exc).__name__}: {exc}")
+        if not isinstance(entry, dict) or not isinstance(entry.get("text"), str):
+            return self._unreadable(path, "not an entry with a text")
+        return Lookup(entry)
+
+    @staticmethod
+    def _unreadable(path: Path, why: str) -> Lookup:
+        log.warning("call cache entry %s is unreadable (%s); treating it as a miss and calling again", path,
+                    why[:200])
+        return Lookup(None, unreadable=True)
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
         path = self._path(key)

@@ -30,9 +30,11 @@ def order_winner(target: float, strong: float) -> Winner:
     return "draw"
 
 
-def outcome(target_a: float, strong_a: float, target_b: float, strong_b: float, rule: Rule = "codeclm") -> Verdict:
-    """The target's verdict for one question from its two judged orders (A: target first, B: strong first)."""
-    winners = (order_winner(target_a, strong_a), order_winner(target_b, strong_b))
+def outcome(target_first: float, strong_second: float, target_second: float, strong_first: float,
+            rule: Rule = "codeclm") -> Verdict:
+    """The target's verdict for one question from its two judged orders, named as in codeclm.pairwise: order
+    target_first (target_first vs strong_second), then order strong_first (target_second vs strong_first)."""
+    winners = (order_winner(target_first, strong_second), order_winner(target_second, strong_first))
     target_wins, strong_wins = winners.count("target"), winners.count("strong")
     if rule == "codeclm":
         if target_wins == 2:
@@ -45,9 +47,9 @@ def outcome(target_a: float, strong_a: float, target_b: float, strong_b: float, 
     raise ValueError(f"unknown rule {rule!r}; use 'codeclm' or 'alpagasus'")
 
 
-def position_flipped(target_a: float, strong_a: float, target_b: float, strong_b: float) -> bool:
+def position_flipped(target_first: float, strong_second: float, target_second: float, strong_first: float) -> bool:
     """Whether swapping the answer order changed who won: a measure of the judge's position bias."""
-    return order_winner(target_a, strong_a) != order_winner(target_b, strong_b)
+    return order_winner(target_first, strong_second) != order_winner(target_second, strong_first)
 
 
 def crr(wins: int, ties: int, losses: int) -> float:

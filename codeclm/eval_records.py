@@ -34,7 +34,7 @@ class EvalAnswer(Record):
 
 
 class EvalQuestionResult(Record):
-    """The judged comparison of one question (A: target shown first, B: strong first).
+    """The judged comparison of one question, judged in both orders (codeclm.pairwise).
 
     A question whose answer or judgement failed has outcome `failed`, no scores, the reason in `failure` and
     the judge's last raw output in `judge_output`: it is left out of the CRR denominator and counted apart,
@@ -50,12 +50,12 @@ class EvalQuestionResult(Record):
     judge_model: str
     target_answer: str | None = None
     strong_answer: str | None = None
-    target_score_a: float | None = None
-    strong_score_a: float | None = None
-    target_score_b: float | None = None
-    strong_score_b: float | None = None
-    explanation_a: str | None = None
-    explanation_b: str | None = None
+    strong_score_first: float | None = None  # scores by role and shown position (codeclm.pairwise)
+    strong_score_second: float | None = None
+    target_score_first: float | None = None
+    target_score_second: float | None = None
+    explanation_strong_first: str | None = None
+    explanation_target_first: str | None = None
     outcome: Outcome
     flipped: bool | None = None
     failure: str | None = None

@@ -1,11 +1,10 @@
 """The CRR report: a bar chart with confidence intervals (SVG), a markdown report, and the output folder,
-written aside, validated by re-reading, then swapped into place so `out` is never half-written."""
+written aside, validated by re-reading, then published in one atomic flip so `out` is never half-written."""
 
 from __future__ import annotations
 
 import base64
 import json
-import shutil
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,8 +15,9 @@ import pyarrow.parquet as pq
 
 from codeclm.errors import DatasetError
 from codeclm.eval_records import EvalQuestionResult, EvalSummary
+from codeclm.publish import publishing
 from codeclm.records import FailedCall, Record
-from codeclm.storage import check_schema, publish, write_json, write_records
+from codeclm.storage import check_schema, write_json, write_records
 
 CHART_FILE = "crr.svg"
 _PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#9c755f")
@@ -105,25 +105,19 @@ def report_markdown(summaries: Sequence[EvalSummary], rows: Sequence[EvalQuestio
 
 def write_report(out: Path, rows: Sequence[EvalQuestionResult], summaries: Sequence[EvalSummary],
                  failed_calls: Sequence[FailedCall], meta: dict[str, Any]) -> dict[str, str]:
-    """Write everything into a hidden sibling, validate it, then publish it as `out`; returns the markdown
+    """Write everything aside, validate it, then publish it as `out` (codeclm.publish); returns the markdown
     and the chart for the Prefect artifacts."""
-    staging = out.with_name(f".{out.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
     svg = chart_svg(summaries)
     tables: dict[str, tuple[Sequence[Record], type[Record]]] = {
         "questions.parquet": (rows, EvalQuestionResult), "summary.parquet": (summaries, EvalSummary),
         "failed_calls.parquet": (failed_calls, FailedCall)}
-    try:
+    with publishing(out) as staging:
         for name, (records, model) in tables.items():
             write_records(staging / name, records, model)
         write_json(staging / "summary.json", {**meta, "results": [s.model_dump() for s in summaries]})
         (staging / CHART_FILE).write_text(svg)
         (staging / "report.md").write_text(report_markdown(summaries, rows, meta, CHART_FILE))
         _validate(staging, tables, len(summaries))
-        publish(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return {"markdown": report_markdown(summaries, rows, meta, data_uri(svg)), "svg": svg}
 
 

@@ -3,9 +3,9 @@ result, and the files a training leaves in DIR. No heavy imports here: torch and
 `codeclm.trainer_local`, so `codeclm --help` and a bad dataset stay fast.
 
 Work lives under HOME/finetune/<key>/ (checkpoints, adapter, merged model, log); DIR receives hard links to the
-finished files, swapped in atomically. The key is the dataset's sha256, the base model, the trainer and the
-effective hyperparameters: a finished key is never trained again, an unfinished one resumes from its last
-checkpoint.
+finished files, published in one atomic flip (codeclm.publish). The key is the dataset's sha256, the base model,
+the trainer and the effective hyperparameters: a finished key is never trained again, an unfinished one resumes
+from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -16,10 +16,8 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,8 +29,9 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from codeclm.errors import ConfigError, DatasetError, ModelError
+from codeclm.publish import publishing
 from codeclm.settings import EMBEDDED, FinetuneConfig, Settings
-from codeclm.storage import publish, write_json
+from codeclm.storage import package_versions, write_json
 
 INSTALL_HINT = "install the train extra: pip install -e '.[train]' (or make install)"
 TRAIN_MODULES = ("torch", "transformers", "trl", "peft", "datasets", "gguf")
@@ -135,7 +134,7 @@ def load_dataset(path: Path) -> Dataset:
     if pairs == 0:
         raise DatasetError(f"{file}: no training pairs; generate a dataset with kept pairs first "
                            "(lower `threshold` or raise `budget`)")
-    return Dataset(file.resolve(), hashlib.sha256(raw).hexdigest(), pairs)
+    return Dataset(file.absolute(), hashlib.sha256(raw).hexdigest(), pairs)
 
 
 def _check_messages(file: Path, number: int, row: Any) -> None:
@@ -365,36 +364,23 @@ def _fmt(value: float | None) -> str:
 
 
 def versions() -> dict[str, str]:
-    found = {}
-    for name in ("codeclm-factory", "torch", "transformers", "trl", "peft", "datasets", "gguf", "litellm"):
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found | {"python": platform.python_version()}
+    return package_versions("codeclm-factory", "torch", "transformers", "trl", "peft", "datasets", "gguf", "litellm")
 
 
 def publish_outputs(plan: FinetunePlan, out: Path, names: list[str]) -> None:
-    """Hard-link (or copy, across file systems) the finished files into a staging dir, then swap it into `out`.
-    A DIR that already holds this key's files is left alone."""
+    """Hard-link (or copy, across file systems) the finished files into a staging dir, then publish it as `out`
+    (codeclm.publish). A DIR that already holds this key's files is left alone."""
     manifest = out / MANIFEST
     if manifest.exists() and json.loads(manifest.read_text()).get("key") == plan.key and all(
             (out / n).exists() for n in names):
         return
-    staging = out.with_name(f".{out.name}.staging-{uuid.uuid4().hex[:8]}")
-    try:
+    with publishing(out) as staging:
         for name in names:
             src = plan.work / name
             if src.is_dir():
                 shutil.copytree(src, staging / name, copy_function=_link_or_copy)
             else:
-                staging.mkdir(parents=True, exist_ok=True)
                 _link_or_copy(str(src), str(staging / name))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        publish(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def is_published(result: FinetuneResult) -> bool:
@@ -466,8 +452,9 @@ def load_result(out: Path) -> FinetuneResult:
 
 
 def _at(result: FinetuneResult, out: Path, cached: bool) -> FinetuneResult:
-    """The result with paths in the published directory (the work copy keeps its own)."""
-    out = out.resolve()
+    """The result with paths in the published directory (the work copy keeps its own), through its link, so they
+    stay valid when a later publish replaces the version behind it."""
+    out = out.absolute()
     return result.model_copy(update={
         "out": str(out), "cached": cached,
         "merged_model": str(out / "merged") if result.merged_model else None,

@@ -95,6 +95,7 @@ class Result:
     completion_tokens: int = 0
     cost_usd: float = 0.0
     unpriced: bool = False
+    cache_unreadable: bool = False  # a corrupt call-cache entry was found for this call and ignored
     truncated: bool = False
     error_type: str = ""
     message: str = ""
@@ -291,7 +292,8 @@ class Gateway:
         ep = self.endpoint(call.role)
         key = self.key(call)
         result = Result(call=call, key=key, model=ep.model)
-        hit = self.cache.get(key)
+        found = self.cache.get(key)
+        hit, result.cache_unreadable = found.entry, found.unreadable
         if hit is not None:
             try:
                 result.value = self._parse(call, ep, hit["text"])

@@ -104,15 +104,15 @@ class Response(Record):
 
 
 class Judgement(Record):
-    """Pairwise scores of the strong and target answers in both orders (A: strong shown first)."""
+    """Pairwise scores of the strong and target answers, judged in both orders (codeclm.pairwise)."""
 
     table: ClassVar[str] = "judgements"
     candidate_id: str
     round: int
-    strong_score_a: float
-    target_score_a: float
-    strong_score_b: float
-    target_score_b: float
+    strong_score_first: float  # scores by role and the position the answer was shown in (codeclm.pairwise)
+    strong_score_second: float
+    target_score_first: float
+    target_score_second: float
     strong_mean: float
     target_mean: float
     gap: float
@@ -152,10 +152,10 @@ class TrainingPair(Record):
     round: int
     strong_model: str
     target_model: str
-    strong_score_a: float
-    target_score_a: float
-    strong_score_b: float
-    target_score_b: float
+    strong_score_first: float  # scores by role and the position the answer was shown in (codeclm.pairwise)
+    strong_score_second: float
+    target_score_first: float
+    target_score_second: float
     gap: float
     decision: Decision
 
@@ -208,3 +208,4 @@ class CallStats(Record):
     cost_usd: float = 0.0
     unpriced_calls: int = 0
     seconds: float = 0.0
+    cache_unreadable: int = 0  # corrupt call-cache entries met and treated as misses (the calls were made again)

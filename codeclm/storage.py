@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
 import os
-import shutil
+import platform
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -54,6 +56,15 @@ def write_json(path: Path, payload: object) -> Path:
     return path
 
 
+def write_text(path: Path, text: str) -> Path:
+    """A text file replaced whole (temp file, then rename), so a reader never sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
 def write_jsonl(path: Path, rows: Iterable[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -64,18 +75,20 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> Path:
     return path
 
 
-def publish(staging: Path, out: Path) -> None:
-    """Swap a finished, validated directory into place; the old one is kept aside until the swap is done."""
-    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-    if out.exists():
-        os.replace(out, old)
-    try:
-        os.replace(staging, out)
-    except BaseException:
-        if old.exists() and not out.exists():
-            os.replace(old, out)  # put the published version back rather than leave nothing at `out`
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+def file_sha256(path: Path) -> str:
+    """The sha256 a manifest records for a published file."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def package_versions(*names: str) -> dict[str, str]:
+    """Installed versions of the named distributions and Python, for a manifest."""
+    found = {}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found | {"python": platform.python_version()}
 
 
 def load_seeds(path: Path) -> list[Seed]:

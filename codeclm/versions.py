@@ -3,12 +3,15 @@
 Layout under ROOT:
   versions/v0001/        one finished version (seeds.parquet, dataset/, eval/, version.json); never rewritten
   registry.json          the commit point: `latest` and the version history, replaced with os.replace
-  latest -> versions/vN  a convenience symlink that follows registry.json (repaired if a crash left it behind)
+  latest -> versions/vN  a convenience symlink that follows registry.json (repaired if a crash left it behind),
+                         flipped by `codeclm.publish.point`, the one symlink flip every output uses
   .refresh.lock          flock held by the running refresh, so two refreshes of one root never interleave
 
 A version is built in `versions/.vNNNN.partial-*`, renamed into place, and only then registered. A refresh
 killed at any point therefore leaves `registry.json`, `latest` and every older version as they were; the
-leftovers (a partial or an unregistered directory) are removed by the next refresh under the lock.
+leftovers (a partial or an unregistered directory) are removed by the next refresh under the lock. Inside a
+version, dataset/, model/ and eval/ are published by `codeclm.publish` (relative links, so the version folder
+can be renamed); versions are kept, since later versions' datasets are read together with earlier ones.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from codeclm.errors import CodecError, SeedFileError
+from codeclm.publish import point
 from codeclm.records import Seed
 from codeclm.storage import load_seeds, write_json
 
@@ -196,12 +200,7 @@ class VersionStore:
     def _point_latest(self, version: str | None) -> None:
         if version is None:
             return
-        target = Path("versions") / version
-        if self.latest_link.is_symlink() and Path(os.readlink(self.latest_link)) == target:
-            return
-        tmp = self.root / f".latest.{uuid.uuid4().hex[:8]}"
-        os.symlink(target, tmp)
-        os.replace(tmp, self.latest_link)
+        point(self.latest_link, Path("versions") / version)
 
 
 def now_iso() -> str:

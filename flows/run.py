@@ -21,7 +21,7 @@ from codeclm.loop import LoopRow, compared_targets, loop_markdown, loop_rows, re
 from codeclm.monitor import progress_view
 from codeclm.results import GenerateResult, LeaderboardRow
 from codeclm.settings import Settings
-from codeclm.storage import write_json
+from codeclm.storage import write_json, write_text
 from flows.evaluate import evaluate
 from flows.finetune import finetune
 from flows.generate import generate
@@ -65,7 +65,7 @@ def run(seeds: str, out: str, settings: Settings | None = None, benchmarks: list
                                       limit=limit)
             rows = loop_rows(read_questions(root / "eval"), base.model, tuned_role.model)
     report = loop_markdown(rows, tuned, str(root / "dataset"), data_sha)
-    (root / "report.md").write_text(report)
+    write_text(root / "report.md", report)
     write_json(root / "loop.json", {"data_sha": data_sha, "trained": training, "loop": [r.model_dump() for r in rows],
                                     "model": tuned.model_dump() if tuned else None})
     create_markdown_artifact(report, key="run-report", description="CRR of base and tuned target, paired change")

@@ -92,6 +92,20 @@ def _abort_if_all_failed(stage: str, results: Sequence[Result]) -> None:
                          f"{first.error_type}: {first.message[:200]}")
 
 
+def _schemas_digest() -> str:
+    """The Arrow schemas of every record type: part of each work folder's name, so outputs written under an
+    older schema (a renamed column) are made again (from the call cache) instead of failing their schema check."""
+    from codeclm import baseline_records, eval_records, records
+
+    models = sorted({m for module in (records, eval_records, baseline_records) for m in vars(module).values()
+                     if isinstance(m, type) and issubclass(m, Record) and m is not Record}, key=lambda m: m.__name__)
+    text = "\n".join(f"{m.__name__}: {m.arrow_schema()}" for m in models)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+SCHEMAS = _schemas_digest()
+
+
 class Step:
     """One run of a step over one batch: makes calls, collects failures and stats, writes outputs into a folder
     named by the step's own settings and inputs."""
@@ -99,7 +113,7 @@ class Step:
     def __init__(self, stage: str, batch: str, settings: StageSettings, **inputs: Any) -> None:
         self.stage, self.batch, self.settings = stage, batch, settings
         fingerprint = json.dumps({"stage": stage, "batch": batch, "settings": settings.model_dump(mode="json"),
-                                  "inputs": inputs}, sort_keys=True, default=str)
+                                  "inputs": inputs, "schemas": SCHEMAS}, sort_keys=True, default=str)
         digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:20]
         self.dir = settings.work_dir / stage / f"{batch}-{digest}"
         self.failed: list[FailedCall] = []
@@ -131,6 +145,7 @@ class Step:
             self.stats.completion_tokens += r.completion_tokens
             self.stats.cost_usd += r.cost_usd
             self.stats.unpriced_calls += r.unpriced and not r.cached
+            self.stats.cache_unreadable += r.cache_unreadable
             if not r.ok:
                 self.stats.failed += 1
                 self.fail(r.call.item_id, r.call.role, r.model, r.error_type, r.message, r.attempts, r.text, r.key,

@@ -1,16 +1,9 @@
-"""Assemble, check and publish the dataset: budget, lineage invariant, manifest, atomic swap into place."""
+"""Assemble, check and publish the dataset: budget, lineage invariant, manifest, one atomic flip into place."""
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
-import platform
 import random
-import shutil
-import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +12,7 @@ import pyarrow.parquet as pq
 
 from codeclm.errors import DatasetError
 from codeclm.prompts import load_prompt
+from codeclm.publish import publishing
 from codeclm.records import (
     CallStats,
     Candidate,
@@ -34,7 +28,7 @@ from codeclm.records import (
     TrainingPair,
 )
 from codeclm.settings import StageSettings
-from codeclm.storage import check_schema, publish, write_json, write_jsonl, write_records
+from codeclm.storage import check_schema, file_sha256, package_versions, write_json, write_jsonl, write_records
 from tasks._base import Ref, codec_task, read
 from tasks.respond import answer_messages
 
@@ -88,22 +82,10 @@ def _concat(refs: list[Ref], model: type[Record]) -> list[Record]:
     return [row for ref in refs for row in read(ref, model)]
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+PACKAGES = ("codeclm-factory", "prefect", "litellm", "pyarrow", "pandas", "pydantic")
 
 
-def _versions() -> dict[str, str]:
-    names = ("codeclm-factory", "prefect", "litellm", "pyarrow", "pandas", "pydantic")
-    found = {}
-    for name in names:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found | {"python": platform.python_version()}
-
-
-def _stage_summary(stats: list[CallStats]) -> list[dict[str, Any]]:
+def stage_summary(stats: list[CallStats]) -> list[dict[str, Any]]:
     frame = pd.DataFrame([s.model_dump() for s in stats])
     if frame.empty:
         return []
@@ -114,7 +96,7 @@ def _stage_summary(stats: list[CallStats]) -> list[dict[str, Any]]:
 
 @codec_task("export", run_name="publish dataset · {out}")
 def export(refs: dict[str, list[Ref]], settings: StageSettings, out: str, run: dict[str, Any]) -> dict[str, Any]:
-    """Write train/rejected/failed/stages and the manifest aside, validate them, then swap into `out`.
+    """Write train/rejected/failed/stages and the manifest aside, validate them, then publish them as `out`.
     `run` may carry `concurrency`: the adaptive limits per endpoint during the run, kept in the manifest."""
     target = Path(out)
     run = dict(run)
@@ -132,14 +114,14 @@ def export(refs: dict[str, list[Ref]], settings: StageSettings, out: str, run: d
         raise DatasetError(f"no instruction was kept or rejected, so there is nothing to publish (failed calls: "
                            f"{by_stage}; first: {failed[0].error_type if failed else '-'}); nothing was published")
 
-    with _staging(target) as staging:
+    with publishing(target) as staging:
         files, tables = write_dataset(staging, refs, train, (rejected, RejectedCandidate), failed, STAGE_TABLES)
 
         stats = _concat(refs.get("stats", []), CallStats)
-        stages = _stage_summary(stats)
+        stages = stage_summary(stats)
         manifest = {
             "run": run,
-            "versions": _versions(),
+            "versions": package_versions(*PACKAGES),
             "prompts": {p: load_prompt(p).version for p in PROMPTS},
             "preset": settings.preset,
             "settings": settings.dump(),
@@ -158,11 +140,10 @@ def export(refs: dict[str, list[Ref]], settings: StageSettings, out: str, run: d
             "stages": stages,
             "concurrency": limits,
             "totals": totals(stages),
-            "files": {name: _sha(path) for name, path in sorted(files.items())},
+            "files": {name: file_sha256(path) for name, path in sorted(files.items())},
         }
         write_json(staging / "manifest.json", manifest)
-        publish(staging, target)
-        return {"out": str(target), "train": len(train), "counts": manifest["counts"], "stages": stages,
+    return {"out": str(target), "train": len(train), "counts": manifest["counts"], "stages": stages,
                 "concurrency": limits, "totals": manifest["totals"]}
 
 
@@ -195,19 +176,7 @@ def write_dataset(staging: Path, refs: dict[str, list[Ref]], train: list[Trainin
 def totals(stages: list[dict[str, Any]]) -> dict[str, Any]:
     """A run's totals over its per-stage summaries."""
     return {k: sum(s[k] for s in stages) for k in ("calls", "cached", "failed", "prompt_tokens", "completion_tokens",
-                                                   "cost_usd", "unpriced_calls")}
-
-
-@contextmanager
-def _staging(target: Path) -> Iterator[Path]:
-    """A hidden directory next to `target`, removed again if anything fails before it is published; unique per
-    export, so two runs publishing to the same place never write into each other's copy."""
-    staging = target.with_name(f".{target.name}.staging-{uuid.uuid4().hex[:8]}")
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+                                                   "cost_usd", "unpriced_calls", "cache_unreadable")}
 
 
 def _validate(staging: Path, tables: dict[str, tuple[list[Record], type[Record]]], n_train: int) -> None:

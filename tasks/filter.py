@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from codeclm.pairwise import SCORE_COLUMNS
 from codeclm.records import (
     Candidate,
     Decision,
@@ -44,9 +45,7 @@ def training_pair(cand: Candidate, judgement: Judgement, answers: dict[str, Resp
         metadata_id=cand.metadata_id, use_case=cand.use_case, skills=cand.skills,
         basic_instruction=cand.basic_instruction, actions_applied=cand.actions_applied, round=cand.round,
         strong_model=answers["strong"].model, target_model=answers["target"].model,
-        strong_score_a=judgement.strong_score_a, target_score_a=judgement.target_score_a,
-        strong_score_b=judgement.strong_score_b, target_score_b=judgement.target_score_b,
-        gap=judgement.gap, decision=decision)
+        **{column: getattr(judgement, column) for column in SCORE_COLUMNS}, gap=judgement.gap, decision=decision)
 
 
 @codec_task("filter", run_name="{name} r{round} · batch {batch}")

@@ -1,7 +1,8 @@
 """CRR evaluation, step 2 (paper §5.3, Fig. 12): the judge scores target and strong answers in both orders.
 
-Order A shows the target's answer as Assistant 1, order B shows the strong model's first. A question whose
-answer or judgement failed (the gateway already retried unparseable output) is kept as `failed`.
+Both orders and their columns follow codeclm.pairwise (order `strong_first`, then `target_first`; scores named
+by role and shown position), as generation scoring does. A question whose answer or judgement failed (the
+gateway already retried unparseable output) is kept as `failed`.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from codeclm.crr import Rule, outcome, position_flipped
 from codeclm.errors import ParseError
 from codeclm.eval_records import EvalAnswer, EvalQuestion, EvalQuestionResult
 from codeclm.gateway import Call, Result
+from codeclm.pairwise import ORDERS, pair_calls, pair_scores
 from codeclm.parsing import parse_two_scores
-from codeclm.prompts import load_prompt
 from codeclm.settings import StageSettings
 from tasks._base import Outputs, Ref, Step, codec_task, read
 from tasks.answer import item_id
@@ -50,13 +51,10 @@ def verdict_from_text(text: str) -> Verdict:
 
 
 def verdict_calls(question: str, item: str, target: str, strong: str, structured: bool) -> list[Call]:
-    """Order A (target first) then order B (strong first), at the judge role's own temperature."""
-    prompt = load_prompt("judge")
-    return [Call(role="judge",
-                 messages=prompt.render(structured=structured, question=question, answer_1=first, answer_2=second),
-                 output=Verdict, text_parser=verdict_from_text, prompt_version=prompt.version, stage="judge",
-                 item_id=f"{item}#{order}", truncation_ok=True)  # the scores come first; a cut explanation is fine
-            for order, first, second in (("A", target, strong), ("B", strong, target))]
+    """Both orders (codeclm.pairwise.ORDERS) at the judge role's own temperature."""
+    return pair_calls("judge", question=question, strong=strong, target=target, item_id=item, role="judge",
+                      stage="judge", structured=structured, output=Verdict, text_parser=verdict_from_text,
+                      truncation_ok=True)  # the scores come first; a cut explanation is fine
 
 
 def question_result(question: EvalQuestion, target: EvalAnswer, strong: EvalAnswer, orders: Sequence[Result],
@@ -69,17 +67,18 @@ def question_result(question: EvalQuestion, target: EvalAnswer, strong: EvalAnsw
         if answer.text is None:
             row.failure = f"{answer.role} answer failed: {(answer.failure or '')[:FAILURE_TEXT]}"
             return row
-    for order, result in zip("AB", orders, strict=True):
+    for order, result in zip(ORDERS, orders, strict=True):
         if not result.ok:
             row.failure = f"judge, order {order}: {result.error_type}: {result.message[:FAILURE_TEXT]}"
             row.judge_output = result.text
             return row
-    a, b = orders[0].value, orders[1].value
-    row.target_score_a, row.strong_score_a, row.explanation_a = a.score_1, a.score_2, a.explanation
-    row.strong_score_b, row.target_score_b, row.explanation_b = b.score_1, b.score_2, b.explanation
-    row.outcome = outcome(a.score_1, a.score_2, b.score_2, b.score_1, rule)
-    row.flipped = position_flipped(a.score_1, a.score_2, b.score_2, b.score_1)
-    return row
+    strong_first, target_first = orders[0].value, orders[1].value
+    scores = pair_scores(strong_first, target_first)
+    ordered = (scores.target_score_first, scores.strong_score_second, scores.target_score_second,
+               scores.strong_score_first)
+    return row.model_copy(update={**scores.columns(), "explanation_strong_first": strong_first.explanation,
+                                  "explanation_target_first": target_first.explanation,
+                                  "outcome": outcome(*ordered, rule), "flipped": position_flipped(*ordered)})
 
 
 @codec_task("judge", run_name="{name} · {batch} · {target_model}", tags=["eval", "role:judge"])

@@ -12,6 +12,7 @@ import random
 import re
 
 from codeclm.baseline_records import BaselineRejected, PoolInstruction
+from codeclm.pairwise import SCORE_COLUMNS
 from codeclm.records import TrainingPair, content_id
 from codeclm.settings import StageSettings
 from tasks._base import Outputs, Ref, Step, codec_task, read
@@ -36,7 +37,7 @@ def pair_of(item: PoolInstruction, answer: str, model: str, settings: StageSetti
         candidate_id=item.instruction_id, seed_ids=item.seed_ids, metadata_id=item.metadata_id,
         use_case=item.use_case, skills=item.skills, basic_instruction=item.root_instruction,
         actions_applied=item.evolutions, round=item.round, strong_model=model, target_model=settings.target.model,
-        strong_score_a=nan, target_score_a=nan, strong_score_b=nan, target_score_b=nan, gap=nan,
+        **dict.fromkeys(SCORE_COLUMNS, nan), gap=nan,
         decision="keep_strong")
 
 

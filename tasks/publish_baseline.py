@@ -1,6 +1,6 @@
 """Publish a baseline dataset in `codeclm generate`'s layout: train.parquet (TrainingPair), train.jsonl (chat
-messages), rejected.parquet, failed_calls.parquet, stages/*.parquet and manifest.json, swapped into place
-atomically; the manifest adds the method, the budget and any shortfall with the limit that caused it."""
+messages), rejected.parquet, failed_calls.parquet, stages/*.parquet and manifest.json, published in one atomic
+flip (codeclm.publish); the manifest adds the method, the budget and any shortfall with the limit that caused it."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ from typing import Any
 from codeclm.baseline_records import BaselineRejected, PoolInstruction, Rating
 from codeclm.errors import DatasetError
 from codeclm.prompts import load_prompt
+from codeclm.publish import publishing
 from codeclm.records import CallStats, Candidate, FailedCall, Metadata, Record, Seed, TrainingPair
 from codeclm.settings import StageSettings
-from codeclm.storage import publish, write_json
+from codeclm.storage import file_sha256, package_versions, write_json
 from tasks._base import Ref, codec_task, read
 from tasks.evol import METHODS as EVOL_METHODS
-from tasks.export import _sha, _stage_summary, _staging, _versions, totals, write_dataset
+from tasks.export import PACKAGES, stage_summary, totals, write_dataset
 
 STAGE_TABLES: dict[str, type[Record]] = {
     "seeds": Seed, "metadata": Metadata, "candidates": Candidate, "instructions": PoolInstruction,
@@ -50,7 +51,7 @@ def _concat(refs: list[Ref], model: type[Record]) -> list[Any]:
 @codec_task("publish_baseline", run_name="publish {method} · {out}")
 def publish_baseline(method: str, refs: dict[str, list[Ref]], settings: StageSettings, out: str, run: dict[str, Any],
                      limit: str | None) -> dict[str, Any]:
-    """Write aside, validate, swap into `out`; `limit` names the stated limit a shortfall comes from."""
+    """Write aside, validate, publish as `out`; `limit` names the stated limit a shortfall comes from."""
     target = Path(out)
     budget = settings.budget
     train, over = apply_budget(_concat(refs.get("pairs", []), TrainingPair), budget, settings.seed)
@@ -60,15 +61,15 @@ def publish_baseline(method: str, refs: dict[str, list[Ref]], settings: StageSet
         by_stage = ", ".join(f"{s} {n}" for s, n in Counter(f.stage for f in failed).items()) or "none"
         raise DatasetError(f"{method}: no pair was made (failed calls: {by_stage}); nothing was published")
     shortfall = budget - len(train)
-    with _staging(target) as staging:
+    with publishing(target) as staging:
         present = {name: model for name, model in STAGE_TABLES.items() if name in refs}
         files, tables = write_dataset(staging, refs, train, (rejected, BaselineRejected), failed, present)
-        stages = _stage_summary(_concat(refs.get("stats", []), CallStats))
+        stages = stage_summary(_concat(refs.get("stats", []), CallStats))
         instructions = _concat(refs.get("instructions", []), PoolInstruction)
         manifest = {
             "method": method,
             "run": run,
-            "versions": _versions(),
+            "versions": package_versions(*PACKAGES),
             "prompts": {p: load_prompt(p).version for p in PROMPTS[method]},
             "preset": settings.preset,
             "settings": settings.dump(),
@@ -85,9 +86,8 @@ def publish_baseline(method: str, refs: dict[str, list[Ref]], settings: StageSet
             },
             "stages": stages,
             "totals": totals(stages),
-            "files": {name: _sha(path) for name, path in sorted(files.items())},
+            "files": {name: file_sha256(path) for name, path in sorted(files.items())},
         }
         write_json(staging / "manifest.json", manifest)
-        publish(staging, target)
     return {"out": str(target), "method": method, "train": len(train), "budget": manifest["budget"],
             "counts": manifest["counts"], "stages": stages, "totals": manifest["totals"]}

@@ -19,7 +19,7 @@ from tasks._base import Outputs, Ref, codec_task, read
 from tasks.filter import decide, filter_candidates
 from tasks.improve import improve, improve_call, improved_candidate, pick_action
 from tasks.respond import ROLES, answer_calls, respond
-from tasks.score import judgement_of, pair_calls, score
+from tasks.score import judgement_of, score, score_calls
 
 
 def stage_key(stage: str, round: int) -> str:
@@ -49,12 +49,12 @@ class _Chains:
             if not all(a.ok for a in answers):
                 return
             text = {a.call.role: a.value for a in answers}
-            order_a, order_b = await self._ask(pair_calls(
-                cand.instruction, cand.candidate_id, text["strong"], text["target"], self.settings.scorer,
-                self.settings.score_temperature, "score", self.structured))
-            if not (order_a.ok and order_b.ok):
+            strong_first, target_first = await self._ask(score_calls(cand, text["strong"], text["target"],
+                                                                     self.settings, self.structured))
+            if not (strong_first.ok and target_first.ok):
                 return
-            if decide(judgement_of(cand, order_a.value, order_b.value).gap, round, self.settings) != "next_round":
+            judged = judgement_of(cand, strong_first.value, target_first.value)
+            if decide(judged.gap, round, self.settings) != "next_round":
                 return
             round += 1
             actions = self.actions.get(cand.metadata_id)

@@ -102,9 +102,9 @@ def test_codeclm_rule_is_the_default() -> None:
 
 
 def test_outcome_uses_the_swapped_order_correctly() -> None:
-    # order B shows the strong model first, but the arguments are always (target, strong)
-    assert outcome(target_a=9, strong_a=3, target_b=8, strong_b=4) == "win"
-    assert outcome(target_a=3, strong_a=9, target_b=2, strong_b=10) == "loss"
+    # each order's scores are compared as (target, strong), whichever was shown first
+    assert outcome(target_first=9, strong_second=3, target_second=8, strong_first=4) == "win"
+    assert outcome(target_first=3, strong_second=9, target_second=2, strong_first=10) == "loss"
 
 
 def test_unknown_rule() -> None:

@@ -24,11 +24,13 @@ from typer.testing import CliRunner
 
 from codeclm.errors import ModelError
 from codeclm.fake_llm import FakeLLMServer
+from codeclm.publish import leftovers
 from codeclm.settings import Settings
 
 VICUNA = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "vicuna_80.jsonl"
 START = "[The Start of Assistant {}'s Answer]\n<answer>\n"
-# question -> ((target, strong) scores in order A, (target, strong) in order B); q7's judge output is broken
+# question -> ((target, strong) scores in order target_first (the fake server's "A"), (target, strong) in order
+# strong_first ("B")); q7's judge output is broken
 SCRIPT: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
     "q1": ((8, 6), (8, 6)),  # target wins both: win
     "q2": ((5, 9), (5, 9)),  # strong wins both: loss
@@ -131,11 +133,11 @@ def test_both_orders_scripted_crr_and_failures(setup: Setup) -> None:
     out = Path(setup.first.out)
     assert sorted(p.name for p in out.iterdir()) == ["crr.svg", "failed_calls.parquet", "questions.parquet",
                                                      "report.md", "summary.json", "summary.parquet"]
-    assert not list(setup.root.glob(".out*"))  # no staging left beside it
+    assert out.is_symlink() and leftovers(out) == []  # published by one flip, no staging left beside it
     questions = {r["question_id"]: r for r in pq.read_table(out / "questions.parquet").to_pylist()}
     assert [questions[f"q{i}"]["outcome"] for i in range(1, 8)] == ["win", "loss", "tie", "tie", "tie", "tie",
                                                                     "failed"]
-    assert questions["q7"]["failure"].startswith("judge, order A: ParseError")
+    assert questions["q7"]["failure"].startswith("judge, order strong_first: ParseError")
     assert questions["q7"]["judge_output"] == '{"answer": '
     assert questions["q4"]["flipped"] and not questions["q1"]["flipped"]
     assert json.loads((out / "summary.json").read_text())["results"][0]["crr"] == pytest.approx(500 / 6)

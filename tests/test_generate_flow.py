@@ -15,6 +15,7 @@ from conftest import settings_for
 
 from codeclm.errors import DatasetError, ModelError
 from codeclm.fake_llm import FakeLLMServer
+from codeclm.publish import leftovers
 from codeclm.records import Candidate, FailedCall, FilterDecision, RejectedCandidate, Response, RubricSet, TrainingPair
 from codeclm.storage import read_records, write_records
 from tasks._base import ref_to
@@ -85,8 +86,7 @@ def _check_published(out: Path) -> dict[str, Any]:
 
 
 def _no_leftovers(out: Path) -> None:
-    hidden = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
-    assert hidden == [], f"staging or old copies left behind: {hidden}"
+    assert leftovers(out) == [], f"staging or old copies left behind: {leftovers(out)}"
 
 
 def test_generate_publishes_a_valid_dataset_and_a_rerun_is_free(prefect_harness: None, fake_llm: FakeLLMServer,
@@ -98,6 +98,7 @@ def test_generate_publishes_a_valid_dataset_and_a_rerun_is_free(prefect_harness:
     summary = _generate(seeds, out, settings)
     published = _check_published(out)
     _no_leftovers(out)
+    assert out.is_symlink()  # published by one flip (codeclm.publish)
     manifest = published["manifest"]
     requests = len(fake_llm.requests)
     counts = manifest["counts"]

@@ -203,7 +203,8 @@ def test_train_jsonl_messages_are_what_was_answered() -> None:
         pair_id="pair-1", instruction="Plan a picnic for six.", response="Bring bread.", response_source="strong",
         other_response="o", instruction_id="inst-1", candidate_id="cand-1", seed_ids=["s"], metadata_id="m",
         use_case="u", skills=["k"], basic_instruction="b", actions_applied=[], round=1, strong_model="s",
-        target_model="t", strong_score_a=9, target_score_a=2, strong_score_b=9, target_score_b=2, gap=7,
+        target_model="t", strong_score_first=9, strong_score_second=9, target_score_first=2, target_score_second=2,
+        gap=7,
         decision="keep_strong")
     (call,) = answer_calls([("cand-1", pair.instruction)], "strong", "respond")
     (row,) = chat_rows([pair])

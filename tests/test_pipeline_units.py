@@ -140,9 +140,9 @@ def _candidate(i: int = 0, round: int = 1) -> Candidate:
 
 
 def test_judgement_averages_both_orders() -> None:
-    # order A shows the strong answer first, order B the target's: each model's two scores are averaged
+    # the first verdict shows the strong answer first, the second the target's: each model's two scores averaged
     j = judgement_of(_candidate(), ScorePair(score_1=8, score_2=4), ScorePair(score_1=5, score_2=9))
-    assert (j.strong_score_a, j.target_score_a, j.strong_score_b, j.target_score_b) == (8, 4, 9, 5)
+    assert (j.strong_score_first, j.target_score_second, j.target_score_first, j.strong_score_second) == (8, 4, 5, 9)
     assert (j.strong_mean, j.target_mean, j.gap) == (8.5, 4.5, 4.0)
     assert decide(j.gap, 1, _settings()) == "keep_strong"
 
@@ -217,7 +217,8 @@ def _pair(i: int) -> TrainingPair:
         pair_id=f"pair-{i:03d}", instruction=f"i{i}", response="r", response_source="strong", other_response="o",
         instruction_id=f"inst-{i}", candidate_id=f"cand-{i}", seed_ids=["s"], metadata_id="m", use_case="u",
         skills=["k"], basic_instruction=f"i{i}", actions_applied=[], round=1, strong_model="s", target_model="t",
-        strong_score_a=9, target_score_a=2, strong_score_b=9, target_score_b=2, gap=7, decision="keep_strong")
+        strong_score_first=9, strong_score_second=9, target_score_first=2, target_score_second=2, gap=7,
+        decision="keep_strong")
 
 
 def test_budget_keeps_everything_when_under() -> None:

@@ -13,7 +13,7 @@ import pytest
 from codeclm import records
 from codeclm.errors import DatasetError
 from codeclm.records import Record, Seed
-from codeclm.storage import publish, read_records, write_records
+from codeclm.storage import read_records, write_records
 
 MODELS = sorted((cls for cls in vars(records).values()
                  if isinstance(cls, type) and issubclass(cls, Record) and cls is not Record),
@@ -113,18 +113,3 @@ def test_writing_replaces_a_file_whole(tmp_path: Path) -> None:
     write_records(path, [Seed(seed_id=f"s{i}", instruction="old") for i in range(5)], Seed)
     write_records(path, [Seed(seed_id="new", instruction="new")], Seed)
     assert read_records(path, Seed) == [Seed(seed_id="new", instruction="new")]
-
-
-def test_publish_swaps_a_directory_in_and_keeps_the_old_one_if_the_swap_fails(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "manifest.json").write_text("v1")
-    staging = tmp_path / ".out.staging"
-    staging.mkdir()
-    (staging / "manifest.json").write_text("v2")
-    publish(staging, out)
-    assert (out / "manifest.json").read_text() == "v2" and not staging.exists()
-    with pytest.raises(FileNotFoundError):
-        publish(tmp_path / ".out.missing", out)  # the new copy is gone: the swap itself fails
-    assert (out / "manifest.json").read_text() == "v2"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
