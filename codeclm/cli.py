@@ -165,6 +165,12 @@ def _published_already(seeds: Path, out: Path, settings: Any) -> bool:
         return False
 
 
+def _shortfall_note(summary: dict[str, Any]) -> str:
+    """The exit line's warning when fewer pairs than the budget were published."""
+    budget = summary["budget"]
+    return f"; SHORTFALL {budget['shortfall']} of {budget['wanted']}: {budget['limit']}" if budget["shortfall"] else ""
+
+
 def _settings(config: Path | None, **overrides: Any) -> Any:
     """Settings from file, env and flags; the Dask runner's need for a Prefect server is checked now, not after
     a temporary server has started."""
@@ -217,16 +223,18 @@ def generate(
         summary = generate_flow(str(seeds), str(out), settings)
         typer.echo(f"{summary['train']} training pairs in {summary['out']} "
                    f"(cost ${summary['totals']['cost_usd']:.4f}, {summary['totals']['calls']} calls, "
-                   f"{summary['totals']['cached']} cached)")
+                   f"{summary['totals']['cached']} cached{_shortfall_note(summary)})")
 
     _run(go)
 
 
 @app.command()
 def baseline(
-    method: Annotated[Literal["self_instruct", "evol_instruct", "wizardlm_plus", "alpagasus"], typer.Argument(
-        help="self_instruct, evol_instruct, wizardlm_plus (Evol from CodecLM's basic instructions) or alpagasus "
-             "(Self-Instruct pairs rated by the strong model); see docs/baselines.md")],
+    method: Annotated[Literal["self_instruct", "evol_instruct", "wizardlm_plus", "alpagasus", "metadata_only",
+                              "no_contrastive_filtering"], typer.Argument(
+        help="self_instruct, evol_instruct, wizardlm_plus (Evol from CodecLM's basic instructions), alpagasus "
+             "(Self-Instruct pairs rated by the strong model), or Table 3's ablations metadata_only and "
+             "no_contrastive_filtering; see docs/baselines.md")],
     seeds: Annotated[Path, typer.Argument(help="seed instructions: Parquet file or directory, JSONL or CSV")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output directory (replaced atomically when done)")],
     config: ConfigOpt = None,
@@ -249,12 +257,9 @@ def baseline(
         validate_seeds(seeds, settings)
         preflight(settings, ("strong",))
         summary = baseline_flow(method, str(seeds), str(out), settings)
-        shortfall = summary["budget"]["shortfall"]
-        note = f"; SHORTFALL {shortfall} of {summary['budget']['wanted']}: {summary['budget']['limit']}" \
-            if shortfall else ""
         typer.echo(f"{summary['train']} {method} pairs in {summary['out']} "
                    f"(cost ${summary['totals']['cost_usd']:.4f}, {summary['totals']['calls']} calls, "
-                   f"{summary['totals']['cached']} cached{note})")
+                   f"{summary['totals']['cached']} cached{_shortfall_note(summary)})")
 
     _run(go)
 

@@ -236,6 +236,11 @@ class Settings(BaseSettings):
     drop_seed_overlap: bool = Field(True, description="reject generated instructions equal to a seed")
     drop_duplicates: bool = Field(True, description="reject basic instructions repeating an earlier one, across "
                                   "all batches (the paper describes no duplicate removal)")
+    contrastive_filtering: bool = Field(True, description="score strong against target answers and keep only "
+                                        "clear gaps; false (Table 3's ablations): every final instruction gets "
+                                        "the strong model's answer, no target answers, no scores")
+    max_topups: int = Field(3, ge=0, le=20, description="stated limit: extra decode-and-rounds passes while fewer "
+                            "pairs than the budget were kept; reaching it publishes the shortfall, loudly")
     scorer: Literal["strong", "judge"] = Field("strong", description="who scores in Contrastive Filtering")
     score_temperature: float = Field(0.0, ge=0, le=2, description="temperature of pairwise scoring")
     seed: int = Field(0, description="random seed for augmentation, action choice and budget sampling")

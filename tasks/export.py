@@ -119,6 +119,8 @@ def export(refs: dict[str, list[Ref]], settings: Settings, out: str, run: dict[s
     target = Path(out)
     run = dict(run)
     limits = run.pop("concurrency", [])
+    topup = run.pop("topup", {"passes": 0, "limit": None})
+    method = run.pop("method", "codeclm")
     kept_all = _concat(refs.get("kept", []), TrainingPair)
     train, over_budget = apply_budget(kept_all, settings.budget, settings.seed)
     rejected = _concat(refs.get("rejected", []), RejectedCandidate) + over_budget
@@ -137,12 +139,18 @@ def export(refs: dict[str, list[Ref]], settings: Settings, out: str, run: dict[s
 
         stats = _concat(refs.get("stats", []), CallStats)
         stages = _stage_summary(stats)
+        shortfall = max(0, settings.budget - len(train))
+        budget = {"wanted": settings.budget, "published": len(train), "shortfall": shortfall,
+                  "topup_passes": topup["passes"], "limit": (topup["limit"] or "no top-up was needed"
+                                                             if shortfall else None)}
         manifest = {
+            "method": method,
             "run": run,
             "versions": _versions(),
             "prompts": {p: load_prompt(p).version for p in PROMPTS},
             "preset": settings.preset,
             "settings": settings.model_dump(mode="json"),
+            "budget": budget,
             "counts": {
                 "seeds": len(tables["stages/seeds.parquet"][0]),
                 "metadata": dict(Counter(m.origin for m in tables["stages/metadata.parquet"][0])),  # type: ignore[attr-defined]
@@ -162,8 +170,8 @@ def export(refs: dict[str, list[Ref]], settings: Settings, out: str, run: dict[s
         }
         write_json(staging / "manifest.json", manifest)
         publish(staging, target)
-        return {"out": str(target), "train": len(train), "counts": manifest["counts"], "stages": stages,
-                "concurrency": limits, "totals": manifest["totals"]}
+        return {"out": str(target), "method": method, "train": len(train), "budget": budget,
+                "counts": manifest["counts"], "stages": stages, "concurrency": limits, "totals": manifest["totals"]}
 
 
 Tables = dict[str, tuple[list[Record], type[Record]]]
