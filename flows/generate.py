@@ -146,7 +146,7 @@ class _Passes:
                   in zip(self.labels, basic, self.rubric_refs, strict=True) if cands["rows"] > 0]
         names = [label for label, _, _ in active]
         per_batch = wait_rounds(names, rounds.map([c for _, c, _ in active], [r for _, _, r in active],
-                                                  unmapped(settings), batch=names))
+                                                  unmapped(settings), batch=names), suffix.replace("-", " "))
         kept = 0
         for _, outputs in ordered(per_batch, settings.max_rounds):
             _collect(refs, outputs, skip=("pending",))

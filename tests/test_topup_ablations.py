@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -58,14 +59,21 @@ class Model:
     def __init__(self, gap: float) -> None:
         self.gap = gap
         self.decoded = 0
+        self.lock = threading.Lock()
+        self.log: list[tuple[str, str, str]] = []  # (stage, model, user message) of every request
 
     def __call__(self, body: dict[str, Any]) -> str | None:
+        with self.lock:
+            return self._answer(body)
+
+    def _answer(self, body: dict[str, Any]) -> str | None:
         stage = _stage(body)
+        self.log.append((stage, str(body["model"]), _user(body)))
         if stage == "respond":
             return f"[{body['model']}] An answer to: {_user(body)[:60]}"
         if stage == "score":
             first = re.search(r"Assistant 1's Answer\]\s*<answer>\s*(.*?)\s*</answer>", _user(body), re.S)
-            strong_first = first is not None and "fake-strong" in first[1]
+            strong_first = first is not None and first[1].startswith("[fake-strong]")
             high, low = 5 + self.gap / 2, 5 - self.gap / 2
             one, two = (high, low) if strong_first else (low, high)
             return json.dumps({"score_1": one, "score_2": two})
@@ -74,8 +82,10 @@ class Model:
             items = []
             for _ in range(n):
                 self.decoded += 1
-                items.append(f"Distinct task number {self.decoded} about {body['model']}.")
-            return json.dumps({"instructions": items})
+                items.append(f"Distinct task number {self.decoded}.")
+            if body.get("response_format"):
+                return json.dumps({"instructions": items})
+            return "\n".join(f"{i}. {text}" for i, text in enumerate(items, start=1))
         return None
 
 
@@ -103,12 +113,12 @@ def test_generate_tops_up_until_the_budget_is_met(prefect_harness: None, fake_ll
     assert manifest["budget"] == {"wanted": 6, "published": 6, "shortfall": 0, "topup_passes": 1, "limit": None}
     assert manifest["counts"]["basic_instructions"] == 2 + 6
     assert manifest["counts"]["rejected"] == {"over_budget": 2}
-    decodes = [r for r in fake_llm.requests if _stage(r["body"]) == "decode"]
+    decodes = [user for stage, _, user in model.log if stage == "decode"]
     assert len(decodes) == 4  # 2 metadata x (first pass + one top-up)
-    topups = [r for r in decodes if "already written" in _user(r["body"])]
-    assert len(topups) == 2 and all("Write 3 more" in _user(r["body"]) for r in topups)
+    topups = [user for user in decodes if "already written" in user]
+    assert len(topups) == 2 and all("Write 3 more" in user for user in topups)
     # the top-up prompt shows what the first pass wrote for the same metadata, so the model writes new ones
-    assert all(re.search(r"^1\. Distinct task number \d+", _user(r["body"]), re.M) for r in topups)
+    assert all(re.search(r"^1\. Distinct task number \d+", user, re.M) for user in topups)
 
     fake_llm.reset()
     again = _generate(_seeds(tmp_path), out, settings)
@@ -143,17 +153,17 @@ def test_metadata_only_ablation_answers_basic_instructions_with_the_strong_model
         prefect_harness: None, fake_llm: FakeLLMServer, tmp_path: Path) -> None:
     """Table 3 row 2: no Self-Rubrics, no Contrastive Filtering. Budget 4 at oversample 1 over 2 metadata: 2
     basic instructions each, each answered once by the strong model, never by the target, never scored."""
-    fake_llm.responder = Model(gap=8)
+    model = fake_llm.responder = Model(gap=8)
     settings = settings_for(fake_llm, tmp_path, **BASE, budget=4)
     out = tmp_path / "out"
     summary = _generate(_seeds(tmp_path), out, settings, "metadata_only")
     manifest = json.loads((out / "manifest.json").read_text())
     train = read_records(out / "train.parquet", TrainingPair)
-    stages = Counter(_stage(r["body"]) for r in fake_llm.requests)
+    stages = Counter(stage for stage, _, _ in model.log)
     assert summary["train"] == len(train) == 4 and manifest["method"] == "metadata_only"
     assert manifest["budget"]["shortfall"] == 0 and manifest["settings"]["contrastive_filtering"] is False
     assert stages["score"] == stages["improve"] == 0 and stages["respond"] == 4 and stages["decode"] == 2
-    assert not [r for r in fake_llm.requests if r["body"]["model"] == "fake-target"]
+    assert not [r for r in fake_llm.requests if r["model"] == "fake-target"]
     assert {(p.round, p.decision, p.response_source, p.other_response) for p in train} == {
         (1, "keep_strong", "strong", "")}
     assert all(math.isnan(p.gap) and p.response.startswith("[fake-strong]") for p in train)
@@ -164,15 +174,15 @@ def test_no_contrastive_filtering_ablation_improves_every_round_then_answers_onc
         prefect_harness: None, fake_llm: FakeLLMServer, tmp_path: Path) -> None:
     """Table 3 row 3: Self-Rubrics through all 3 rounds without filtering in between, then one strong answer to
     the last instruction: 4 basic instructions x 2 improve calls, 4 answers, no scores, no target."""
-    fake_llm.responder = Model(gap=0)  # equal scores would reject everything if anything were filtered
+    model = fake_llm.responder = Model(gap=0)  # equal scores would reject everything if anything were filtered
     settings = settings_for(fake_llm, tmp_path, **{**BASE, "max_rounds": 3}, budget=4)
     out = tmp_path / "out"
     summary = _generate(_seeds(tmp_path), out, settings, "no_contrastive_filtering")
     train = read_records(out / "train.parquet", TrainingPair)
-    stages = Counter(_stage(r["body"]) for r in fake_llm.requests)
+    stages = Counter(stage for stage, _, _ in model.log)
     assert summary["train"] == len(train) == 4
     assert (stages["improve"], stages["respond"], stages["score"]) == (8, 4, 0)
-    assert not [r for r in fake_llm.requests if r["body"]["model"] == "fake-target"]
+    assert not [r for r in fake_llm.requests if r["model"] == "fake-target"]
     assert {(p.round, len(p.actions_applied), p.decision) for p in train} == {(3, 2, "keep_strong")}
     assert all(p.instruction != p.basic_instruction for p in train)
     manifest = json.loads((out / "manifest.json").read_text())
