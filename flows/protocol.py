@@ -107,7 +107,10 @@ def protocol(benchmarks: list[str], out: str, settings: Settings | None = None, 
     meta = {"benchmarks": {p.label: p.split.model_dump() for p in plans}, "methods": methods, "eval_on": eval_on,
             "limit": limit, "seed_fraction": seed_fraction, "budget": settings.budget, "preset": settings.preset,
             "strong": settings.strong.model, "judge": settings.judge.model, "trainer": settings.finetune.trainer,
-            "base_model": settings.finetune.base_model}
+            "base_model": settings.finetune.base_model,
+            "trainings": [{"benchmark": m.benchmark, "method": m.method, "pairs": m.pairs, "shortfall": m.shortfall,
+                           "trained": not m.model.cached, "steps": m.model.steps, "model": m.model.out}
+                          for m in made]}
     svg = chart_svg(rows)
     write_table(root, rows, meta, svg, report_markdown(rows, meta, "crr.svg"))
     create_markdown_artifact(report_markdown(rows, meta, data_uri(svg)), key="protocol-report",
