@@ -94,11 +94,10 @@ def pipeline(seeds: str, out: str, settings: Settings, method: str = "codeclm") 
         more = wait_stage(f"decode t{topup['passes']}", decode.map(
             meta_batches, unmapped(seed_batches), unmapped(settings), extra, batch=labels_k,
             earlier=passes.decoded_so_far(), topup=topup["passes"]))
-        added = passes.run(more, refs, settings, topup["passes"])
-        if added == 0 and sum(out["candidates"]["rows"] for out in more) == 0:
-            topup["limit"] = f"top-up {topup['passes']} made no new basic instruction"
+        kept += passes.run(more, refs, settings, topup["passes"])
+        if passes.basic_count(-1) == 0:
+            topup["limit"] = f"top-up {topup['passes']} made no new basic instruction (all failed or repeats)"
             break
-        kept += added
 
     run = {"flow_run_id": str(flow_run.get_id() or ""), "seeds": seeds, "seeds_sha": source_sha(Path(seeds)),
            "concurrency": concurrency.run_stats(limits), "topup": topup, "method": method}
@@ -125,8 +124,9 @@ class _Passes:
         """Per batch, every earlier pass's decoded candidates (what a top-up decode is told was written)."""
         return [[p[i] for p in self.decoded] for i in range(len(self.labels))]
 
-    def basic_count(self) -> int:
-        return sum(ref["rows"] for p in self.basic for ref in p)
+    def basic_count(self, one: int | None = None) -> int:
+        """Basic instructions that went to the rounds: in every pass, or in pass `one` (-1: the last)."""
+        return sum(ref["rows"] for p in (self.basic if one is None else [self.basic[one]]) for ref in p)
 
     def run(self, decoded: list[Outputs], refs: dict[str, list[Ref]], settings: Settings, topup: int = 0) -> int:
         """One pass over freshly decoded batches; returns the pairs it kept (before the budget)."""

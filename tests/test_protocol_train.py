@@ -1,7 +1,8 @@
 """`codeclm protocol` offline with real training (marker `train`, run by `make test-slow`): two benchmark subsets
 from ../shared/benchmarks, CodecLM and Self-Instruct data from the fake server at a tiny budget, the embedded
 SmolLM2 tuned with LoRA on each (2 steps), base and tuned models served by `transformers serve`, evaluated on the
-whole subset, and the Table-1 report. A rerun trains nothing and makes no LLM request."""
+whole subset, and the Table-1 report. The rerun (no LLM request, no training) is tested with the fake trainer in
+test_protocol.py, and for local training by test_run_loop.py; here it would double the minutes."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from test_protocol import subset
-from test_run_loop import _posts
 
 from codeclm.fake_llm import FakeLLMServer
 
@@ -56,10 +56,5 @@ def test_protocol_trains_every_dataset_and_reports_table_one(tmp_path: Path) -> 
         assert "| method | vicuna | evol |" in report and "**whole** benchmark" in report
         assert "Table 1 (evaluated on whole)" in first.stdout and "vs self_instruct" in first.stdout
 
-        fake_calls, served_calls = len(llm.requests), _posts(home)
-        again = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1700)
-        assert again.returncode == 0, again.stderr[-4000:]
-        assert len(llm.requests) == fake_calls  # generation, strong answers and judgements: all cached
-        assert _posts(home) - served_calls == 2 * 3  # per benchmark, only the readiness check of each served model
-        assert pq.read_table(out / "table.parquet").to_pylist() == table
-        assert all(m["trained"] is False for m in json.loads((out / "protocol.json").read_text())["trainings"])
+        trainings = json.loads((out / "protocol.json").read_text())["trainings"]
+        assert [(t["trained"], t["steps"]) for t in trainings] == [(True, 2)] * 4

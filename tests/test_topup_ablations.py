@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pytest
 from conftest import settings_for
 from test_generate_flow import _check_published
 
@@ -125,6 +126,7 @@ def test_generate_tops_up_until_the_budget_is_met(prefect_harness: None, fake_ll
     assert again["train"] == 6 and fake_llm.requests == []  # a rerun replays every pass from the caches
 
 
+@pytest.mark.slow  # ~25 s: two top-up passes
 def test_a_shortfall_is_published_loudly(prefect_harness: None, fake_llm: FakeLLMServer, tmp_path: Path) -> None:
     """Equal scores keep nothing: after `max_topups` passes the dataset is published short, and the manifest,
     the log and the CLI's exit line say so with the limit that was reached."""
@@ -170,6 +172,7 @@ def test_metadata_only_ablation_answers_basic_instructions_with_the_strong_model
     assert all(p.instruction == p.basic_instruction and p.actions_applied == [] for p in train)
 
 
+@pytest.mark.slow  # ~25 s; the metadata-only test covers the same path in the default suite
 def test_no_contrastive_filtering_ablation_improves_every_round_then_answers_once(
         prefect_harness: None, fake_llm: FakeLLMServer, tmp_path: Path) -> None:
     """Table 3 row 3: Self-Rubrics through all 3 rounds without filtering in between, then one strong answer to
@@ -187,3 +190,23 @@ def test_no_contrastive_filtering_ablation_improves_every_round_then_answers_onc
     assert all(p.instruction != p.basic_instruction for p in train)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["candidates_per_round"] == {"1": 4, "2": 4, "3": 4}
+
+
+@pytest.mark.slow  # ~25 s
+def test_topping_up_stops_when_the_model_writes_nothing_new(prefect_harness: None, fake_llm: FakeLLMServer,
+                                                            tmp_path: Path) -> None:
+    """A model that decodes the same instruction every time: the top-up's instructions are all repeats, so the
+    run stops after one pass instead of paying for the rest, and says why."""
+    codec = Model(gap=8)
+
+    def repeating(body: dict[str, Any]) -> str | None:
+        if _stage(body) == "decode":
+            return "1. Name three rivers in Europe."
+        return codec(body)
+
+    fake_llm.responder = repeating
+    settings = settings_for(fake_llm, tmp_path, **BASE, budget=4, instructions_per_metadata=1, max_topups=3)
+    summary = _generate(_seeds(tmp_path), tmp_path / "out", settings)
+    assert summary["budget"] == {"wanted": 4, "published": 1, "shortfall": 3, "topup_passes": 1,
+                                 "limit": "top-up 1 made no new basic instruction (all failed or repeats)"}
+    assert summary["counts"]["rejected"] == {"duplicate": 1 + 2}  # first pass: 1 of 2; the top-up: both
