@@ -83,6 +83,10 @@ def pipeline(seeds: str, out: str, settings: Settings, method: str = "codeclm") 
     kept = passes.run(decoded, refs, settings)
     topup = {"passes": 0, "limit": None}
     while kept < settings.budget:
+        if settings.instructions_per_metadata:
+            topup["limit"] = (f"instructions_per_metadata = {settings.instructions_per_metadata} fixes how many basic "
+                              "instructions are made, so none were topped up")
+            break
         if topup["passes"] >= settings.max_topups:
             topup["limit"] = f"max_topups ({settings.max_topups}) reached"
             break

@@ -33,9 +33,7 @@ SEEDS = [
 TOP_FILES = {"train.parquet", "train.jsonl", "rejected.parquet", "failed_calls.parquet", "manifest.json"}
 TABLES = {"train.parquet": TrainingPair, "rejected.parquet": RejectedCandidate, "failed_calls.parquet": FailedCall,
           **{f"stages/{name}.parquet": model for name, model in STAGE_TABLES.items()}}
-# one pass: these tests count what the first pass makes (top-up passes: test_topup_ablations.py)
 SMALL = {"n_metadata": 4, "instructions_per_metadata": 2, "n_rubrics": 2, "max_rounds": 2, "budget": 100,
-         "max_topups": 0,
          "batch_size": 10, "max_parallel_batches": 2}
 
 

@@ -20,9 +20,7 @@ pytestmark = pytest.mark.timeout(300, method="thread")
 SEEDS = [("s-poem", "Write a poem about rain."), ("s-sql", "Why is my SQL query slow?"),
          ("s-moon", "Why does the moon have phases?"), ("s-tax", "How do I file taxes as a freelancer?")]
 # Two batches of two seeds; every metadata decodes the same two instructions (one also in a batch-1 spelling).
-# one pass: these tests count what the first pass makes (top-up passes: test_topup_ablations.py)
 SMALL = {"n_metadata": 4, "instructions_per_metadata": 2, "n_rubrics": 2, "max_rounds": 1, "budget": 100,
-         "max_topups": 0,
          "batch_size": 2, "max_parallel_batches": 2}
 REPEATED = ["Name three rivers in Europe.", "Explain why the sky is blue."]
 

@@ -57,8 +57,8 @@ class Model:
     """Answers name their model; scoring follows `gap`: strong scores 5 + gap/2, the target 5 - gap/2, so the
     strong model wins by `gap` in both orders. Decode writes distinct numbered instructions."""
 
-    def __init__(self, gap: float) -> None:
-        self.gap = gap
+    def __init__(self, gap: float, max_items: int = 50) -> None:
+        self.gap, self.max_items = gap, max_items
         self.decoded = 0
         self.lock = threading.Lock()
         self.log: list[tuple[str, str, str]] = []  # (stage, model, user message) of every request
@@ -79,7 +79,7 @@ class Model:
             one, two = (high, low) if strong_first else (low, high)
             return json.dumps({"score_1": one, "score_2": two})
         if stage == "decode":
-            n = int(re.search(r"Write (\d+)", _user(body))[1])
+            n = min(self.max_items, int(re.search(r"Write (\d+)", _user(body))[1]))
             items = []
             for _ in range(n):
                 self.decoded += 1
@@ -101,23 +101,24 @@ def _generate(seeds: Path, out: Path, settings: Any, method: str = "codeclm") ->
 
 def test_generate_tops_up_until_the_budget_is_met(prefect_harness: None, fake_llm: FakeLLMServer,
                                                   tmp_path: Path) -> None:
-    """Every candidate is kept (the strong answer wins by 8), so the first pass keeps 2 of 6: one top-up pass asks
-    for ceil(4 / 1 x 1.1 / 2) = 3 more per metadata, 8 kept in all, sampled down to exactly 6."""
-    model = Model(gap=8)
+    """Budget 6 at oversample 1 asks 3 basic instructions of each of 2 metadata, but the model writes at most 2 per
+    call; every candidate is kept (the strong answer wins by 8), so the first pass keeps 4 of 6: one top-up pass
+    asks for ceil(2 / 1 x 1.1 / 2) = 2 more per metadata, 8 kept in all, sampled down to exactly 6."""
+    model = Model(gap=8, max_items=2)
     fake_llm.responder = model
-    settings = settings_for(fake_llm, tmp_path, **BASE, budget=6, instructions_per_metadata=1)
+    settings = settings_for(fake_llm, tmp_path, **BASE, budget=6, oversample=1.0)
     out = tmp_path / "out"
     summary = _generate(_seeds(tmp_path), out, settings)
     pub = _check_published(out)
     manifest = pub["manifest"]
     assert summary["train"] == len(pub["train.parquet"]) == 6
     assert manifest["budget"] == {"wanted": 6, "published": 6, "shortfall": 0, "topup_passes": 1, "limit": None}
-    assert manifest["counts"]["basic_instructions"] == 2 + 6
+    assert manifest["counts"]["basic_instructions"] == 4 + 4
     assert manifest["counts"]["rejected"] == {"over_budget": 2}
     decodes = [user for stage, _, user in model.log if stage == "decode"]
     assert len(decodes) == 4  # 2 metadata x (first pass + one top-up)
     topups = [user for user in decodes if "already written" in user]
-    assert len(topups) == 2 and all("Write 3 more" in user for user in topups)
+    assert len(topups) == 2 and all("Write 2 more" in user for user in topups)
     # the top-up prompt shows what the first pass wrote for the same metadata, so the model writes new ones
     assert all(re.search(r"^1\. Distinct task number \d+", user, re.M) for user in topups)
 
@@ -133,8 +134,7 @@ def test_a_shortfall_is_published_loudly(prefect_harness: None, fake_llm: FakeLL
     from codeclm.cli import _shortfall_note
 
     fake_llm.responder = Model(gap=0)
-    settings = settings_for(fake_llm, tmp_path, **BASE, budget=4, instructions_per_metadata=1, max_topups=2,
-                            keep_target_when_better=False)
+    settings = settings_for(fake_llm, tmp_path, **BASE, budget=4, max_topups=2, keep_target_when_better=False)
     out = tmp_path / "out"
     try:
         _generate(_seeds(tmp_path), out, settings)
@@ -144,9 +144,9 @@ def test_a_shortfall_is_published_loudly(prefect_harness: None, fake_llm: FakeLL
     budget = manifest["budget"]
     assert budget == {"wanted": 4, "published": 0, "shortfall": 4, "topup_passes": 2,
                       "limit": "max_topups (2) reached"}
-    # first pass 2 basic instructions; each top-up asks for ceil(4 x oversample 2 x 1.1 / 2) = 5 per metadata
-    assert manifest["counts"]["basic_instructions"] == 2 + 10 + 10
-    assert manifest["counts"]["rejected"] == {"below_threshold": 22}
+    # first pass: budget 4 x oversample 2 over 2 metadata = 4 each; each top-up: ceil(4 x 2 x 1.1 / 2) = 5 each
+    assert manifest["counts"]["basic_instructions"] == 8 + 10 + 10
+    assert manifest["counts"]["rejected"] == {"below_threshold": 28}
     assert _shortfall_note({"budget": budget}) == "; SHORTFALL 4 of 4: max_topups (2) reached"
     assert _shortfall_note({"budget": {**budget, "shortfall": 0}}) == ""
 
@@ -205,8 +205,20 @@ def test_topping_up_stops_when_the_model_writes_nothing_new(prefect_harness: Non
         return codec(body)
 
     fake_llm.responder = repeating
-    settings = settings_for(fake_llm, tmp_path, **BASE, budget=4, instructions_per_metadata=1, max_topups=3)
+    settings = settings_for(fake_llm, tmp_path, **BASE, budget=4, oversample=1.0, max_topups=3)
     summary = _generate(_seeds(tmp_path), tmp_path / "out", settings)
     assert summary["budget"] == {"wanted": 4, "published": 1, "shortfall": 3, "topup_passes": 1,
                                  "limit": "top-up 1 made no new basic instruction (all failed or repeats)"}
     assert summary["counts"]["rejected"] == {"duplicate": 1 + 2}  # first pass: 1 of 2; the top-up: both
+
+
+def test_a_fixed_count_per_metadata_is_not_topped_up_but_the_shortfall_is_reported(
+        prefect_harness: None, fake_llm: FakeLLMServer, tmp_path: Path) -> None:
+    """`instructions_per_metadata` fixes how many basic instructions are made (the CPU demo relies on it): no
+    top-up, and the manifest says why the run is short."""
+    fake_llm.responder = Model(gap=8)
+    settings = settings_for(fake_llm, tmp_path, **BASE, budget=5, instructions_per_metadata=1)
+    summary = _generate(_seeds(tmp_path), tmp_path / "out", settings)
+    assert summary["budget"] == {"wanted": 5, "published": 2, "shortfall": 3, "topup_passes": 0, "limit":
+                                 "instructions_per_metadata = 1 fixes how many basic instructions are made, so none "
+                                 "were topped up"}
