@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -10,6 +10,12 @@ from codeclm.records import Record
 
 BaselineMethod = Literal["self_instruct", "evol_instruct", "wizardlm_plus", "alpagasus"]
 METHODS: tuple[str, ...] = ("self_instruct", "evol_instruct", "wizardlm_plus", "alpagasus")
+# Table 3's ablations: the CodecLM flow with these settings (docs/baselines.md). Nothing is filtered, so the
+# budget needs no oversampling; top-up passes replace what failed or repeated.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "metadata_only": {"contrastive_filtering": False, "max_rounds": 1, "oversample": 1.0},
+    "no_contrastive_filtering": {"contrastive_filtering": False, "oversample": 1.0},
+}
 
 
 class PoolInstruction(Record):

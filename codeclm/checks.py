@@ -126,7 +126,10 @@ def loaded_seeds(source: Path, sha: str) -> list[Seed]:
 
 
 def generation_roles(settings: Settings) -> tuple[str, ...]:
-    """The roles `generate` calls: strong and target, and the judge when it scores."""
+    """The roles `generate` calls: strong and target, and the judge when it scores; only the strong model in
+    Table 3's ablations without Contrastive Filtering."""
+    if not settings.contrastive_filtering:
+        return ("strong",)
     return (*GENERATION_ROLES, "judge") if settings.scorer == "judge" else GENERATION_ROLES
 
 

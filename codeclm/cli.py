@@ -21,7 +21,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 if TYPE_CHECKING:
-    from codeclm.results import LeaderboardRow
+    from codeclm.results import DatasetResult, LeaderboardRow
 
 _STANDALONE = False  # set by main(): this process is the `codeclm` program, not a host that imported the app
 app = typer.Typer(help="CodecLM data factory: tailored synthetic instruction data, made and measured on Prefect.",
@@ -166,6 +166,12 @@ def _published_already(seeds: SeedCheck, out: Path, settings: Any) -> bool:
         return False
 
 
+def _shortfall_note(summary: DatasetResult) -> str:
+    """The exit line's warning when fewer pairs than the budget were published."""
+    budget = summary.budget
+    return f"; SHORTFALL {budget.shortfall} of {budget.wanted}: {budget.limit}" if budget.shortfall else ""
+
+
 def _settings(config: Path | None, **overrides: Any) -> Any:
     """Settings from file, env and flags; the Dask runner's need for a Prefect server is checked now, not after
     a temporary server has started."""
@@ -211,16 +217,18 @@ def generate(
         ready[0]()
         summary = generate_flow(str(seeds), str(out), settings)
         typer.echo(f"{summary.train} training pairs in {summary.out} (cost ${summary.totals['cost_usd']:.4f}, "
-                   f"{summary.totals['calls']} calls, {summary.totals['cached']} cached)")
+                   f"{summary.totals['calls']} calls, {summary.totals['cached']} cached{_shortfall_note(summary)})")
 
     _run(go)
 
 
 @app.command()
 def baseline(
-    method: Annotated[Literal["self_instruct", "evol_instruct", "wizardlm_plus", "alpagasus"], typer.Argument(
-        help="self_instruct, evol_instruct, wizardlm_plus (Evol from CodecLM's basic instructions) or alpagasus "
-             "(Self-Instruct pairs rated by the strong model); see docs/baselines.md")],
+    method: Annotated[Literal["self_instruct", "evol_instruct", "wizardlm_plus", "alpagasus", "metadata_only",
+                              "no_contrastive_filtering"], typer.Argument(
+        help="self_instruct, evol_instruct, wizardlm_plus (Evol from CodecLM's basic instructions), alpagasus "
+             "(Self-Instruct pairs rated by the strong model), or Table 3's ablations metadata_only and "
+             "no_contrastive_filtering; see docs/baselines.md")],
     seeds: Annotated[Path, typer.Argument(help="seed instructions: Parquet file or directory, JSONL or CSV")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output directory (replaced atomically when done)")],
     config: ConfigOpt = None,
@@ -236,10 +244,8 @@ def baseline(
         from flows.baselines import baseline as baseline_flow
 
         summary = baseline_flow(method, str(seeds), str(out), settings)
-        wanted = summary.budget
-        note = f"; SHORTFALL {wanted.shortfall} of {wanted.wanted}: {wanted.limit}" if wanted.shortfall else ""
         typer.echo(f"{summary.train} {method} pairs in {summary.out} (cost ${summary.totals['cost_usd']:.4f}, "
-                   f"{summary.totals['calls']} calls, {summary.totals['cached']} cached{note})")
+                   f"{summary.totals['calls']} calls, {summary.totals['cached']} cached{_shortfall_note(summary)})")
 
     _run(go)
 
@@ -353,6 +359,73 @@ def run_job(
         typer.echo(f"report in {result.report}")
 
     _run(go)
+
+
+@app.command()
+def protocol(
+    benchmark: Annotated[list[str], typer.Option("--benchmark", "-b", help=BenchmarkHelp)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="writes OUT/report.md, OUT/table.parquet, OUT/crr.svg, "
+                                      "OUT/splits, OUT/datasets, OUT/models, OUT/eval")],
+    method: Annotated[list[str] | None, typer.Option(help="method to compare; repeat (default: all: codeclm, "
+                                                      "self_instruct, evol_instruct, wizardlm_plus, alpagasus, "
+                                                      "metadata_only, no_contrastive_filtering)")] = None,
+    eval_on: Annotated[Literal["whole", "heldout"], typer.Option(
+        help="whole: every benchmark question, as the paper reports; heldout: the 80 % not used as seeds")] = "whole",
+    seed_fraction: Annotated[float, typer.Option(help="share of each benchmark used as seeds")] = 0.2,
+    limit: LimitOpt = None,
+    config: ConfigOpt = None,
+    strong: StrongOpt = None,
+    target: TargetOpt = None,
+    judge: JudgeOpt = None,
+    budget: BudgetOpt = None,
+    preset: PresetOpt = None,
+    trainer: Annotated[Literal["local", "remote"] | None, typer.Option(
+        help="local: TRL + LoRA on this machine (default); remote: an OpenAI-style fine-tuning job")] = None,
+    base: BaseOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the splits and the calls per method; "
+                                          "run nothing")] = False,
+) -> None:
+    """The paper's experiment (Table 1): per benchmark a recorded seed split, every method's dataset at the same
+    budget, the target tuned on each, CRR of each against the strong model and the difference to Self-Instruct."""
+
+    def go() -> None:
+        from codeclm.protocol import check_methods, plan_calls, plan_markdown, plan_protocol
+
+        settings = _with_judge(_settings(config, strong=strong, target=target, budget=budget, preset=preset),
+                               judge).with_finetune(config, base_model=base, trainer=trainer)
+        methods = check_methods(method) if method else None
+        root = check_output(out, replaced=False)
+        plans = plan_protocol(benchmark, root, settings, eval_on, limit, seed_fraction, write=not dry_run)
+        if dry_run:
+            rows = {p.label: plan_calls(settings, methods or _all_methods(), len(p.split.seed_ids),
+                                        p.eval_questions) for p in plans}
+            for p in plans:
+                typer.echo(f"{p.label}: {len(p.split.seed_ids)} seed questions, {len(p.split.heldout_ids)} held "
+                           f"out (split seed {p.split.seed}); evaluating on {eval_on}")
+            typer.echo(plan_markdown(rows, settings, {p.label: p.eval_questions for p in plans}))
+            return
+        from codeclm.finetune import check_trainer
+
+        check_trainer(settings)
+        api_ready = _prefect_api_early()
+        from flows.protocol import protocol as protocol_flow
+
+        api_ready()
+        result = protocol_flow(benchmark, str(out), settings, methods, eval_on, limit, seed_fraction)
+        for r in result.rows:
+            delta = "" if r.delta != r.delta else f", {r.delta:+.1f} pp vs self_instruct [{r.delta_low:+.1f}, " \
+                                                  f"{r.delta_high:+.1f}]"
+            short = f", SHORTFALL {r.shortfall}" if r.shortfall else ""
+            typer.echo(f"{r.benchmark} · {r.method}: CRR {r.crr:.1f}% [{r.ci_low:.1f}, {r.ci_high:.1f}]{delta}{short}")
+        typer.echo(f"Table 1 (evaluated on {result.eval_on}) in {result.report}")
+
+    _run(go)
+
+
+def _all_methods() -> list[str]:
+    from codeclm.protocol import METHODS
+
+    return list(METHODS)
 
 
 @app.command()

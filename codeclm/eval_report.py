@@ -8,7 +8,7 @@ import json
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from xml.sax.saxutils import escape
 
 import pyarrow.parquet as pq
@@ -25,7 +25,26 @@ _LABEL_W, _PLOT_W, _ROW_H, _TOP, _BOTTOM = 300, 400, 30, 48, 46
 _FAILURES_LISTED = 10
 
 
-def chart_svg(summaries: Sequence[EvalSummary]) -> str:
+class Bar(Protocol):
+    """What one bar of the chart reads: an evaluation's summary, or a row of the protocol's Table 1."""
+
+    @property
+    def benchmark(self) -> str: ...
+    @property
+    def target(self) -> str: ...
+    @property
+    def crr(self) -> float: ...
+    @property
+    def ci_low(self) -> float: ...
+    @property
+    def ci_high(self) -> float: ...
+    @property
+    def total(self) -> int: ...
+    @property
+    def failures(self) -> int: ...
+
+
+def chart_svg(summaries: Sequence[Bar]) -> str:
     """Horizontal bars of CRR per benchmark and target, each with its 95% bootstrap interval as an error bar."""
     width = _LABEL_W + _PLOT_W + 170
     height = _TOP + _ROW_H * len(summaries) + _BOTTOM

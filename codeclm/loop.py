@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from codeclm.crr import paired_difference
+from codeclm.errors import ModelError
 from codeclm.eval_records import EvalQuestionResult
 from codeclm.finetune import FinetuneResult
 from codeclm.settings import RoleConfig, Settings
@@ -38,24 +39,46 @@ class LoopRow(BaseModel):
 
 @contextlib.contextmanager
 def compared_targets(tuned: FinetuneResult, settings: Settings) -> Iterator[tuple[RoleConfig, RoleConfig]]:
-    """The base and tuned target as roles to evaluate. Local: both checkpoints on one server codeclm starts
-    (the base as the plain checkpoint the LoRA trained from, so quantization and serving are the same on both
-    sides); remote: the provider serves both. Answers keep the target's own temperature and length."""
-    role = settings.target.model_copy(update={"api_key_env": None, "output_mode": "text", "context_tokens": None})
-    if tuned.trainer == "remote":
-        remote = settings.target.model_copy(update={"model": tuned.remote_model,
-                                                    "api_base": tuned.remote_api_base or settings.target.api_base})
-        yield settings.target, remote
-        return
-    from codeclm.serving import serve_finetuned
+    """The base and tuned target as roles to evaluate (one tuned model: `served_targets`)."""
+    with served_targets({"tuned": tuned}, settings) as (base, roles):
+        yield base, roles["tuned"]
 
-    base_name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{BASE_NAME}-{tuned.base_model}")[:64]
-    with serve_finetuned(tuned, settings.home, base_name=base_name) as served:
+
+@contextlib.contextmanager
+def served_targets(tuned: Mapping[str, FinetuneResult], settings: Settings
+                   ) -> Iterator[tuple[RoleConfig, dict[str, RoleConfig]]]:
+    """The base target and every tuned one (by label) as roles to evaluate. Local: all checkpoints on one server
+    codeclm starts (the base as the plain checkpoint the LoRAs trained from, so quantization and serving are the
+    same on every side); remote: the provider serves them. Answers keep the target's own temperature and length."""
+    role = settings.target.model_copy(update={"api_key_env": None, "output_mode": "text", "context_tokens": None})
+    remote = {label: t for label, t in tuned.items() if t.trainer == "remote"}
+    if remote:
+        if len(remote) != len(tuned):
+            raise ModelError("tuned models from the local and the remote trainer cannot be compared in one run")
+        yield settings.target, {label: settings.target.model_copy(update={
+            "model": t.remote_model, "api_base": t.remote_api_base or settings.target.api_base})
+            for label, t in tuned.items()}
+        return
+    from codeclm.serving import pick_backend, serve_models
+
+    bases = {t.base_checkpoint for t in tuned.values()}
+    if len(bases) != 1 or None in bases or not all(t.merged_model for t in tuned.values()):
+        raise ModelError(f"tuned models to compare must share one local base checkpoint, got {sorted(map(str, bases))}")
+    first = next(iter(tuned.values()))
+    base_name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{BASE_NAME}-{first.base_model}")[:64]
+    base = {base_name: Path(str(first.base_checkpoint))}
+    backend = pick_backend()
+    if backend == "vllm" and all(t.adapter for t in tuned.values()):  # one base, each tuned model as a LoRA
+        models, adapters = base, {t.served_name: Path(str(t.adapter)) for t in tuned.values()}
+    else:
+        models, adapters = {**base, **{t.served_name: Path(str(t.merged_model)) for t in tuned.values()}}, {}
+    with serve_models(models, settings.home, adapters, backend) as served:
         # named by checkpoint, not port: a rerun on another port still finds its answers in the call cache
         yield (role.model_copy(update={"model": f"openai/{base_name}", "api_base": served.api_base,
-                                       "identity": f"served:{tuned.base_checkpoint}"}),
-               role.model_copy(update={"model": f"openai/{tuned.served_name}", "api_base": served.api_base,
-                                       "identity": f"served:finetune:{tuned.key}"}))
+                                       "identity": f"served:{first.base_checkpoint}"}),
+               {label: role.model_copy(update={"model": f"openai/{t.served_name}", "api_base": served.api_base,
+                                               "identity": f"served:finetune:{t.key}"})
+                for label, t in tuned.items()})
 
 
 def loop_rows(questions: Sequence[EvalQuestionResult], base: str, tuned: str) -> list[LoopRow]:

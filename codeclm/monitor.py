@@ -114,27 +114,29 @@ def wait_stage(label: str, futures: Sequence[PrefectFuture[T]], key_prefix: str 
     return [f.result() for f in futures]
 
 
-def wait_rounds(labels: Sequence[str], futures: Sequence[PrefectFuture[dict[str, T]]]) -> dict[str, dict[str, T]]:
+def wait_rounds(labels: Sequence[str], futures: Sequence[PrefectFuture[dict[str, T]]], suffix: str = ""
+                ) -> dict[str, dict[str, T]]:
     """Wait for the per-batch rounds tasks; each returns outputs keyed by stage and round ('respond r1'). The
-    run's progress view gets a `rounds` row moved per finished batch and a row per stage and round it reached;
-    results are keyed by batch label."""
+    run's progress view gets a `rounds` row moved per finished batch and a row per stage and round it reached
+    (names end in `suffix`, e.g. ' t1' for a top-up pass); results are keyed by batch label."""
     total = len(futures)
     view = _VIEW.get()
+    rounds_row = f"rounds{suffix}"
     if view is not None and total:
-        view.add("rounds", total)
+        view.add(rounds_row, total)
     label_of = {id(f): label for f, label in zip(futures, labels, strict=True)}
     reached: set[str] = set()
     for future in as_completed(list(futures)):
         if view is not None:
             for stage in future.result():
-                reached.add(stage)
-                view.stages.setdefault(stage, _Stage(total)).done += 1
-            view.advance("rounds")
+                reached.add(f"{stage}{suffix}")
+                view.stages.setdefault(f"{stage}{suffix}", _Stage(total)).done += 1
+            view.advance(rounds_row)
         log.info("rounds: batch %s done", label_of[id(future)])
     if view is not None and total:  # batches with no instruction left for a round have nothing more to do in it
         for stage in reached:
             view.stages[stage].done = total
-        view.advance("rounds", 0)
+        view.advance(rounds_row, 0)
     return {label: f.result() for label, f in zip(labels, futures, strict=True)}
 
 

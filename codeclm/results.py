@@ -8,11 +8,24 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 
+class Budget(BaseModel):
+    """Pairs wanted and published; a shortfall names the stated limit that ended the run."""
+
+    wanted: int
+    published: int
+    shortfall: int
+    limit: str | None
+    topup_passes: int = 0
+
+
 class DatasetResult(BaseModel):
-    """A published dataset: where, how many training pairs, counts per stage, call stats and their totals."""
+    """A published dataset: which method made it, where, how many training pairs against the budget, counts per
+    stage, call stats and their totals."""
 
     out: str
+    method: str
     train: int
+    budget: Budget
     counts: dict[str, Any]
     stages: list[dict[str, Any]]
     totals: dict[str, Any]
@@ -24,20 +37,8 @@ class GenerateResult(DatasetResult):
     concurrency: list[dict[str, Any]]
 
 
-class BaselineBudget(BaseModel):
-    """Pairs wanted and published; a shortfall names the stated limit that ended the run."""
-
-    wanted: int
-    published: int
-    shortfall: int
-    limit: str | None
-
-
 class BaselineResult(DatasetResult):
-    """`baseline`: the dataset of one baseline method, and whether it reached the budget."""
-
-    method: str
-    budget: BaselineBudget
+    """`baseline`: the dataset of one baseline method (or a Table 3 ablation)."""
 
 
 class LeaderboardRow(BaseModel):

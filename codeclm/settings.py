@@ -273,6 +273,11 @@ class Settings(_Derived, BaseSettings):
     drop_seed_overlap: bool = Field(True, description="reject generated instructions equal to a seed")
     drop_duplicates: bool = Field(True, description="reject basic instructions repeating an earlier one, across "
                                   "all batches (the paper describes no duplicate removal)")
+    contrastive_filtering: bool = Field(True, description="score strong against target answers and keep only "
+                                        "clear gaps; false (Table 3's ablations): every final instruction gets "
+                                        "the strong model's answer, no target answers, no scores")
+    max_topups: int = Field(3, ge=0, le=20, description="stated limit: extra decode-and-rounds passes while fewer "
+                            "pairs than the budget were kept; reaching it publishes the shortfall, loudly")
     scorer: Literal["strong", "judge"] = Field("strong", description="who scores in Contrastive Filtering")
     score_temperature: float = Field(0.0, ge=0, le=2, description="temperature of pairwise scoring")
     seed: int = Field(0, description="random seed for augmentation, action choice and budget sampling")
@@ -399,7 +404,7 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
     "dedup": ("home",),
     # respond, score, filter and improve, round by round (`tasks.rounds`); the scorer's role is added
     "rounds": ("strong", "target", "scorer", "score_temperature", "threshold", "keep_target_when_better",
-               "max_rounds", "action_sampling", "seed", *CALLS),
+               "max_rounds", "action_sampling", "seed", "contrastive_filtering", *CALLS),
     "export": _GENERATION,
     "answer": CALLS,  # plus the role answering (`for_stage("answer", role)`)
     "judge": ("judge", *CALLS),

@@ -16,7 +16,7 @@ from collections import defaultdict
 from prefect import flow, unmapped
 from prefect.runtime import flow_run
 
-from codeclm.baseline_records import METHODS
+from codeclm.baseline_records import ABLATIONS, METHODS
 from codeclm.checks import check_generate
 from codeclm.embedded import models_ready
 from codeclm.errors import ConfigError
@@ -130,12 +130,23 @@ def _evol_pairs(method: str, seeds: list[Ref], settings: Settings, refs: Refs) -
             f"evol_oversample={cfg.evol_oversample}) ran out")
 
 
+def ablation_settings(settings: Settings, method: str) -> Settings:
+    """The settings of one of Table 3's ablations: the CodecLM flow with `ABLATIONS[method]` on top."""
+    return settings.model_copy(update=ABLATIONS[method])
+
+
 @flow(name="codeclm-baseline", flow_run_name="baseline {method} · {seeds} → {out}", log_prints=True)
 def baseline(method: str, seeds: str, out: str, settings: Settings | None = None) -> BaselineResult:
-    """Make a baseline dataset (`METHODS`) from a seed file into `out`, at the settings' budget."""
+    """Make a baseline dataset (`METHODS`, or a Table 3 ablation: `ABLATIONS`, made by `generate`) from a
+    seed file into `out`, at the settings' budget."""
     settings = settings or Settings()
-    if method not in METHODS:
-        raise ConfigError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in (*METHODS, *ABLATIONS):
+        raise ConfigError(f"unknown baseline {method!r}; choose one of {', '.join((*METHODS, *ABLATIONS))}")
+    if method in ABLATIONS:
+        from flows.generate import generate
+
+        return BaselineResult.model_validate(
+            generate(seeds, out, ablation_settings(settings, method), method=method).model_dump())
     checked = check_generate(seeds, out, settings, ("strong",))  # already done when the CLI started this flow
     with models_ready(settings, ("strong",)):
         seed_refs = prepare_seeds(seeds, checked.sha, settings.for_stage("seeds"))

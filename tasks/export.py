@@ -101,6 +101,8 @@ def export(refs: dict[str, list[Ref]], settings: StageSettings, out: str, run: d
     target = Path(out)
     run = dict(run)
     limits = run.pop("concurrency", [])
+    topup = run.pop("topup", {"passes": 0, "limit": None})
+    method = run.pop("method", "codeclm")
     kept_all = _concat(refs.get("kept", []), TrainingPair)
     train, over_budget = apply_budget(kept_all, settings.budget, settings.seed)
     rejected = _concat(refs.get("rejected", []), RejectedCandidate) + over_budget
@@ -119,12 +121,18 @@ def export(refs: dict[str, list[Ref]], settings: StageSettings, out: str, run: d
 
         stats = _concat(refs.get("stats", []), CallStats)
         stages = stage_summary(stats)
+        shortfall = max(0, settings.budget - len(train))
+        budget = {"wanted": settings.budget, "published": len(train), "shortfall": shortfall,
+                  "topup_passes": topup["passes"], "limit": (topup["limit"] or "no top-up was needed"
+                                                             if shortfall else None)}
         manifest = {
+            "method": method,
             "run": run,
             "versions": package_versions(*PACKAGES),
             "prompts": {p: load_prompt(p).version for p in PROMPTS},
             "preset": settings.preset,
             "settings": settings.dump(),
+            "budget": budget,
             "counts": {
                 "seeds": len(tables["stages/seeds.parquet"][0]),
                 "metadata": dict(Counter(m.origin for m in tables["stages/metadata.parquet"][0])),  # type: ignore[attr-defined]
@@ -143,8 +151,8 @@ def export(refs: dict[str, list[Ref]], settings: StageSettings, out: str, run: d
             "files": {name: file_sha256(path) for name, path in sorted(files.items())},
         }
         write_json(staging / "manifest.json", manifest)
-    return {"out": str(target), "train": len(train), "counts": manifest["counts"], "stages": stages,
-                "concurrency": limits, "totals": manifest["totals"]}
+    return {"out": str(target), "method": method, "train": len(train), "budget": budget,
+            "counts": manifest["counts"], "stages": stages, "concurrency": limits, "totals": manifest["totals"]}
 
 
 Tables = dict[str, tuple[list[Record], type[Record]]]

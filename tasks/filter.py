@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from codeclm.pairwise import SCORE_COLUMNS
 from codeclm.records import (
     Candidate,
@@ -33,6 +35,36 @@ def decide(gap: float, round: int, settings: StageSettings) -> Decision:
 def reject_reason(gap: float, settings: StageSettings) -> RejectReason:
     """Why a last-round candidate ends without a pair: no clear winner, or a clear target win not kept."""
     return "target_better" if gap < -settings.threshold else "below_threshold"
+
+
+def unfiltered_pair(cand: Candidate, answer: Response, settings: StageSettings) -> TrainingPair:
+    """Without Contrastive Filtering (Table 3's ablations): the strong answer is kept as it is; no target answer,
+    no scores (NaN), decision keep_strong."""
+    nan = math.nan
+    return TrainingPair(
+        pair_id=content_id("pair", cand.candidate_id), instruction=cand.instruction, response=answer.text,
+        response_source="strong", other_response="", instruction_id=cand.instruction_id,
+        candidate_id=cand.candidate_id, seed_ids=cand.seed_ids, metadata_id=cand.metadata_id,
+        use_case=cand.use_case, skills=cand.skills, basic_instruction=cand.basic_instruction,
+        actions_applied=cand.actions_applied, round=cand.round, strong_model=answer.model,
+        target_model=settings.target.model, **dict.fromkeys(SCORE_COLUMNS, nan), gap=nan, decision="keep_strong")
+
+
+@codec_task("filter", run_name="keep all r{round} · batch {batch}")
+def keep_answered(candidates: Ref, responses: Ref, settings: StageSettings, round: int, batch: str) -> Outputs:
+    """Every final candidate with a strong answer becomes a pair (Contrastive Filtering off)."""
+    step = Step("filter", batch, settings, candidates=candidates["sha"], responses=responses["sha"], round=round,
+                unfiltered=True)
+    if (done := step.done()) is not None:
+        return done
+    answers = {r.candidate_id: r for r in read(responses, Response) if r.role == "strong"}
+    kept = [unfiltered_pair(c, answers[c.candidate_id], settings) for c in read(candidates, Candidate)
+            if c.candidate_id in answers]
+    step.write("kept", kept, TrainingPair)
+    step.write("decisions", [FilterDecision(candidate_id=p.candidate_id, instruction_id=p.instruction_id,
+                                            round=round, gap=math.nan, decision="keep_strong") for p in kept],
+               FilterDecision)
+    return step.finish()
 
 
 def training_pair(cand: Candidate, judgement: Judgement, answers: dict[str, Response], decision: Decision

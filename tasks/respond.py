@@ -27,15 +27,18 @@ def answer_calls(prompts: list[tuple[str, str]], role: str, stage: str) -> list[
 
 
 @codec_task("respond", run_name="{name} r{round} · batch {batch}", tags=["role:strong", "role:target"])
-def respond(candidates: Ref, settings: StageSettings, round: int, batch: str) -> Outputs:
-    """Both answers for every candidate; a candidate whose answer failed fails as a whole."""
-    step = Step("respond", batch, settings, candidates=candidates["sha"], round=round)
+def respond(candidates: Ref, settings: StageSettings, round: int, batch: str, roles: tuple[str, ...] = ROLES
+            ) -> Outputs:
+    """Both answers for every candidate (only the strong one without Contrastive Filtering, where the target's
+    would be wasted calls); a candidate whose answer failed fails as a whole."""
+    key = {} if roles == ROLES else {"roles": list(roles)}
+    step = Step("respond", batch, settings, candidates=candidates["sha"], round=round, **key)
     if (done := step.done()) is not None:
         return done
     cands = read(candidates, Candidate)
     lineage = {c.candidate_id: c.instruction_id for c in cands}
     items = [(c.candidate_id, c.instruction) for c in cands]
-    calls = [call for role in ROLES for call in answer_calls(items, role, "respond")]
+    calls = [call for role in roles for call in answer_calls(items, role, "respond")]
     responses = [Response(candidate_id=r.call.item_id, role=r.call.role, model=r.model, text=r.value)
                  for r in step.call(calls, lineage) if r.ok]
     step.write("responses", responses, Response)

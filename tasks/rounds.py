@@ -16,7 +16,7 @@ from codeclm.prompts import load_prompt
 from codeclm.records import Candidate, RubricSet
 from codeclm.settings import StageSettings
 from tasks._base import Outputs, Ref, codec_task, read
-from tasks.filter import decide, filter_candidates
+from tasks.filter import decide, filter_candidates, keep_answered
 from tasks.improve import improve, improve_call, improved_candidate, pick_action
 from tasks.respond import ROLES, answer_calls, respond
 from tasks.score import judgement_of, score, score_calls
@@ -40,8 +40,23 @@ class _Chains:
         self.begun.extend(calls)
         return list(await asyncio.gather(*(self.gateway.submit(c) for c in calls)))
 
+    async def unfiltered(self, cand: Candidate) -> None:
+        """Contrastive Filtering off: improve through every round, then the strong model answers the last one."""
+        while cand.round < self.settings.max_rounds:
+            actions = self.actions.get(cand.metadata_id)
+            if not actions:
+                return
+            action = pick_action(cand, actions, cand.round + 1, self.settings)
+            (rewritten,) = await self._ask([improve_call(cand, action, self.improve_prompt)])
+            if not rewritten.ok:
+                return
+            cand = improved_candidate(cand, action, rewritten.value, cand.round + 1)
+        await self._ask(answer_calls([(cand.candidate_id, cand.instruction)], "strong", "respond"))
+
     async def chain(self, cand: Candidate) -> None:
         """One instruction through its rounds, stopping where a call fails or filtering decides."""
+        if not self.settings.contrastive_filtering:
+            return await self.unfiltered(cand)
         round = cand.round
         while True:
             answers = await self._ask([answer_calls([(cand.candidate_id, cand.instruction)], role, "respond")[0]
@@ -92,6 +107,8 @@ def rounds(candidates: Ref, rubric_sets: Ref, settings: StageSettings, batch: st
 
 def record(candidates: Ref, rubric_sets: Ref, settings: StageSettings, batch: str) -> dict[str, Outputs]:
     """Write every round's tables with the step functions, exactly as the stage-by-stage flow did."""
+    if not settings.contrastive_filtering:
+        return record_unfiltered(candidates, rubric_sets, settings, batch)
     outputs: dict[str, Outputs] = {}
     cands = candidates
     for round in range(1, settings.max_rounds + 1):
@@ -105,6 +122,23 @@ def record(candidates: Ref, rubric_sets: Ref, settings: StageSettings, batch: st
         filtered = outputs[stage_key("filter", round)] = filter_candidates.fn(
             cands, answered["responses"], judged["judgements"], settings, round, batch)
         cands = filtered["pending"]
+    return outputs
+
+
+def record_unfiltered(candidates: Ref, rubric_sets: Ref, settings: StageSettings, batch: str) -> dict[str, Outputs]:
+    """Table 3's ablations: `improve` every candidate in rounds 2..K (Self-Rubrics without filtering in between;
+    K = 1 is "metadata only"), then the strong answer to the last round's instruction is the pair."""
+    outputs: dict[str, Outputs] = {}
+    cands = candidates
+    last = settings.max_rounds
+    for round in range(2, last + 1):
+        if cands["rows"] == 0:
+            break
+        outputs[stage_key("improve", round)] = improve.fn(cands, rubric_sets, settings, round, batch)
+        cands = outputs[stage_key("improve", round)]["candidates"]
+    if cands["rows"]:
+        answered = outputs[stage_key("respond", last)] = respond.fn(cands, settings, last, batch, ("strong",))
+        outputs[stage_key("filter", last)] = keep_answered.fn(cands, answered["responses"], settings, last, batch)
     return outputs
 
 
