@@ -125,7 +125,7 @@ def test_generate_tops_up_until_the_budget_is_met(prefect_harness: None, fake_ll
 
     fake_llm.reset()
     again = _generate(_seeds(tmp_path), out, settings)
-    assert again["train"] == 6 and fake_llm.requests == []  # a rerun replays every pass from the caches
+    assert again.train == 6 and fake_llm.requests == []  # a rerun replays every pass from the caches
 
 
 @pytest.mark.slow  # ~25 s: two top-up passes
@@ -148,8 +148,12 @@ def test_a_shortfall_is_published_loudly(prefect_harness: None, fake_llm: FakeLL
     # first pass: budget 4 x oversample 2 over 2 metadata = 4 each; each top-up: ceil(4 x 2 x 1.1 / 2) = 5 each
     assert manifest["counts"]["basic_instructions"] == 8 + 10 + 10
     assert manifest["counts"]["rejected"] == {"below_threshold": 28}
-    assert _shortfall_note({"budget": budget}) == "; SHORTFALL 4 of 4: max_topups (2) reached"
-    assert _shortfall_note({"budget": {**budget, "shortfall": 0}}) == ""
+    def note(budget: dict[str, Any]) -> str:
+        return _shortfall_note(DatasetResult(out="o", method="codeclm", train=0, budget=budget, counts={}, stages=[],
+                                             totals={}))
+
+    assert note(budget) == "; SHORTFALL 4 of 4: max_topups (2) reached"
+    assert note({**budget, "shortfall": 0}) == ""
 
 
 def test_metadata_only_ablation_answers_basic_instructions_with_the_strong_model(
