@@ -19,6 +19,7 @@ from prefect import flow, unmapped
 from prefect.runtime import flow_run
 
 from codeclm.baseline_records import METHODS
+from codeclm.batch_runner import BatchRunner
 from codeclm.checks import check_output
 from codeclm.embedded import models_ready
 from codeclm.errors import ConfigError
@@ -129,7 +130,8 @@ def _evol_pairs(method: str, seeds: list[Ref], settings: Settings, refs: Refs) -
             f"evol_oversample={cfg.evol_oversample}) ran out")
 
 
-@flow(name="codeclm-baseline", flow_run_name="baseline {method} · {seeds} → {out}", log_prints=True)
+@flow(name="codeclm-baseline", flow_run_name="baseline {method} · {seeds} → {out}", log_prints=True,
+      task_runner=BatchRunner())
 def baseline(method: str, seeds: str, out: str, settings: Settings | None = None) -> dict[str, Any]:
     """Make a baseline dataset (`METHODS`) from a seed file into `out`, at the settings' budget."""
     settings = settings or Settings()

@@ -13,9 +13,9 @@ from typing import Any
 
 from prefect import flow, unmapped
 from prefect.runtime import flow_run
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from codeclm import concurrency
+from codeclm.batch_runner import BatchRunner
 from codeclm.checks import check_output
 from codeclm.embedded import models_ready
 from codeclm.gateway import preflight
@@ -35,12 +35,13 @@ GENERATION_ROLES = ("strong", "target")
 
 
 def task_runner(settings: Settings) -> Any:
-    """Threads by default (LLM calls are I/O); Dask when asked, which needs a real Prefect server."""
+    """Threads by default (LLM calls are I/O; a signal stops them: BatchRunner); Dask when asked, which needs a
+    real Prefect server."""
     if settings.task_runner == "dask":
         from codeclm.scaleout import dask_runner
 
         return dask_runner(settings)
-    return ThreadPoolTaskRunner(max_workers=settings.max_parallel_batches)
+    return BatchRunner(max_workers=settings.max_parallel_batches)
 
 
 def _collect(refs: dict[str, list[Ref]], outputs: list[Outputs], skip: tuple[str, ...] = ()) -> None:
