@@ -20,6 +20,7 @@ from prefect.runtime import flow_run
 
 from codeclm.baseline_records import METHODS
 from codeclm.batch_runner import BatchRunner
+from codeclm.cancellation import watch_cancellation
 from codeclm.checks import check_output
 from codeclm.embedded import models_ready
 from codeclm.errors import ConfigError
@@ -131,7 +132,7 @@ def _evol_pairs(method: str, seeds: list[Ref], settings: Settings, refs: Refs) -
 
 
 @flow(name="codeclm-baseline", flow_run_name="baseline {method} · {seeds} → {out}", log_prints=True,
-      task_runner=BatchRunner())
+      task_runner=BatchRunner(), on_running=[watch_cancellation])
 def baseline(method: str, seeds: str, out: str, settings: Settings | None = None) -> dict[str, Any]:
     """Make a baseline dataset (`METHODS`) from a seed file into `out`, at the settings' budget."""
     settings = settings or Settings()

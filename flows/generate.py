@@ -16,6 +16,7 @@ from prefect.runtime import flow_run
 
 from codeclm import concurrency
 from codeclm.batch_runner import BatchRunner
+from codeclm.cancellation import watch_cancellation
 from codeclm.checks import check_output
 from codeclm.embedded import models_ready
 from codeclm.gateway import preflight
@@ -98,7 +99,8 @@ def pipeline(seeds: str, out: str, settings: Settings) -> dict[str, Any]:
     return export(dict(refs), settings, out, run)
 
 
-@flow(name="codeclm-generate", flow_run_name="generate · {seeds} → {out}", log_prints=True)
+@flow(name="codeclm-generate", flow_run_name="generate · {seeds} → {out}", log_prints=True,
+      on_running=[watch_cancellation])
 def generate(seeds: str, out: str, settings: Settings | None = None) -> dict[str, Any]:
     """Make a CodecLM dataset from a seed file into `out` (published atomically when complete)."""
     settings = settings or Settings()
