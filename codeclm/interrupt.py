@@ -104,7 +104,14 @@ def interrupted(signum: int) -> None:
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     """Stop, then unwind the main thread as Python and Prefect would (KeyboardInterrupt; Prefect's
-    TerminationSignal, so a flow run ends Crashed with the reason)."""
+    TerminationSignal, so a flow run ends Crashed with the reason). A later signal does not unwind again: a
+    second Ctrl-C exits at once, and the SIGTERM Prefect hands back after marking the flow run is already
+    being handled (Prefect re-raises it itself)."""
+    if _SIGNALS:
+        interrupted(signum)
+        if signum == signal.SIGINT:
+            _grace_over()
+        return
     interrupted(signum)
     if signum == signal.SIGINT:
         raise KeyboardInterrupt

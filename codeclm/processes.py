@@ -57,7 +57,8 @@ def _spawner() -> None:
 def spawn(args: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
     """Start a child server tied to this process. The kernel ties a child to the *thread* that forked it (it gets
     SIGTERM when that thread ends), so every tied child is forked by one daemon thread that lives as long as the
-    process, never by a task thread that ends before the server should."""
+    process, never by a task thread that ends before the server should. The child gets a process group of its
+    own: a terminal's Ctrl-C reaches codeclm alone, which records how the run ended before it stops its servers."""
     with _SPAWNER_LOCK:
         if not _SPAWNER:
             thread = threading.Thread(target=_spawner, name="codeclm-spawner", daemon=True)
@@ -65,7 +66,8 @@ def spawn(args: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
             _SPAWNER.append(thread)
     done: Future[subprocess.Popen[Any]] = Future()
     parent = os.getpid()
-    _JOBS.put((lambda: subprocess.Popen(args, preexec_fn=die_with_parent(parent), **kwargs), done))
+    _JOBS.put((lambda: subprocess.Popen(args, preexec_fn=die_with_parent(parent), process_group=0,
+                                                  **kwargs), done))
     return done.result()
 
 

@@ -51,7 +51,7 @@ output_mode = "json_schema"
 timeout = 120.0
 max_concurrency = {concurrency}
 """
-SETTLED = 0.5  # a response logged this long before a signal has reached the gateway's cache
+SETTLED = 2.0  # a response logged this long before a signal has reached the gateway's cache (on a busy machine)
 TABLES = ("train.parquet", "rejected.parquet", "failed_calls.parquet")
 
 
@@ -142,8 +142,13 @@ def _dataset(out: Path) -> dict[str, pd.DataFrame]:
     ends = [*tables["train.parquet"]["instruction_id"], *tables["rejected.parquet"]["instruction_id"], *failed]
     assert len(ends) == len(set(ends)), "an instruction ended twice"
     assert counts["basic_instructions"] == len(ends) > 0
-    return {name: frame.iloc[frame.astype(str).agg("|".join, axis=1).argsort()].reset_index(drop=True)
-            for name, frame in tables.items()}
+    return {name: _canonical(frame) for name, frame in tables.items()}
+
+
+def _canonical(frame: pd.DataFrame) -> pd.DataFrame:
+    if frame.empty:
+        return frame.reset_index(drop=True)
+    return frame.iloc[frame.astype(str).agg("|".join, axis=1).argsort()].reset_index(drop=True)
 
 
 def _same_dataset(out: Path, clean: Path) -> None:
@@ -162,7 +167,7 @@ def _signal_during_hangs(tmp_path: Path, llm: FakeLLMServer, signum: int, api: s
     proc = _start(seeds, config, out, _env(home, api), log)
     _wait_for(lambda: llm.in_flight >= CONCURRENCY and len(llm.requests) >= 10, proc, log)
     print(f"first request after {llm.requests[0]['t'] - began:.1f} s, signal after {time.monotonic() - began:.1f} s")
-    time.sleep(1.0)  # the hung calls are on their first attempt; strong calls may still complete
+    time.sleep(SETTLED + 0.5)  # the hung calls are on their first attempt; the strong calls before them settle
     children = descendants(proc.pid)
     assert children or api, "codeclm started no temporary Prefect server"
     sent = time.monotonic()
