@@ -204,18 +204,22 @@ def test_sigterm_while_calls_hang_exits_in_seconds_and_leaves_nothing(tmp_path: 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
 def test_signal_while_calls_hang_then_rerun_repeats_no_call_and_matches_a_clean_run(
-        tmp_path: Path, llm: FakeLLMServer, signum: int) -> None:
+        tmp_path: Path, llm: FakeLLMServer, signum: int, prefect_harness: None) -> None:
+    """The signalled run starts its own Prefect server; the rerun and the clean run share the session's."""
+    from prefect.settings import get_current_settings
+
+    api = str(get_current_settings().api.url)
     run = _signal_during_hangs(tmp_path, llm, signum)
     llm.set_faults([])
     boundary = len(llm.requests)
     log = tmp_path / "rerun.log"
-    rerun = _start(run["seeds"], run["config"], run["out"], _env(run["home"]), log)
+    rerun = _start(run["seeds"], run["config"], run["out"], _env(run["home"], api), log)
     assert rerun.wait(timeout=300) == 0, log.read_text()[-3000:]
     asked_again = {_identity(e) for e in llm.requests[boundary:]}
     assert not run["settled"] & asked_again, "calls completed before the signal were made again"
 
     clean_log = tmp_path / "clean.log"
-    clean = _start(run["seeds"], run["config"], tmp_path / "clean", _env(tmp_path / "clean-home"), clean_log)
+    clean = _start(run["seeds"], run["config"], tmp_path / "clean", _env(tmp_path / "clean-home", api), clean_log)
     assert clean.wait(timeout=300) == 0, clean_log.read_text()[-3000:]
     _same_dataset(run["out"], tmp_path / "clean")
 
@@ -278,3 +282,38 @@ def test_kill_9_at_ten_points_then_rerun_makes_the_clean_dataset(tmp_path: Path,
     assert len(kills) >= KILLS - 1  # (the last point may fall after the final request)
     _same_dataset(out, tmp_path / "clean")
     assert extra <= len(kills) * 2 * CONCURRENCY  # at most the calls in flight at each kill
+
+
+@pytest.mark.slow
+def test_prefect_cancel_stops_a_run_started_without_a_worker(tmp_path: Path, llm: FakeLLMServer,
+                                                           prefect_harness: None) -> None:
+    """What the UI's Cancel button and `prefect flow-run cancel` do (set the run Cancelling), while calls hang:
+    the run stops within seconds and ends Cancelled, subflow included, with nothing published."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentTaskRunId
+    from prefect.settings import get_current_settings
+    from prefect.states import Cancelling
+
+    seeds, config = _setup(tmp_path, llm)
+    out, log = tmp_path / "out", tmp_path / "cancelled.log"
+    llm.set_faults([{"kind": "hang", "match": "fake-target"}])
+    proc = _start(seeds, config, out, _env(tmp_path / "home", str(get_current_settings().api.url)), log)
+    _wait_for(lambda: llm.in_flight >= CONCURRENCY, proc, log)
+    with get_client(sync_client=True) as client:
+        top = FlowRunFilter(parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True))
+        run = next(r for r in client.read_flow_runs(flow_run_filter=top) if r.parameters.get("out") == str(out))
+        sent = time.monotonic()
+        client.set_flow_run_state(run.id, Cancelling(message="cancelled by the drill"))
+        try:
+            code = proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        took = time.monotonic() - sent
+        print(f"cancel: exit {code} after {took:.1f} s")
+        assert code == 143 and took <= 10.0, log.read_text()[-3000:]
+        family = [run, *client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id={"any_": [run.id]}))]
+        states = {r.name: client.read_flow_run(r.id).state_type.value for r in family}
+    assert states and set(states.values()) == {"CANCELLED"}, states
+    assert log.read_text().strip().splitlines()[-1] == RESUME
+    assert not out.exists()
