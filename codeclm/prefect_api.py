@@ -5,6 +5,9 @@ imports its server code into this process first (seconds, on the critical path) 
 process to boot (more seconds). Here the same server process (Prefect's own command and environment) starts as
 soon as the CLI has read its input, boots beside litellm's import and the preflight, and the flow is pointed at
 it. If it cannot start, nothing is set and Prefect starts its own as usual, reporting what went wrong.
+
+Either server is a child tied to this process (codeclm.processes.spawn): a kill -9 of codeclm, or of a script
+calling a flow, leaves no server behind (Prefect's own would be re-parented to init and keep serving).
 """
 
 from __future__ import annotations
