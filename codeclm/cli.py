@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -82,6 +83,10 @@ def _stop_temporary_server() -> None:
         from prefect.server.api.server import SubprocessASGIServer
 
         SubprocessASGIServer().stop()
+    if "codeclm.prefect_api" in sys.modules:
+        from codeclm.prefect_api import close_early
+
+        close_early()
 
 
 @contextmanager
@@ -99,12 +104,16 @@ def _user_errors() -> Iterator[None]:
         _stop_temporary_server()
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    except (KeyboardInterrupt, _termination_signal()):
+    except (KeyboardInterrupt, _termination_signal()) as exc:
         from codeclm import interrupt
 
-        interrupt.stop()
-        typer.echo("interrupted: completed calls are cached; run the same command again to finish", err=True)
-        raise typer.Exit(130) from None
+        interrupt.stop()  # usually done already by the signal handler or the batch runner
+        _stop_temporary_server()
+        interrupt.say_once(interrupt.RESUME)
+        code = 143 if getattr(exc, "signal", None) == signal.SIGTERM else 130
+        if _STANDALONE:  # servers stopped, logs sent, line said: skip the interpreter's slow teardown (seconds)
+            interrupt.exit_now(code)
+        raise typer.Exit(code) from None
 
 
 @contextmanager
@@ -495,6 +504,9 @@ def refresh(
 def main() -> None:
     global _STANDALONE
     _STANDALONE = True
+    from codeclm.interrupt import stop_on_signals
+
+    stop_on_signals()
     app()
 
 

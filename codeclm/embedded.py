@@ -21,7 +21,7 @@ import httpx
 
 from codeclm import interrupt
 from codeclm.errors import ModelError
-from codeclm.processes import die_with_parent, free_port, stop
+from codeclm.processes import free_port, spawn, stop
 from codeclm.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,7 @@ def serving(threads: int | None = None, startup_timeout: float = 120.0) -> Itera
     with log_path.open("ab") as log_file:
         log_file.write(f"--- codeclm {_now()}: starting {' '.join(cmd)}\n".encode())
         log_file.flush()
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                preexec_fn=die_with_parent)
+        proc = spawn(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1"
     watch = _Watch(proc, log_path)
     try:

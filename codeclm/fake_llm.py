@@ -311,6 +311,12 @@ class FakeLLMServer:
         with self._lock:
             return [{**entry, "headers": dict(entry["headers"])} for entry in self._log]
 
+    @property
+    def in_flight(self) -> int:
+        """Chat requests being answered now (hanging ones included): drills signal a run while calls hang."""
+        with self._lock:
+            return self._inflight
+
     def set_faults(self, rules: list[dict[str, Any]]) -> None:
         """Replace the fault rules (and their `times` counters); first matching rule wins."""
         if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):

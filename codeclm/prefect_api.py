@@ -5,6 +5,9 @@ imports its server code into this process first (seconds, on the critical path) 
 process to boot (more seconds). Here the same server process (Prefect's own command and environment) starts as
 soon as the CLI has read its input, boots beside litellm's import and the preflight, and the flow is pointed at
 it. If it cannot start, nothing is set and Prefect starts its own as usual, reporting what went wrong.
+
+Either server is a child tied to this process (codeclm.processes.spawn): a kill -9 of codeclm, or of a script
+calling a flow, leaves no server behind (Prefect's own would be re-parented to init and keep serving).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from codeclm.processes import die_with_parent, free_port, stop
+from codeclm.processes import free_port, spawn, stop
 
 HEALTH_POLL_S = 0.1
 
@@ -29,20 +32,14 @@ class EarlyAPI:
     """A temporary Prefect API server started now; `ready()` waits for it and points Prefect at it."""
 
     def __init__(self) -> None:
-        import prefect
         from prefect.settings import get_current_settings
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
-        settings = get_current_settings()
-        self.timeout = settings.server.ephemeral.startup_timeout_seconds
-        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-               "PREFECT__SERVER_FINAL": "1", **settings.to_environment_variables(exclude_unset=True)}
-        args = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory",
-                "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
-                "--log-level", "error", "--lifespan", "on"]  # what Prefect's SubprocessASGIServer runs
-        self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-            args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
+        self.timeout = get_current_settings().server.ephemeral.startup_timeout_seconds
+        args, env = server_command(self.port)
+        self.proc: subprocess.Popen[bytes] | None = spawn(args, env=env, stdout=subprocess.DEVNULL,
+                                                          stderr=subprocess.DEVNULL)
         self._stack = ExitStack()
         atexit.register(self.close)
 
@@ -61,6 +58,7 @@ class EarlyAPI:
                         return True
                 time.sleep(HEALTH_POLL_S)
         self.close()
+        tie_prefect_server()  # Prefect starts its own now
         return False
 
     def close(self) -> None:
@@ -72,6 +70,48 @@ class EarlyAPI:
         if os.environ.get("PREFECT_API_URL") == self.url:
             del os.environ["PREFECT_API_URL"]
         stop(proc, timeout=5)
+        if self in _EARLY:
+            _EARLY.remove(self)
+
+
+def server_command(port: int) -> tuple[list[str], dict[str, str]]:
+    """What Prefect's SubprocessASGIServer runs for a temporary server (prefect 3.9): arguments and environment."""
+    import prefect
+    from prefect.settings import get_current_settings
+
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+           **get_current_settings().to_environment_variables(exclude_unset=True)}
+    args = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory",
+            "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+            "--log-level", "error", "--lifespan", "on"]
+    return args, env
+
+
+def tie_prefect_server() -> None:
+    """When Prefect will start its own temporary server (no server configured and none of ours: a script or a
+    test calling a flow, or the early server failed), start it as a child tied to this process like ours, so a
+    kill -9 leaves no server behind; Prefect itself starts a plain subprocess that outlives us."""
+    from prefect.settings import get_current_settings
+
+    current = get_current_settings()
+    if current.api.url or not current.server.ephemeral.enabled or _EARLY:
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    def run_tied(self: SubprocessASGIServer) -> subprocess.Popen[bytes]:
+        args, env = server_command(int(self.port or 0))
+        return spawn(args, env=env)
+
+    SubprocessASGIServer._run_uvicorn_command = run_tied  # type: ignore[method-assign]
+
+
+_EARLY: list[EarlyAPI] = []  # ours, while it runs: Prefect will not start one
+
+
+def close_early() -> None:
+    """Stop our temporary server now (an interrupted run exits without waiting for atexit)."""
+    for api in list(_EARLY):
+        api.close()
 
 
 def start_early() -> EarlyAPI | None:
@@ -82,4 +122,6 @@ def start_early() -> EarlyAPI | None:
     current = get_current_settings()
     if current.api.url or not current.server.ephemeral.enabled:
         return None
-    return EarlyAPI()
+    api = EarlyAPI()
+    _EARLY.append(api)
+    return api

@@ -30,7 +30,7 @@ import httpx
 
 from codeclm.errors import ModelError
 from codeclm.finetune import INSTALL_HINT, FinetuneResult
-from codeclm.processes import die_with_parent, free_port, stop
+from codeclm.processes import free_port, spawn, stop
 from codeclm.settings import RoleConfig
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,8 @@ def serve_models(models: Mapping[str, Path], home: Path, adapters: Mapping[str, 
     cwd = _links(home, models) if backend == "transformers" else home
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     with log_path.open("ab") as log_file:
-        proc = subprocess.Popen(_command(backend, models, adapters, port), cwd=cwd, env=env, stdout=log_file,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+        proc = spawn(_command(backend, models, adapters, port), cwd=cwd, env=env, stdout=log_file,
+                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1"
     try:
         _wait_ready(proc, url, names, startup_timeout, log_path)

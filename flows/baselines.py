@@ -17,6 +17,8 @@ from prefect import flow, unmapped
 from prefect.runtime import flow_run
 
 from codeclm.baseline_records import ABLATIONS, METHODS
+from codeclm.batch_runner import BatchRunner
+from codeclm.cancellation import watch_cancellation
 from codeclm.checks import check_generate
 from codeclm.embedded import models_ready
 from codeclm.errors import ConfigError
@@ -135,7 +137,8 @@ def ablation_settings(settings: Settings, method: str) -> Settings:
     return settings.model_copy(update=ABLATIONS[method])
 
 
-@flow(name="codeclm-baseline", flow_run_name="baseline {method} · {seeds} → {out}", log_prints=True)
+@flow(name="codeclm-baseline", flow_run_name="baseline {method} · {seeds} → {out}", log_prints=True,
+      task_runner=BatchRunner(), on_running=[watch_cancellation])
 def baseline(method: str, seeds: str, out: str, settings: Settings | None = None) -> BaselineResult:
     """Make a baseline dataset (`METHODS`, or a Table 3 ablation: `ABLATIONS`, made by `generate`) from a
     seed file into `out`, at the settings' budget."""

@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from codeclm.cancellation import watch_cancellation
 from codeclm.checks import check_evaluate
 from codeclm.crr import Rule
 from codeclm.embedded import models_ready
@@ -70,7 +71,7 @@ def _run_name() -> str:
     return f"evaluate · {', '.join(params.get('benchmarks') or [])} → {params.get('out')}"
 
 
-@flow(name="codeclm-evaluate", flow_run_name=_run_name, log_prints=True)
+@flow(name="codeclm-evaluate", flow_run_name=_run_name, log_prints=True, on_running=[watch_cancellation])
 def evaluate(benchmarks: list[str], out: str, targets: list[str | RoleConfig] | None = None,
              settings: Settings | None = None, limit: int | None = None,
              rule: Literal["codeclm", "alpagasus"] | None = None,

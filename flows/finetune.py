@@ -11,6 +11,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from codeclm.cancellation import watch_cancellation
 from codeclm.eval_report import data_uri
 from codeclm.finetune import (
     LOG_FILE,
@@ -26,7 +27,8 @@ from tasks.finetune import finetune as finetune_task
 
 
 # log_prints off, even inside a flow that has it on: dill (under datasets) captures `dis` output through print
-@flow(name="codeclm-finetune", flow_run_name="finetune · {dataset} → {out}", log_prints=False)
+@flow(name="codeclm-finetune", flow_run_name="finetune · {dataset} → {out}", log_prints=False,
+      on_running=[watch_cancellation])
 def finetune(dataset: str, out: str, settings: Settings | None = None) -> FinetuneResult:
     """The tuned model in OUT (local: merged checkpoint and adapter; remote: the provider's model id)."""
     settings = settings or Settings()

@@ -13,9 +13,10 @@ from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
 from prefect.runtime import flow_run
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from codeclm import concurrency
+from codeclm.batch_runner import BatchRunner
+from codeclm.cancellation import watch_cancellation
 from codeclm.checks import check_generate, generation_roles
 from codeclm.embedded import models_ready
 from codeclm.monitor import progress_view, stage_table, wait_rounds, wait_stage
@@ -33,12 +34,13 @@ from tasks.seeds import prepare_seeds
 
 
 def task_runner(settings: Settings) -> Any:
-    """Threads by default (LLM calls are I/O); Dask when asked, which needs a real Prefect server."""
+    """Threads by default (LLM calls are I/O; a signal stops them: BatchRunner); Dask when asked, which needs a
+    real Prefect server."""
     if settings.task_runner == "dask":
         from codeclm.scaleout import dask_runner
 
         return dask_runner(settings)
-    return ThreadPoolTaskRunner(max_workers=settings.max_parallel_batches)
+    return BatchRunner(max_workers=settings.max_parallel_batches)
 
 
 def _collect(refs: dict[str, list[Ref]], outputs: list[Outputs], skip: tuple[str, ...] = ()) -> None:
@@ -150,7 +152,8 @@ class _Passes:
         return kept
 
 
-@flow(name="codeclm-generate", flow_run_name="generate · {seeds} → {out}", log_prints=True)
+@flow(name="codeclm-generate", flow_run_name="generate · {seeds} → {out}", log_prints=True,
+      on_running=[watch_cancellation])
 def generate(seeds: str, out: str, settings: Settings | None = None, method: str = "codeclm") -> GenerateResult:
     """Make a CodecLM dataset from a seed file into `out` (published atomically when complete); `method` names
     it in the manifest (`codeclm`, or a Table 3 ablation the baseline flow asked for)."""

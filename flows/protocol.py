@@ -15,6 +15,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
+from codeclm.cancellation import watch_cancellation
 from codeclm.checks import check_output
 from codeclm.embedded import models_ready
 from codeclm.errors import ConfigError
@@ -86,7 +87,8 @@ def benchmark_run(label: str, plan: BenchmarkPlan, methods: list[str], root: str
     return made, table_rows(plan.label, read_questions(eval_dir), models, datasets)
 
 
-@flow(name="codeclm-protocol", flow_run_name="protocol · {out}", log_prints=True)
+@flow(name="codeclm-protocol", flow_run_name="protocol · {out}", log_prints=True,
+      on_running=[watch_cancellation])
 def protocol(benchmarks: list[str], out: str, settings: Settings | None = None, methods: list[str] | None = None,
              eval_on: EvalOn = "whole", limit: int | None = None, seed_fraction: float = 0.2) -> ProtocolResult:
     """Table 1: every method's data, trained and evaluated per benchmark; bad input fails before any call."""

@@ -15,6 +15,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from codeclm.cancellation import watch_cancellation
 from codeclm.checks import check_output
 from codeclm.embedded import models_ready
 from codeclm.evaluation import default_benchmark, plan_evaluation
@@ -90,7 +91,7 @@ def _report(store: VersionStore, markdown: str) -> None:
         create_table_artifact(rows, key="refresh-history", description="dataset versions: seeds, pairs, cost, CRR")
 
 
-@flow(name="codeclm-refresh", flow_run_name=_run_name, log_prints=True)
+@flow(name="codeclm-refresh", flow_run_name=_run_name, log_prints=True, on_running=[watch_cancellation])
 def refresh(seeds: str, root: str, settings: Settings | None = None, benchmarks: list[str] | None = None,
             targets: list[str] | None = None, eval_limit: int | None = DEFAULT_EVAL_LIMIT, run_eval: bool = True,
             slot: str | None = None) -> RefreshResult:

@@ -13,6 +13,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
+from codeclm.cancellation import watch_cancellation
 from codeclm.checks import check_run
 from codeclm.embedded import models_ready
 from codeclm.evaluation import default_benchmark
@@ -43,7 +44,7 @@ class RunResult(BaseModel):
     report: str
 
 
-@flow(name="codeclm-run", flow_run_name="run · {seeds} → {out}", log_prints=True)
+@flow(name="codeclm-run", flow_run_name="run · {seeds} → {out}", log_prints=True, on_running=[watch_cancellation])
 def run(seeds: str, out: str, settings: Settings | None = None, benchmarks: list[str] | None = None,
         limit: int | None = DEFAULT_LIMIT) -> RunResult:
     """Dataset, tuned model and CRR of base and tuned; bad seeds, benchmarks or training setup fail before any call."""

@@ -1,5 +1,5 @@
 """Crash and resume (reliability C1, one kill): SIGKILL the generate flow mid-run, rerun it in a new process, and
-check that no LLM call completed before the kill is paid for again, and what the killed run left running."""
+check that no LLM call completed before the kill is paid for again, and that the killed run left nothing running."""
 
 from __future__ import annotations
 
@@ -119,15 +119,13 @@ def test_sigkill_mid_run_then_rerun_repeats_no_completed_call(prefect_harness: N
     assert killed.wait(timeout=10) == -signal.SIGKILL
     assert not (out / "manifest.json").exists()  # nothing was published by the killed run
 
-    # 2. what the killed run left behind: Prefect's ephemeral API server outlives its parent
-    time.sleep(1.0)
+    # 2. nothing outlives the killed run: the ephemeral API server Prefect started is tied to it (PDEATHSIG)
+    deadline = time.monotonic() + 10
+    while _processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
     orphans = _processes_with(marker)
-    print("orphans after kill -9:", orphans)
     _end([o["pid"] for o in orphans])
-    assert all("uvicorn" in o["cmdline"] and "prefect.server.api.server:create_app" in o["cmdline"]
-               for o in orphans), f"unexpected processes outlived the killed run: {orphans}"
-    assert all(o["ppid"] != killed.pid for o in orphans)  # reparented: nobody will stop them but us
-    assert _processes_with(marker) == []
+    assert orphans == [], f"processes outlived the killed run: {orphans}"
 
     # 3. rerun in a new process against the same LLM server (same api_base, so the same cache keys)
     time.sleep(0.5)
