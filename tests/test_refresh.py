@@ -140,6 +140,7 @@ def _wait_for(condition: Any, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+@pytest.mark.slow  # a drill (a minute): CI runs it in make test-slow
 def test_killed_refresh_leaves_previous_version_and_latest(fake_llm: FakeLLMServer, tmp_path: Path) -> None:
     from prefect.settings import PREFECT_API_URL
 

@@ -78,6 +78,7 @@ def _end(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow  # a drill (minutes): CI runs it in make test-slow
 def test_sigkill_mid_run_then_rerun_repeats_no_completed_call(prefect_harness: None, fake_llm: FakeLLMServer,
                                                               tmp_path: Path) -> None:
     """The killed run starts its own ephemeral Prefect server, as `codeclm generate` does; the rerun uses the
