@@ -19,7 +19,6 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +31,7 @@ from codeclm.errors import ConfigError, DatasetError, ModelError
 from codeclm.publish import publishing
 from codeclm.settings import EMBEDDED, FinetuneConfig, Settings
 from codeclm.storage import package_versions, write_json
+from codeclm.training_plan import BaseRef, Dataset, FinetunePlan
 
 INSTALL_HINT = "install the train extra: pip install -e '.[train]' (or make install)"
 TRAIN_MODULES = ("torch", "transformers", "trl", "peft", "datasets", "gguf")
@@ -76,41 +76,6 @@ class FinetuneResult(BaseModel):
     device: str | None = None  # local: cpu or cuda
     precision: str | None = None  # local: bf16 or fp32
     hyperparameters: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """The training file of a published dataset and its content hash."""
-
-    path: Path
-    sha: str
-    pairs: int
-
-
-@dataclass(frozen=True)
-class BaseRef:
-    """Where the base model comes from; `identity` is what enters the cache key."""
-
-    name: str
-    kind: Literal["gguf", "checkpoint", "hub", "remote"]
-    location: str
-    identity: str
-
-
-@dataclass(frozen=True)
-class FinetunePlan:
-    """Everything checked before training starts."""
-
-    dataset: Dataset
-    base: BaseRef
-    trainer: Literal["local", "remote"]
-    key: str
-    hyperparameters: dict[str, Any]
-    work: Path
-
-    @property
-    def served_name(self) -> str:
-        return f"tuned-{self.key[:12]}"
 
 
 def load_dataset(path: Path) -> Dataset:

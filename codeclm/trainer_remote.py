@@ -17,10 +17,10 @@ from collections.abc import Callable
 from typing import Any
 
 from codeclm.errors import ModelError
-from codeclm.finetune import FinetunePlan
 from codeclm.gateway import _litellm, _shared_loop  # litellm's import, settings and the one loop it binds to
 from codeclm.settings import FinetuneConfig
 from codeclm.storage import write_json
+from codeclm.training_plan import FinetunePlan
 
 log = logging.getLogger(__name__)
 JOB_FILE = "job.json"
