@@ -140,14 +140,13 @@ def _prefect_api_early(calls_expected: bool = True) -> Callable[[], object]:
     PREFECT_API_URL names a running server); returns the function that waits for it before the flow starts.
     litellm (4-10 s to import) loads meanwhile when calls are expected: the first call needs it even when the
     model checks did not (they remember what litellm said), and a rerun of a published run needs no call."""
-    import threading
 
-    from codeclm.model_facts import litellm_module
+    from codeclm.llm_runtime import import_in_background
     from codeclm.prefect_api import start_early
 
     api = start_early()
     if calls_expected:
-        threading.Thread(target=litellm_module, name="import-litellm", daemon=True).start()
+        import_in_background()
     return (lambda: None) if api is None else api.ready
 
 
@@ -206,7 +205,7 @@ def generate(
 
         load_seeds(seeds)  # a bad seed file fails in about a second, before Prefect and litellm are imported
         api_ready = _prefect_api_early(calls_expected=not _published_already(seeds, out, settings))
-        from codeclm.gateway import preflight
+        from codeclm.endpoints import preflight
         from flows.generate import generate as generate_flow
         from flows.generate import generation_roles
         from tasks.seeds import validate_seeds
@@ -242,7 +241,7 @@ def baseline(
         from codeclm.storage import load_seeds
 
         load_seeds(seeds)
-        from codeclm.gateway import preflight
+        from codeclm.endpoints import preflight
         from flows.baselines import baseline as baseline_flow
         from tasks.seeds import validate_seeds
 

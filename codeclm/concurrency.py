@@ -13,7 +13,8 @@ Settings object or Gateway in this process, asks that endpoint's limiter for a s
   paces admissions as a token bucket refilled continuously (as OpenAI describes its limits), and the stated
   `remaining` count corrects ours;
 * a call in flight far longer than usual (a hung request) stops counting after a while, so it delays only
-  its own instruction, not every call queued behind it.
+  its own instruction, not every call queued behind it; the recent latencies kept here also tell the gateway
+  when such a call deserves a second copy (a hedge, which takes a slot like any request).
 
 The embedded llama.cpp server answers one request at a time, so its limiter is fixed at one slot.
 Limiters are loop-agnostic (a lock and per-waiter futures), so they work from any event loop or thread.
@@ -39,6 +40,8 @@ DECREASE = 0.7  # multiplicative decrease on a 429/503
 PROBE_WINDOWS = 8  # near the last limit that drew a 429, grow one slot per this many windows of successes
 STRAGGLER_FACTOR = 8.0  # a call in flight this many times the usual latency stops holding a slot ...
 STRAGGLER_MIN_S = 10.0  # ... but never before this many seconds
+LATENCY_SAMPLES = 256  # recent successful latencies kept for quantiles
+MIN_SAMPLES = 20  # fewer than this: no quantile yet
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 
 
@@ -99,6 +102,7 @@ class LimiterStats:
     decreases: int
     paused_s: float  # time new requests were held for a Retry-After
     stragglers: int  # calls that stopped holding a slot because they ran far longer than usual
+    hedges: int  # second copies sent for calls in flight far longer than usual
     requests_per_minute: float | None
     tokens_per_minute: float | None
 
@@ -121,6 +125,7 @@ class EndpointLimiter:
     _plateau: float | None = None
     _paused_until: float = 0.0
     _latency: float | None = None  # running mean of successful call latency, seconds
+    _recent: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES), repr=False)
     _requests: _Bucket | None = None
     _tokens: _Bucket | None = None
     _stragglers_now: int = 0
@@ -133,7 +138,7 @@ class EndpointLimiter:
         self.ceiling = max(1, self.ceiling)
         self.limit = float(self.ceiling if self.fixed else min(self.ceiling, START))
         self._stats = {"min_limit": self.limit, "max_limit": self.limit, "peak": 0, "calls": 0, "congestion": 0,
-                       "decreases": 0, "paused_s": 0.0, "stragglers": 0}
+                       "decreases": 0, "paused_s": 0.0, "stragglers": 0, "hedges": 0}
         self._set_rates(self.requests_per_minute, self.tokens_per_minute, configured=True)
 
     # --- admission ---------------------------------------------------------------------------------------
@@ -233,11 +238,24 @@ class EndpointLimiter:
             if ok:
                 elapsed = now - ticket.started
                 self._latency = elapsed if self._latency is None else 0.9 * self._latency + 0.1 * elapsed
+                self._recent.append(elapsed)
                 self._grow()
             elif congested:
                 self._stats["congestion"] += 1
                 self._shrink(ticket, now, retry_after)
         self._wake_next()
+
+    def latency_quantile(self, q: float) -> float | None:
+        """The q-quantile of recent successful latencies (seconds); None until there are MIN_SAMPLES."""
+        with self._lock:
+            recent = sorted(self._recent)
+        if len(recent) < MIN_SAMPLES:
+            return None
+        return recent[min(len(recent) - 1, int(q * len(recent)))]
+
+    def count_hedge(self) -> None:
+        with self._lock:
+            self._stats["hedges"] += 1
 
     def _grow(self) -> None:
         if self.fixed or self.limit >= self.ceiling:
@@ -319,6 +337,7 @@ class EndpointLimiter:
                                 peak_in_flight=int(s["peak"]), calls=int(s["calls"]),
                                 congestion=int(s["congestion"]), decreases=int(s["decreases"]),
                                 paused_s=round(s["paused_s"], 3), stragglers=int(s["stragglers"]),
+                                hedges=int(s["hedges"]),
                                 requests_per_minute=self.requests_per_minute, tokens_per_minute=self.tokens_per_minute)
 
     def configure(self, ceiling: int, fixed: bool, requests_per_minute: float | None,
@@ -343,7 +362,7 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 _REGISTRY: dict[str, EndpointLimiter] = {}
 _REGISTRY_LOCK = threading.Lock()
-COUNTERS = ("calls", "congestion", "decreases", "paused_s", "stragglers")
+COUNTERS = ("calls", "congestion", "decreases", "paused_s", "stragglers", "hedges")
 
 
 def limiter_for(endpoint: str, ceiling: int, fixed: bool = False, requests_per_minute: float | None = None,

@@ -21,8 +21,8 @@ from prefect.runtime import flow_run
 from codeclm.baseline_records import METHODS
 from codeclm.checks import check_output
 from codeclm.embedded import models_ready
+from codeclm.endpoints import preflight
 from codeclm.errors import ConfigError
-from codeclm.gateway import preflight
 from codeclm.monitor import stage_table
 from codeclm.settings import Settings
 from tasks._base import Outputs, Ref

@@ -19,10 +19,10 @@ from prefect.runtime import flow_run
 from codeclm.checks import check_output
 from codeclm.crr import Rule
 from codeclm.embedded import models_ready
+from codeclm.endpoints import preflight
 from codeclm.eval_records import EvalQuestionResult
 from codeclm.eval_report import write_report
 from codeclm.evaluation import EvalPlan, plan_evaluation, report_meta, results_of, summarize_plan
-from codeclm.gateway import preflight
 from codeclm.monitor import progress_view, stage_table, wait_stage
 from codeclm.records import FailedCall
 from codeclm.settings import RoleConfig, Settings

@@ -18,7 +18,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from codeclm import concurrency
 from codeclm.checks import check_output
 from codeclm.embedded import models_ready
-from codeclm.gateway import preflight
+from codeclm.endpoints import preflight
 from codeclm.monitor import progress_view, stage_table, wait_rounds, wait_stage
 from codeclm.settings import Settings
 from tasks._base import Outputs, Ref

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 from codeclm.crr import Rule, outcome, position_flipped
 from codeclm.errors import ParseError
 from codeclm.eval_records import EvalAnswer, EvalQuestion, EvalQuestionResult
-from codeclm.gateway import Call, Result
+from codeclm.gateway import Call, Reply, Result
 from codeclm.parsing import parse_two_scores
 from codeclm.prompts import load_prompt
 from codeclm.settings import Settings
@@ -54,7 +54,8 @@ def verdict_calls(question: str, item: str, target: str, strong: str, structured
     prompt = load_prompt("judge")
     return [Call(role="judge", messages=prompt.render(structured, question=question, answer_1=first, answer_2=second),
                  output=Verdict, text_parser=verdict_from_text, prompt_version=prompt.version, stage="judge",
-                 item_id=f"{item}#{order}", truncation_ok=True)  # the scores come first; a cut explanation is fine
+                 item_id=f"{item}#{order}",
+                 reply=Reply.STRUCTURED_CUT_OK)  # the scores come first; a cut explanation is fine
             for order, first, second in (("A", target, strong), ("B", strong, target))]
 
 

@@ -7,8 +7,8 @@ import math
 import random
 from pathlib import Path
 
+from codeclm.endpoints import check_context
 from codeclm.errors import SeedFileError
-from codeclm.gateway import check_context
 from codeclm.records import Seed
 from codeclm.settings import Settings
 from codeclm.storage import load_seeds, write_records

@@ -14,9 +14,10 @@ import pytest
 from conftest import settings_for
 from pydantic import BaseModel
 
+from codeclm.endpoints import preflight
 from codeclm.errors import ModelError
 from codeclm.fake_llm import FakeLLMServer
-from codeclm.gateway import Call, Gateway, Result, preflight
+from codeclm.gateway import Call, Gateway, Reply, Result
 from codeclm.prompts import load_prompt
 from tasks.decode import Instructions
 from tasks.decode import _from_text as instructions_from_text
@@ -33,6 +34,7 @@ class Answer(BaseModel):
 
 
 def _call(text: str = "hello", output: type[BaseModel] | None = Answer, role: str = "strong", **kw: Any) -> Call:
+    kw.setdefault("reply", Reply.TEXT if output is None else Reply.STRUCTURED)
     return Call(role=role, messages=[{"role": "user", "content": text}], output=output, prompt_version="test",
                 stage="test", item_id=text, **kw)
 
