@@ -28,6 +28,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import httpx
 from pydantic import BaseModel, ValidationError
 
 from codeclm import concurrency, interrupt, llm_runtime
@@ -484,7 +485,8 @@ class Gateway:
         if isinstance(exc, litellm.NotFoundError):
             return ModelError(f"{ep.role} model {ep.model}: not found at the provider ({status}); "
                               "check the model name and api_base")
-        if isinstance(exc, litellm.APIConnectionError | litellm.Timeout) and status in (None, 408, 500):
+        if (isinstance(exc, litellm.APIConnectionError | litellm.Timeout) and status in (None, 408, 500)) \
+                or _did_not_reach(exc):
             return _Transient(message, unreachable=True)
         if status in (408, 409, 425, 429) or (isinstance(status, int) and status >= 500):
             delay = retry_after(exc)
@@ -524,6 +526,19 @@ class Gateway:
             except (ParseError, ValidationError) as exc:
                 errors.append(f"text: {exc}")
         raise ParseError("; ".join(errors) or "no parser accepted the output")
+
+
+def _did_not_reach(exc: BaseException) -> bool:
+    """The request never got an answer from the server (refused, reset, timed out): litellm reports a refused
+    connection to an OpenAI-compatible server as an InternalServerError, so look at what caused it."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, httpx.TransportError | ConnectionError | TimeoutError):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _response_format(output: type[BaseModel], mode: str) -> dict[str, Any] | None:
