@@ -11,6 +11,7 @@ so a rerun pays only for the rest. One breaker per endpoint identity per process
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from codeclm.errors import ModelError
 
 log = logging.getLogger(__name__)
-POLL_S = 0.1  # how often a paused call looks at the breaker again
+POLL_S = 1.0  # longest a paused call sleeps before looking at the breaker again (closing wakes it at once)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Breaker:
         self._next_probe = 0.0
         self._probing = False
         self._lock = threading.Lock()
+        self._closed: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []  # what paused calls wait on
 
     @property
     def is_open(self) -> bool:
@@ -62,7 +64,14 @@ class Breaker:
                 if not self._probing and now >= self._next_probe:
                     self._probing = True
                     return True, now - start
-            await asyncio.sleep(POLL_S)
+                nap = min(POLL_S, max(0.01, self._next_probe - now), max(0.01, policy.stop_after - down + 0.01))
+                loop = asyncio.get_running_loop()
+                closed = next((e for lp, e in self._closed if lp is loop), None)
+                if closed is None:
+                    closed = asyncio.Event()
+                    self._closed.append((loop, closed))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(closed.wait(), timeout=nap)
 
     def reached(self, probe: bool) -> None:
         """The server answered (whatever it said): the endpoint is up."""
@@ -74,6 +83,9 @@ class Breaker:
                 log.warning("%s answers again after %.0fs; resuming its calls", self.endpoint,
                             time.monotonic() - self.opened_at)
                 self.opened_at = None
+                closed, self._closed = self._closed, []
+                for loop, event in closed:
+                    loop.call_soon_threadsafe(event.set)
 
     def unreachable(self, probe: bool, policy: BreakerPolicy) -> None:
         """A request could not reach the server: count it, open the breaker, or schedule the next probe."""
