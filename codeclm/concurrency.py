@@ -9,6 +9,11 @@ Settings object or Gateway in this process, asks that endpoint's limiter for a s
   eight times slower around the limit where the server pushed back last (so probing it costs few 429s);
 * a 429 or 503 multiplies it by `DECREASE` (once per window: the answers to requests sent before the cut
   carry no new information), and a Retry-After holds every new request to that endpoint until it has passed;
+  but only when 429/503s are more frequent in this window than they were at the lowest limit of the recent
+  windows: a provider that answers a steady share of requests with 429 whatever the load (other clients on
+  the key, a flaky proxy) would otherwise drive the limit to one slot, where it stays, although sending less
+  does not make those answers rarer (an overloaded server answers no 429 once the limit is below its capacity,
+  so there every 429 cuts);
 * a requests- or tokens-per-minute limit, configured or stated by the provider in `x-ratelimit-*` headers,
   paces admissions as a token bucket refilled continuously (as OpenAI describes its limits), and the stated
   `remaining` count corrects ours;
@@ -37,6 +42,10 @@ log = logging.getLogger(__name__)
 
 START = 16  # first limit: safe for a hosted API's lowest tiers; slow start reaches the ceiling in a few round trips
 DECREASE = 0.7  # multiplicative decrease on a 429/503
+NOISE_FACTOR = 2.0  # a 429/503 cuts only when the window's share of them is above this many times the usual share
+NOISE_WINDOWS = 8  # the usual share: that of the lowest-limit window among this many recent ones ...
+NOISE_ANSWERS = 10  # ... that had at least this many answers
+MIN_WINDOW = 20  # a window's share is over at least this many answers (one early 429 is not a share of 100 %)
 PROBE_WINDOWS = 8  # near the last limit that drew a 429, grow one slot per this many windows of successes
 STRAGGLER_FACTOR = 8.0  # a call in flight this many times the usual latency stops holding a slot ...
 STRAGGLER_MIN_S = 10.0  # ... but never before this many seconds
@@ -67,6 +76,7 @@ class Ticket:
     started: float
     holding: bool = True
     timer: asyncio.TimerHandle | None = None
+    saturated: bool = True  # sent with every slot taken: its success says the limit could be higher
 
 
 @dataclass
@@ -129,6 +139,8 @@ class EndpointLimiter:
     _requests: _Bucket | None = None
     _tokens: _Bucket | None = None
     _stragglers_now: int = 0
+    _window: tuple[int, int] = (0, 0)  # answers and 429/503s in this window (since the last cut)
+    _closed: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=NOISE_WINDOWS), repr=False)
     _unmetered: int = 0
     _configured: tuple[float | None, float | None] = (None, None)
     _stated: tuple[float | None, float | None] = (None, None)
@@ -188,7 +200,7 @@ class EndpointLimiter:
             self._unmetered += 1  # sent before any rate was known: counted once one is
         self.in_flight += 1
         self._stats["peak"] = max(self._stats["peak"], self.in_flight)
-        ticket = Ticket(epoch=self._epoch, started=time.monotonic())
+        ticket = Ticket(epoch=self._epoch, started=time.monotonic(), saturated=self.in_flight >= int(self.limit))
         if not self.fixed:
             ticket.timer = loop.call_later(self._straggler_after(), self._detach, ticket)
         return ticket
@@ -235,11 +247,15 @@ class EndpointLimiter:
             if self._tokens is not None and tokens:
                 self._tokens.refill(now)
                 self._tokens.level -= tokens
+            if (ok or congested) and ticket.epoch == self._epoch:
+                answers, congestions = self._window
+                self._window = (answers + 1, congestions + int(congested))
             if ok:
                 elapsed = now - ticket.started
                 self._latency = elapsed if self._latency is None else 0.9 * self._latency + 0.1 * elapsed
                 self._recent.append(elapsed)
-                self._grow()
+                if ticket.saturated:  # a limit not in use proves nothing (the last calls of a run, a slow stage)
+                    self._grow()
             elif congested:
                 self._stats["congestion"] += 1
                 self._shrink(ticket, now, retry_after)
@@ -277,6 +293,13 @@ class EndpointLimiter:
             self._paused_until = now + retry_after
         if self.fixed or ticket.epoch != self._epoch:
             return  # sent before the last cut: already accounted for
+        answers, congestions = self._window
+        usual = min(self._closed)[1] if self._closed else 0.0
+        if congestions / max(answers, self.limit, MIN_WINDOW) <= NOISE_FACTOR * usual:
+            return  # no more frequent than at a lower limit: not caused by our load
+        if answers >= NOISE_ANSWERS:
+            self._closed.append((self.limit, congestions / answers))
+        self._window = (0, 0)
         before = self.limit
         self._plateau = before
         self._slow_start = False
