@@ -267,9 +267,9 @@ class Settings(BaseSettings):
                                  "endpoint do not count); past it the call is recorded as failed")
     hedge: bool = Field(True, description="send a second copy of a call in flight far longer than its endpoint's "
                         "recent latency, take the first answer and cancel the other (at most one per attempt)")
-    hedge_factor: float = Field(4.0, ge=1, description="hedge after this many times the endpoint's recent 95th "
+    hedge_factor: float = Field(3.0, ge=1, description="hedge after this many times the endpoint's recent 95th "
                                 "percentile latency ...")
-    hedge_min_s: float = Field(5.0, gt=0, description="... but never sooner than this many seconds")
+    hedge_min_s: float = Field(2.0, gt=0, description="... but never sooner than this many seconds")
     breaker_failures: int = Field(20, ge=1, description="connection failures in a row that open an endpoint's "
                                   "breaker: its calls pause while one probe every breaker_probe_s checks it")
     breaker_probe_s: float = Field(5.0, gt=0, description="seconds between probes of an unreachable endpoint")

@@ -8,6 +8,7 @@ ends once, as kept, rejected or failed: the export checks that lineage and the d
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,7 @@ def test_fault_mix_finishes_in_under_twice_the_clean_time(prefect_harness: None,
     with FakeLLMServer(latency=LATENCY, slots=SLOTS, seed=13) as faulty:
         faulty.set_faults(fault_rules())
         faulty_s, manifest = _run(faulty, tmp_path / "faults")
-        faults = pd.Series([r["fault"] for r in faulty.requests]).value_counts().to_dict()
+    faults = pd.Series([r["fault"] for r in faulty.requests]).value_counts().to_dict()  # hung ones end at stop
     print(f"\nfault mix: clean {clean_s:.1f}s ({clean_manifest['totals']['calls']} calls), "
           f"faults {faulty_s:.1f}s ({manifest['totals']['calls']} calls, {faults}), "
           f"failed calls {manifest['totals']['failed']}, ratio {faulty_s / clean_s:.2f}")
@@ -88,8 +89,6 @@ def test_fault_mix_finishes_in_under_twice_the_clean_time(prefect_harness: None,
 
 def test_endpoint_down_for_30s_mid_run_pauses_then_resumes(prefect_harness: None, tmp_path: Path) -> None:
     with FakeLLMServer(latency=LATENCY, slots=SLOTS, seed=5) as server:
-        import threading
-
         def take_down() -> None:
             while len(server.requests) < 300:
                 time.sleep(0.05)
