@@ -266,7 +266,7 @@ class Settings(BaseSettings):
                                  "attempt, backoff and parse retry (waits for a free slot or for an unreachable "
                                  "endpoint do not count); past it the call is recorded as failed")
     hedge: bool = Field(True, description="send a second copy of a call in flight far longer than its endpoint's "
-                        "recent latency, take the first answer and cancel the other (at most one per attempt)")
+                        "recent latency, take the first answer and cancel the other (at most one per call)")
     hedge_factor: float = Field(3.0, ge=1, description="hedge after this many times the endpoint's recent 95th "
                                 "percentile latency ...")
     hedge_min_s: float = Field(2.0, gt=0, description="... but never sooner than this many seconds")

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 from conftest import settings_for
 
+from codeclm.breaker import breaker_for
 from codeclm.fake_llm import FakeLLMServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900, method="thread")]
@@ -41,26 +42,27 @@ def fault_rules() -> list[dict[str, Any]]:
     return rules
 
 
-def _seeds(tmp_path: Path) -> Path:
+def _seeds(tmp_path: Path, count: int) -> Path:
     topics = ["tea", "rivers", "git", "taxes", "chess", "bread", "orbits", "poems"]
     rows = [(f"d{i}", f"Explain {topics[i % len(topics)]} to a newcomer, in the style of example {i}.")
-            for i in range(SEEDS)]
+            for i in range(count)]
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "seeds.jsonl"
     pd.DataFrame(rows, columns=["seed_id", "instruction"]).to_json(path, orient="records", lines=True)
     return path
 
 
-def _run(server: FakeLLMServer, tmp_path: Path, **overrides: Any) -> tuple[float, dict[str, Any]]:
+def _run(server: FakeLLMServer, tmp_path: Path, seeds: int = SEEDS, budget: int = BUDGET,
+         **overrides: Any) -> tuple[float, dict[str, Any]]:
     """Generate into tmp_path/out with default settings (models on the server, budget BUDGET); returns the
     seconds it took and the published manifest, after checking that nothing was lost."""
     from flows.generate import generate
 
-    settings = settings_for(server, tmp_path, budget=BUDGET, timeout=120.0, backoff_base=1.0, backoff_max=30.0,
+    settings = settings_for(server, tmp_path, budget=budget, timeout=120.0, backoff_base=1.0, backoff_max=30.0,
                             **overrides)
     out = tmp_path / "out"
     started = time.monotonic()
-    generate(str(_seeds(tmp_path)), str(out), settings)
+    generate(str(_seeds(tmp_path, seeds)), str(out), settings)
     seconds = time.monotonic() - started
     manifest = json.loads((out / "manifest.json").read_text())
     counts = manifest["counts"]
@@ -90,13 +92,14 @@ def test_fault_mix_finishes_in_under_twice_the_clean_time(prefect_harness: None,
 def test_endpoint_down_for_30s_mid_run_pauses_then_resumes(prefect_harness: None, tmp_path: Path) -> None:
     with FakeLLMServer(latency=LATENCY, slots=SLOTS, seed=5) as server:
         def take_down() -> None:
-            while len(server.requests) < 300:
+            while len(server.requests) < 200:
                 time.sleep(0.05)
             server.outage(30.0)
 
         threading.Thread(target=take_down, daemon=True).start()
-        seconds, manifest = _run(server, tmp_path)
+        seconds, manifest = _run(server, tmp_path, seeds=4, budget=50)  # small: the outage is the point
     print(f"\noutage drill: {seconds:.1f}s, {manifest['totals']['calls']} calls, "
           f"failed calls {manifest['totals']['failed']}")
-    assert seconds >= 30
+    opened = sum(breaker_for(f"openai/fake-{role}@{server.url}").openings for role in ("strong", "target"))
+    assert opened >= 1 and seconds >= 30  # the breaker opened, and the run waited the outage out
     assert manifest["totals"]["failed"] == 0  # paused, not failed: no attempt was spent on a dead endpoint
