@@ -44,7 +44,8 @@ START = 16  # first limit: safe for a hosted API's lowest tiers; slow start reac
 DECREASE = 0.7  # multiplicative decrease on a 429/503
 NOISE_FACTOR = 2.0  # a 429/503 cuts only when the window's share of them is above this many times the usual share
 NOISE_WINDOWS = 8  # the usual share: that of the recent windows (this many) sent at no more than the limit now
-NOISE_MIN = 0.05  # a usual share below this is no noise to tolerate: every 429 cuts (an overloaded server)
+NOISE_ANSWERS = 8  # windows shorter than this say little (an overloaded server's 429s come in quick bursts)
+NOISE_MIN = 0.08  # a usual share below this is no noise to tolerate: every 429 cuts (an overloaded server)
 MIN_WINDOW = 20  # a window's share is over at least this many answers (one early 429 is not a share of 100 %)
 PROBE_WINDOWS = 8  # near the last limit that drew a 429, grow one slot per this many windows of successes
 STRAGGLER_FACTOR = 8.0  # a call in flight this many times the usual latency stops holding a slot ...
@@ -296,7 +297,7 @@ class EndpointLimiter:
         if self.fixed or ticket.epoch != self._epoch:
             return  # sent before the last cut: already accounted for
         answers, congestions = self._window
-        below = [(n, c) for level, n, c in self._closed if level <= self.limit]
+        below = [(n, c) for level, n, c in self._closed if level <= self.limit and n >= NOISE_ANSWERS]
         usual = sum(c for _, c in below) / max(1, sum(n for n, _ in below))
         usual = usual if usual >= NOISE_MIN else 0.0
         if congestions / max(answers, self.limit, MIN_WINDOW) <= NOISE_FACTOR * usual:
