@@ -98,8 +98,9 @@ def test_endpoint_down_for_30s_mid_run_pauses_then_resumes(prefect_harness: None
 
         threading.Thread(target=take_down, daemon=True).start()
         seconds, manifest = _run(server, tmp_path, seeds=4, budget=50)  # small: the outage is the point
+        url = server.url
     print(f"\noutage drill: {seconds:.1f}s, {manifest['totals']['calls']} calls, "
           f"failed calls {manifest['totals']['failed']}")
-    opened = sum(breaker_for(f"openai/fake-{role}@{server.url}").openings for role in ("strong", "target"))
+    opened = sum(breaker_for(f"openai/fake-{role}@{url}").openings for role in ("strong", "target"))
     assert opened >= 1 and seconds >= 30  # the breaker opened, and the run waited the outage out
     assert manifest["totals"]["failed"] == 0  # paused, not failed: no attempt was spent on a dead endpoint
