@@ -9,7 +9,7 @@ Settings object or Gateway in this process, asks that endpoint's limiter for a s
   eight times slower around the limit where the server pushed back last (so probing it costs few 429s);
 * a 429 or 503 multiplies it by `DECREASE` (once per window: the answers to requests sent before the cut
   carry no new information), and a Retry-After holds every new request to that endpoint until it has passed;
-  but only when 429/503s are more frequent in this window than in the recent windows at this limit or below:
+  but only when 429/503s are more frequent in this window than in the recent window at the lowest limit:
   a provider that answers a steady share of requests with 429 whatever the load (other clients on
   the key, a flaky proxy) would otherwise drive the limit to one slot, where it stays, although sending less
   does not make those answers rarer (an overloaded server answers no 429 once the limit is below its capacity,
@@ -43,9 +43,9 @@ log = logging.getLogger(__name__)
 START = 16  # first limit: safe for a hosted API's lowest tiers; slow start reaches the ceiling in a few round trips
 DECREASE = 0.7  # multiplicative decrease on a 429/503
 NOISE_FACTOR = 2.0  # a 429/503 cuts only when the window's share of them is above this many times the usual share
-NOISE_WINDOWS = 8  # the usual share: that of the recent windows (this many) sent at no more than the limit now
-NOISE_ANSWERS = 8  # windows shorter than this say little (an overloaded server's 429s come in quick bursts)
-NOISE_MIN = 0.08  # a usual share below this is no noise to tolerate: every 429 cuts (an overloaded server)
+NOISE_WINDOWS = 8  # the usual share: that of the lowest-limit window among this many recent ones ...
+NOISE_ANSWERS = 10  # ... that had at least this many answers (an overloaded server's 429s come in quick bursts)
+NOISE_MIN = 0.05  # a usual share below this is no noise to tolerate: every 429 cuts (an overloaded server)
 MIN_WINDOW = 20  # a window's share is over at least this many answers (one early 429 is not a share of 100 %)
 PROBE_WINDOWS = 8  # near the last limit that drew a 429, grow one slot per this many windows of successes
 STRAGGLER_FACTOR = 8.0  # a call in flight this many times the usual latency stops holding a slot ...
@@ -142,7 +142,7 @@ class EndpointLimiter:
     _stragglers_now: int = 0
     _window: tuple[int, int] = (0, 0)  # answers and 429/503s in this window (since the last cut)
     _level: float = 0.0  # the limit this window started at
-    _closed: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=NOISE_WINDOWS), repr=False)
+    _closed: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=NOISE_WINDOWS), repr=False)
     _unmetered: int = 0
     _configured: tuple[float | None, float | None] = (None, None)
     _stated: tuple[float | None, float | None] = (None, None)
@@ -297,12 +297,12 @@ class EndpointLimiter:
         if self.fixed or ticket.epoch != self._epoch:
             return  # sent before the last cut: already accounted for
         answers, congestions = self._window
-        below = [(n, c) for level, n, c in self._closed if level <= self.limit and n >= NOISE_ANSWERS]
-        usual = sum(c for _, c in below) / max(1, sum(n for n, _ in below))
+        usual = min(self._closed)[1] if self._closed else 0.0
         usual = usual if usual >= NOISE_MIN else 0.0
         if congestions / max(answers, self.limit, MIN_WINDOW) <= NOISE_FACTOR * usual:
             return  # no more frequent than usual: not caused by our load
-        self._closed.append((self._level, answers, congestions))
+        if answers >= NOISE_ANSWERS:
+            self._closed.append((self._level, congestions / answers))
         self._window = (0, 0)
         before = self.limit
         self._plateau = before
