@@ -19,6 +19,7 @@ from conftest import settings_for
 
 from codeclm.breaker import breaker_for
 from codeclm.fake_llm import FakeLLMServer
+from codeclm.settings import Settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900, method="thread")]
 
@@ -58,8 +59,8 @@ def _run(server: FakeLLMServer, tmp_path: Path, seeds: int = SEEDS, budget: int 
     seconds it took and the published manifest, after checking that nothing was lost."""
     from flows.generate import generate
 
-    settings = settings_for(server, tmp_path, budget=budget, timeout=120.0, backoff_base=1.0, backoff_max=30.0,
-                            **overrides)
+    defaults = {name: Settings.model_fields[name].default for name in ("backoff_base", "backoff_max")}
+    settings = settings_for(server, tmp_path, budget=budget, timeout=120.0, **defaults | overrides)
     out = tmp_path / "out"
     started = time.monotonic()
     generate(str(_seeds(tmp_path, seeds)), str(out), settings)
