@@ -144,7 +144,7 @@ def check_generate(seeds: Path | str, out: Path | str, settings: Settings, roles
     check_output(out, "--out")  # every time: cheap, and the folder may have changed since
 
     def check() -> SeedCheck:
-        from codeclm.gateway import check_context, preflight
+        from codeclm.endpoints import check_context, preflight
         from codeclm.storage import load_seeds
 
         rows = load_seeds(source)
@@ -173,8 +173,8 @@ def check_evaluate(benchmarks: Sequence[str], out: Path | str, settings: Setting
     check_output(out, "--out")
 
     def check() -> EvalPlan:
+        from codeclm.endpoints import preflight
         from codeclm.evaluation import plan_evaluation
-        from codeclm.gateway import preflight
 
         plan = plan_evaluation(benchmarks, settings, targets, limit, rule, prompt_column)
         for endpoint, roles in plan.endpoints():

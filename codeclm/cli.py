@@ -152,14 +152,13 @@ def _prefect_api_early(calls_expected: bool = True) -> Callable[[], object]:
     PREFECT_API_URL names a running server); returns the function that waits for it before the flow starts.
     litellm (4-10 s to import) loads meanwhile when calls are expected: the first call needs it even when the
     model checks did not (they remember what litellm said), and a rerun of a published run needs no call."""
-    import threading
 
-    from codeclm.model_facts import litellm_module
+    from codeclm.llm_runtime import import_in_background
     from codeclm.prefect_api import start_early
 
     api = start_early()
     if calls_expected:
-        threading.Thread(target=litellm_module, name="import-litellm", daemon=True).start()
+        import_in_background()
     return (lambda: None) if api is None else api.ready
 
 

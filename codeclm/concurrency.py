@@ -9,11 +9,17 @@ Settings object or Gateway in this process, asks that endpoint's limiter for a s
   eight times slower around the limit where the server pushed back last (so probing it costs few 429s);
 * a 429 or 503 multiplies it by `DECREASE` (once per window: the answers to requests sent before the cut
   carry no new information), and a Retry-After holds every new request to that endpoint until it has passed;
+  but only when 429/503s are more frequent in this window than in the recent window at the lowest limit:
+  a provider that answers a steady share of requests with 429 whatever the load (other clients on
+  the key, a flaky proxy) would otherwise drive the limit to one slot, where it stays, although sending less
+  does not make those answers rarer (an overloaded server answers no 429 once the limit is below its capacity,
+  so there every 429 cuts);
 * a requests- or tokens-per-minute limit, configured or stated by the provider in `x-ratelimit-*` headers,
   paces admissions as a token bucket refilled continuously (as OpenAI describes its limits), and the stated
   `remaining` count corrects ours;
 * a call in flight far longer than usual (a hung request) stops counting after a while, so it delays only
-  its own instruction, not every call queued behind it.
+  its own instruction, not every call queued behind it; the recent latencies kept here also tell the gateway
+  when such a call deserves a second copy (a hedge, which takes a slot like any request).
 
 The embedded llama.cpp server answers one request at a time, so its limiter is fixed at one slot.
 Limiters are loop-agnostic (a lock and per-waiter futures), so they work from any event loop or thread.
@@ -36,9 +42,16 @@ log = logging.getLogger(__name__)
 
 START = 16  # first limit: safe for a hosted API's lowest tiers; slow start reaches the ceiling in a few round trips
 DECREASE = 0.7  # multiplicative decrease on a 429/503
+NOISE_FACTOR = 2.0  # a 429/503 cuts only when the window's share of them is above this many times the usual share
+NOISE_WINDOWS = 8  # the usual share: that of the lowest-limit window among this many recent ones ...
+NOISE_ANSWERS = 10  # ... that had at least this many answers (an overloaded server's 429s come in quick bursts)
+NOISE_MIN = 0.05  # a usual share below this is no noise to tolerate: every 429 cuts (an overloaded server)
+MIN_WINDOW = 20  # a window's share is over at least this many answers (one early 429 is not a share of 100 %)
 PROBE_WINDOWS = 8  # near the last limit that drew a 429, grow one slot per this many windows of successes
 STRAGGLER_FACTOR = 8.0  # a call in flight this many times the usual latency stops holding a slot ...
 STRAGGLER_MIN_S = 10.0  # ... but never before this many seconds
+LATENCY_SAMPLES = 256  # recent successful latencies kept for quantiles
+MIN_SAMPLES = 20  # fewer than this: no quantile yet
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 
 
@@ -64,6 +77,7 @@ class Ticket:
     started: float
     holding: bool = True
     timer: asyncio.TimerHandle | None = None
+    saturated: bool = True  # sent with every slot taken: its success says the limit could be higher
 
 
 @dataclass
@@ -99,6 +113,7 @@ class LimiterStats:
     decreases: int
     paused_s: float  # time new requests were held for a Retry-After
     stragglers: int  # calls that stopped holding a slot because they ran far longer than usual
+    hedges: int  # second copies sent for calls in flight far longer than usual
     requests_per_minute: float | None
     tokens_per_minute: float | None
 
@@ -121,9 +136,13 @@ class EndpointLimiter:
     _plateau: float | None = None
     _paused_until: float = 0.0
     _latency: float | None = None  # running mean of successful call latency, seconds
+    _recent: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES), repr=False)
     _requests: _Bucket | None = None
     _tokens: _Bucket | None = None
     _stragglers_now: int = 0
+    _window: tuple[int, int] = (0, 0)  # answers and 429/503s in this window (since the last cut)
+    _level: float = 0.0  # the limit this window started at
+    _closed: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=NOISE_WINDOWS), repr=False)
     _unmetered: int = 0
     _configured: tuple[float | None, float | None] = (None, None)
     _stated: tuple[float | None, float | None] = (None, None)
@@ -132,8 +151,9 @@ class EndpointLimiter:
     def __post_init__(self) -> None:
         self.ceiling = max(1, self.ceiling)
         self.limit = float(self.ceiling if self.fixed else min(self.ceiling, START))
+        self._level = self.limit
         self._stats = {"min_limit": self.limit, "max_limit": self.limit, "peak": 0, "calls": 0, "congestion": 0,
-                       "decreases": 0, "paused_s": 0.0, "stragglers": 0}
+                       "decreases": 0, "paused_s": 0.0, "stragglers": 0, "hedges": 0}
         self._set_rates(self.requests_per_minute, self.tokens_per_minute, configured=True)
 
     # --- admission ---------------------------------------------------------------------------------------
@@ -183,7 +203,7 @@ class EndpointLimiter:
             self._unmetered += 1  # sent before any rate was known: counted once one is
         self.in_flight += 1
         self._stats["peak"] = max(self._stats["peak"], self.in_flight)
-        ticket = Ticket(epoch=self._epoch, started=time.monotonic())
+        ticket = Ticket(epoch=self._epoch, started=time.monotonic(), saturated=self.in_flight >= int(self.limit))
         if not self.fixed:
             ticket.timer = loop.call_later(self._straggler_after(), self._detach, ticket)
         return ticket
@@ -230,14 +250,31 @@ class EndpointLimiter:
             if self._tokens is not None and tokens:
                 self._tokens.refill(now)
                 self._tokens.level -= tokens
+            if (ok or congested) and ticket.epoch == self._epoch:
+                answers, congestions = self._window
+                self._window = (answers + 1, congestions + int(congested))
             if ok:
                 elapsed = now - ticket.started
                 self._latency = elapsed if self._latency is None else 0.9 * self._latency + 0.1 * elapsed
-                self._grow()
+                self._recent.append(elapsed)
+                if ticket.saturated:  # a limit not in use proves nothing (the last calls of a run, a slow stage)
+                    self._grow()
             elif congested:
                 self._stats["congestion"] += 1
                 self._shrink(ticket, now, retry_after)
         self._wake_next()
+
+    def latency_quantile(self, q: float) -> float | None:
+        """The q-quantile of recent successful latencies (seconds); None until there are MIN_SAMPLES."""
+        with self._lock:
+            recent = sorted(self._recent)
+        if len(recent) < MIN_SAMPLES:
+            return None
+        return recent[min(len(recent) - 1, int(q * len(recent)))]
+
+    def count_hedge(self) -> None:
+        with self._lock:
+            self._stats["hedges"] += 1
 
     def _grow(self) -> None:
         if self.fixed or self.limit >= self.ceiling:
@@ -259,10 +296,19 @@ class EndpointLimiter:
             self._paused_until = now + retry_after
         if self.fixed or ticket.epoch != self._epoch:
             return  # sent before the last cut: already accounted for
+        answers, congestions = self._window
+        usual = min(self._closed)[1] if self._closed else 0.0
+        usual = usual if usual >= NOISE_MIN else 0.0
+        if congestions / max(answers, self.limit, MIN_WINDOW) <= NOISE_FACTOR * usual:
+            return  # no more frequent than usual: not caused by our load
+        if answers >= NOISE_ANSWERS:
+            self._closed.append((self._level, congestions / answers))
+        self._window = (0, 0)
         before = self.limit
         self._plateau = before
         self._slow_start = False
         self.limit = max(1.0, before * DECREASE)
+        self._level = self.limit
         self._epoch += 1
         self._stats["decreases"] += 1
         self._stats["min_limit"] = min(self._stats["min_limit"], int(self.limit))
@@ -319,6 +365,7 @@ class EndpointLimiter:
                                 peak_in_flight=int(s["peak"]), calls=int(s["calls"]),
                                 congestion=int(s["congestion"]), decreases=int(s["decreases"]),
                                 paused_s=round(s["paused_s"], 3), stragglers=int(s["stragglers"]),
+                                hedges=int(s["hedges"]),
                                 requests_per_minute=self.requests_per_minute, tokens_per_minute=self.tokens_per_minute)
 
     def configure(self, ceiling: int, fixed: bool, requests_per_minute: float | None,
@@ -343,7 +390,7 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 _REGISTRY: dict[str, EndpointLimiter] = {}
 _REGISTRY_LOCK = threading.Lock()
-COUNTERS = ("calls", "congestion", "decreases", "paused_s", "stragglers")
+COUNTERS = ("calls", "congestion", "decreases", "paused_s", "stragglers", "hedges")
 
 
 def limiter_for(endpoint: str, ceiling: int, fixed: bool = False, requests_per_minute: float | None = None,

@@ -4,7 +4,9 @@ Why a real server and not a mock: retries, timeouts, connection pooling, headers
 request shaping only show up over a real socket. Output is deterministic (seeded from the request),
 schema-valid when a JSON schema is requested, and fault rules reproduce what real providers do
 (429 with Retry-After, hangs, resets, truncated or broken JSON), a fraction of requests at random
-(`rate`), an overloaded server that answers 429 above N requests in flight, and a provider that states its
+(`rate`, drawn from the request and the server's seed, so a run sees the same faults whatever the order its
+requests arrive in, and a retry of a request draws anew), an outage (the port closed for N seconds, then
+serving again), an overloaded server that answers 429 above N requests in flight, and a provider that states its
 requests-per-minute limit in `x-ratelimit-*` headers and enforces it. Stdlib only, so it starts anywhere.
 """
 
@@ -218,6 +220,9 @@ class _Handler(BaseHTTPRequestHandler):
             except (TypeError, ValueError) as exc:
                 return self.send_json(400, _error(400, str(exc)))
             self.send_json(200, {"ok": True, "rules": len(body)})
+        elif path == "/_outage":
+            self.send_json(200, {"ok": True})
+            threading.Thread(target=fake.outage, args=(float((body or {}).get("seconds", 30)),), daemon=True).start()
         elif path == "/_reset":
             fake.reset()
             self.send_json(200, {"ok": True})
@@ -247,7 +252,8 @@ class FakeLLMServer:
         Retry-After). `keep_bodies`: log each request body too (benchmarks replay them)."""
         self.latency, self.responder, self.host, self.port = latency, responder, host, port
         self.max_inflight, self.rpm, self.keep_bodies = max_inflight, rpm, keep_bodies
-        self._rng = random.Random(seed)  # draws for fault rules with a `rate`: reproducible per server
+        self.seed = seed  # draws for fault rules with a `rate`: reproducible per server, see `_draw`
+        self._seen: Counter[str] = Counter()  # times each request (by content) has arrived
         self._bucket = (float(rpm or 0), time.monotonic())  # `rpm` as a token bucket: (level, updated)
         self._inflight = 0
         self.max_inflight_seen = 0
@@ -330,10 +336,20 @@ class FakeLLMServer:
         with self._lock:
             self._faults, self._hits = [dict(r) for r in rules], [0] * len(rules)
 
+    def outage(self, seconds: float) -> threading.Thread:
+        """Go down now (every connection cut, the port refusing new ones) and serve again on the same port after
+        `seconds`: an endpoint that crashed and was restarted. Returns the thread that restarts it."""
+        self.stop()
+        restart = threading.Thread(target=lambda: (time.sleep(seconds), self.start()), name="fake-llm-outage",
+                                   daemon=True)
+        restart.start()
+        return restart
+
     def reset(self) -> None:
         """Clear the log, the fault rules and the concurrency peaks."""
         with self._lock:
             self._log, self._faults, self._hits, self.max_concurrency_seen = [], [], [], self._active
+            self._seen = Counter()
             self.max_inflight_seen = self._inflight
             self._bucket = (float(self.rpm or 0), time.monotonic())
 
@@ -353,18 +369,28 @@ class FakeLLMServer:
 
     def _match_fault(self, body: dict[str, Any]) -> dict[str, Any] | None:
         text = _message_text(body.get("messages") or [])
+        request = _sha([body.get("model"), body.get("messages"), body.get("temperature"), _max_tokens(body),
+                        body.get("response_format")])
         with self._lock:
+            self._seen[request] += 1
+            arrival = self._seen[request]
             for i, rule in enumerate(self._faults):
                 match = rule.get("match")
                 if match is not None and match not in text and match != body.get("model"):
                     continue
                 if rule.get("times") is not None and self._hits[i] >= rule["times"]:
                     continue
-                if rule.get("rate") is not None and self._rng.random() >= float(rule["rate"]):
+                if rule.get("rate") is not None and self._draw(request, arrival, i) >= float(rule["rate"]):
                     continue
                 self._hits[i] += 1
                 return rule
         return None
+
+    def _draw(self, request: str, arrival: int, rule: int) -> float:
+        """A number in [0, 1) fixed by the seed, the request's content, how many times it has arrived and the
+        rule: faults independent of the order concurrent requests arrive in."""
+        digest = hashlib.sha256(f"{self.seed}|{rule}|{request}|{arrival}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
 
     def _chat(self, handler: _Handler, path: str, body: Any) -> None:
         """Serve one chat completion, applying the first matching fault rule, and log it."""
@@ -519,9 +545,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-inflight", type=int, default=None, help="answer 429 above this many in flight")
     parser.add_argument("--rpm", type=int, default=None, help="state and enforce a requests-per-minute limit")
     parser.add_argument("--keep-bodies", action="store_true", help="log request bodies (GET /_log)")
+    parser.add_argument("--seed", type=int, default=0, help="fixes which requests a fault rule's `rate` picks")
     args = parser.parse_args(argv)
     with FakeLLMServer(latency=args.latency, slots=args.slots, host=args.host, port=args.port,
-                       max_inflight=args.max_inflight, rpm=args.rpm, keep_bodies=args.keep_bodies) as server:
+                       max_inflight=args.max_inflight, rpm=args.rpm, keep_bodies=args.keep_bodies,
+                       seed=args.seed) as server:
         print(server.url, flush=True)
         with suppress(KeyboardInterrupt):
             threading.Event().wait()

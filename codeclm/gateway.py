@@ -1,10 +1,12 @@
-"""The LLM gateway: the only module that calls litellm.
+"""The LLM call engine: the only module that calls litellm's completion.
 
 One retry layer (ours: litellm's and the OpenAI SDK's retries are off), an explicit timeout on every
-attempt, a per-call disk cache keyed on content, structured output fitted to the endpoint, tolerant
-parsing, and per-call tokens and cost. Calls run on one background event loop per process, so batch
-tasks in many threads share litellm's connection pools; every HTTP attempt asks the endpoint's adaptive
-limiter (codeclm.concurrency, one per endpoint per process) for a slot and tells it how the attempt went.
+attempt and a deadline on the whole call, a second copy (hedge) of a call that hangs, a circuit breaker per
+endpoint that pauses calls while it is unreachable, a per-call disk cache keyed on content, structured output
+fitted to the endpoint, tolerant parsing, and per-call tokens and cost. Calls run on the process's one call
+loop (codeclm.llm_runtime), so batch tasks in many threads share litellm's connection pools; every HTTP
+request asks the endpoint's adaptive limiter (codeclm.concurrency) for a slot and tells it how it went.
+Where calls go and the checks before a run live in codeclm.endpoints.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import email.utils
+import enum
 import functools
 import json
 import logging
@@ -28,13 +31,13 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from codeclm import concurrency, interrupt
+from codeclm import concurrency, interrupt, llm_runtime
+from codeclm.breaker import BreakerPolicy, breaker_for
 from codeclm.cache import CallCache, call_key
-from codeclm.embedded import CONTEXT_TOKENS, EMBEDDED_MODEL, EMBEDDED_URL_ENV
-from codeclm.errors import ConfigError, ModelError, ParseError
-from codeclm.model_facts import litellm_module, model_facts
+from codeclm.endpoints import Endpoint, resolve
+from codeclm.errors import ModelError, ParseError
 from codeclm.progress import report_calls
-from codeclm.settings import CALLS, ROLES, RoleConfig, Settings, StageSettings, scope
+from codeclm.settings import CALLS, ROLES, Settings, StageSettings, scope
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound=BaseModel)
@@ -44,23 +47,23 @@ MemoKey = tuple[str, str, str, str]
 _FENCE = re.compile(r"^```(?:json)?\s*|\s*```$")
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    """A role resolved for calling: what litellm gets, and what identifies it in cache keys."""
+class Reply(enum.StrEnum):
+    """What kind of answer a call asks for, and so what is sent and what counts as usable."""
 
-    role: str
-    model: str
-    api_base: str | None
-    api_key: str | None
-    identity: str
-    output_mode: str
-    config: RoleConfig
-    priced: bool = False  # litellm has a price for it; unpriced models skip the (costly, raising) cost lookup
+    TEXT = "text"  # plain text, returned as it is; usable even when cut at max_tokens; no `output`
+    STRUCTURED = "structured"  # `output` by the endpoint's protocol (JSON schema...), `text_parser` as fallback
+    STRUCTURED_CUT_OK = "structured_cut_ok"  # as STRUCTURED, and a cut answer is usable (what counts comes first)
+    FREE_TEXT = "free_text"  # no schema sent: `text_parser` reads a free-text answer into `output`
+
+    @property
+    def cut_ok(self) -> bool:
+        return self in (Reply.TEXT, Reply.STRUCTURED_CUT_OK)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Call:
-    """One request to make: messages for a role, the output model to parse into, and where it belongs."""
+    """One request to make: messages for a role, the kind of reply and the model to parse it into, and where
+    it belongs."""
 
     role: str
     messages: list[dict[str, str]]
@@ -68,15 +71,17 @@ class Call:
     prompt_version: str
     stage: str
     item_id: str
+    reply: Reply = Reply.STRUCTURED
     temperature: float | None = None
     max_tokens: int | None = None
     text_parser: Callable[[str], BaseModel] | None = None
-    free_text: bool = False  # one free-text answer: no schema sent, `text_parser` reads it (cheap on llama.cpp)
-    truncation_ok: bool | None = None  # usable when cut at max_tokens; default: only plain answers (no output)
 
-    @property
-    def accepts_truncation(self) -> bool:
-        return self.output is None if self.truncation_ok is None else self.truncation_ok
+    def __post_init__(self) -> None:
+        if (self.reply is Reply.TEXT) != (self.output is None):
+            raise ValueError(f"{self.stage}: a {self.reply.value} reply {'takes no' if self.output else 'needs an'} "
+                             "output model")
+        if self.reply is Reply.FREE_TEXT and self.text_parser is None:
+            raise ValueError(f"{self.stage}: a free-text reply needs a text_parser")
 
 
 @dataclass
@@ -90,7 +95,7 @@ class Result:
     text: str | None = None
     ok: bool = False
     cached: bool = False
-    attempts: int = 0
+    attempts: int = 0  # HTTP requests sent, hedges included
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
@@ -102,85 +107,60 @@ class Result:
 
 
 class _Transient(Exception):
-    """An attempt failed in a way worth retrying after `delay` seconds (None: use backoff)."""
+    """An attempt failed in a way worth retrying after `delay` seconds (None: use backoff); `unreachable`: the
+    request did not reach the server (refused, reset, timed out), which the endpoint's breaker counts."""
 
-    def __init__(self, message: str, delay: float | None = None, status: int | None = None) -> None:
+    def __init__(self, message: str, delay: float | None = None, status: int | None = None,
+                 unreachable: bool = False) -> None:
         super().__init__(message)
-        self.delay, self.status = delay, status
+        self.delay, self.status, self.unreachable = delay, status, unreachable
 
 
 class _Fatal(Exception):
     """A call failed in a way retrying cannot fix (400, context length, retry-after above the cap)."""
 
 
+class _DeadlinePassed(Exception):
+    """The call's deadline (`call_deadline`) passed before a usable answer came."""
+
+
 class EmptyResponse(Exception):
     """The client library returned no response at all (litellm does so after a second HTTP 422)."""
 
 
+class _Clock:
+    """A call's deadline: starts when its first request is admitted; waits for a slot or for the endpoint's
+    breaker are added back, so only the call's own time (requests, backoffs, parse retries) counts."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.ends: float | None = None
+
+    def start(self) -> None:
+        if self.ends is None:
+            self.ends = time.monotonic() + self.seconds
+
+    def extend(self, seconds: float) -> None:
+        if self.ends is not None:
+            self.ends += seconds
+
+    def remaining(self) -> float:
+        return float("inf") if self.ends is None else self.ends - time.monotonic()
+
+    def check(self) -> float:
+        """Seconds left; raises once none are."""
+        left = self.remaining()
+        if left <= 0:
+            raise _DeadlinePassed
+        return left
+
+
 @dataclass
-class _RoleState:
-    """Per endpoint: the circuit breaker's count of connection failures in a row."""
+class _Attempts:
+    """Per call: its deadline and whether it has already sent its one hedge."""
 
-    consecutive_failures: int = 0
-
-
-_litellm = litellm_module
-
-
-def resolve(settings: Settings | StageSettings, role: str) -> Endpoint:
-    """Turn a role's settings into an endpoint; 'embedded' becomes the local llama.cpp server."""
-    cfg = settings.role(role)
-    if cfg.embedded:
-        url = os.environ.get(EMBEDDED_URL_ENV)
-        if not url:
-            raise ModelError(f"{role} model is 'embedded' but the local model server is not running; "
-                             "run through `codeclm`, or set a model for this role")
-        mode = "json_object" if cfg.output_mode == "auto" else cfg.output_mode
-        return Endpoint(role, EMBEDDED_MODEL, url, "sk-local", f"embedded:{EMBEDDED_MODEL}", mode, cfg)
-    api_key = None
-    if cfg.api_key_env:
-        api_key = os.environ.get(cfg.api_key_env)
-        if not api_key:
-            raise ModelError(f"{role} model {cfg.model}: env var {cfg.api_key_env} is not set; export the key")
-    facts = model_facts(cfg.model, cfg.api_base, settings.home)
-    mode = cfg.output_mode
-    if mode == "auto":
-        mode = "json_schema" if facts.schema else "text"
-    identity = cfg.identity or f"{cfg.model}@{cfg.api_base or 'default'}"
-    return Endpoint(role, cfg.model, cfg.api_base, api_key, identity, mode, cfg, priced=facts.priced)
-
-
-_PREFLIGHTED: set[str] = set()  # role configs already checked in this process (the CLI checks before the flow)
-
-
-def preflight(settings: Settings, roles: Sequence[str]) -> None:
-    """Fail before any work for an unknown model, a missing key or an unreachable endpoint."""
-    for role in roles:
-        checked = f"{role}:{settings.role(role).model_dump_json()}"
-        if settings.role(role).embedded or checked in _PREFLIGHTED:
-            continue
-        ep = resolve(settings, role)
-        provider = model_facts(ep.model, ep.api_base, settings.home).provider
-        if provider is None:
-            raise ModelError(f"{role} model {ep.model!r} is not a model string litellm knows; use "
-                             "'provider/model', e.g. openai/gpt-4o-mini or gemini/gemini-2.0-flash")
-        if ep.api_base:
-            _check_reachable(role, ep.api_base)
-        elif not ep.api_key:
-            missing = _litellm().validate_environment(model=ep.model).get("missing_keys") or []
-            if missing:
-                raise ModelError(f"{role} model {ep.model}: {', '.join(missing)} is not set; export the key "
-                                 f"or set {role}.api_key_env")
-        log.debug("preflight ok for %s (%s via %s)", role, ep.model, provider)
-        _PREFLIGHTED.add(checked)
-
-
-def _check_reachable(role: str, api_base: str) -> None:
-    try:
-        httpx.get(api_base.rstrip("/") + "/models", timeout=5.0)
-    except httpx.HTTPError as exc:
-        raise ModelError(f"{role} endpoint {api_base} is unreachable ({type(exc).__name__}); "
-                         "start the server or fix api_base") from None
+    clock: _Clock
+    hedged: bool = False
 
 
 class Gateway:
@@ -190,8 +170,8 @@ class Gateway:
     def __init__(self, settings: Settings | StageSettings) -> None:
         self.settings = settings
         self.cache = CallCache(settings.cache_dir)
-        self._loop = _shared_loop()
-        self._roles: dict[str, _RoleState] = {}
+        self._loop = llm_runtime.call_loop()
+        self._policy = BreakerPolicy(settings.breaker_failures, settings.breaker_probe_s, settings.breaker_stop_after)
         self._endpoints: dict[str, Endpoint] = {}
         self._inflight: dict[str, asyncio.Future[Result]] = {}
         self._started: dict[MemoKey, asyncio.Future[Result]] = {}  # calls begun by `submit`, kept for `run`
@@ -255,9 +235,6 @@ class Gateway:
         keys = [self._memo_key(c) for c in calls]
         self._loop.call_soon_threadsafe(lambda: [self._started.pop(k, None) for k in keys])
 
-    def _state(self, ep: Endpoint) -> _RoleState:
-        return self._roles.setdefault(ep.identity, _RoleState())
-
     @staticmethod
     def limiter(ep: Endpoint) -> concurrency.EndpointLimiter:
         """The process-wide limiter of the endpoint (not of this gateway or role): roles, tasks and flows
@@ -282,7 +259,7 @@ class Gateway:
 
     @staticmethod
     def _mode(call: Call, ep: Endpoint) -> str:
-        return "text" if call.output is None or call.free_text else ep.output_mode
+        return "text" if call.reply in (Reply.TEXT, Reply.FREE_TEXT) else ep.output_mode
 
     @staticmethod
     def _temperature(call: Call, ep: Endpoint) -> float:
@@ -325,56 +302,70 @@ class Gateway:
             self._inflight.pop(key, None)
 
     async def _fresh(self, call: Call, ep: Endpoint, key: str, result: Result) -> Result:
-        state = self._state(ep)
-        for _ in range(self.settings.parse_attempts):
-            if not await self._attempt_http(call, ep, result, state):
+        state = _Attempts(_Clock(self.settings.call_deadline))
+        try:
+            for _ in range(self.settings.parse_attempts):
+                if not await self._attempt_http(call, ep, result, state):
+                    break
+                try:
+                    if result.truncated and not call.reply.cut_ok:
+                        raise ParseError("output stopped at max_tokens; raise max_tokens for this role")
+                    result.value = self._parse(call, ep, result.text or "")
+                except ParseError as exc:
+                    result.error_type = "Truncated" if result.truncated else "ParseError"
+                    result.message = str(exc)
+                    continue
+                result.ok, result.error_type, result.message = True, "", ""
+                self.cache.put(key, {"text": result.text, "model": ep.model,
+                                     "usage": [result.prompt_tokens, result.completion_tokens]})
                 break
-            try:
-                if result.truncated and not call.accepts_truncation:
-                    raise ParseError("output stopped at max_tokens; raise max_tokens for this role")
-                result.value = self._parse(call, ep, result.text or "")
-            except ParseError as exc:
-                result.error_type = "Truncated" if result.truncated else "ParseError"
-                result.message = str(exc)
-                continue
-            result.ok, result.error_type, result.message = True, "", ""
-            self.cache.put(key, {"text": result.text, "model": ep.model,
-                                 "usage": [result.prompt_tokens, result.completion_tokens]})
-            break
+        except _DeadlinePassed:
+            last = f" (last: {result.error_type}: {result.message[:150]})" if result.error_type else ""
+            result.error_type = "DeadlineExceeded"
+            result.message = f"no usable answer within call_deadline ({self.settings.call_deadline:g}s){last}"
         report_calls(call.stage, done=1, failed=0 if result.ok else 1)
         if not result.ok:
-            log.warning("%s %s failed after %d attempts: %s: %s", call.stage, call.item_id, result.attempts,
+            log.warning("%s %s failed after %d requests: %s: %s", call.stage, call.item_id, result.attempts,
                         result.error_type, result.message[:200])
         return result
 
-    async def _attempt_http(self, call: Call, ep: Endpoint, result: Result, state: _RoleState) -> bool:
+    async def _attempt_http(self, call: Call, ep: Endpoint, result: Result, state: _Attempts) -> bool:
         """Up to max_attempts HTTP attempts, each holding a slot of the endpoint's limiter (backoff sleeps do
-        not); True when a response came back (parsable or not)."""
-        limiter = self.limiter(ep)
-        for attempt in range(1, self.settings.max_attempts + 1):
-            ticket = await limiter.acquire()
-            result.attempts += 1
+        not); True when a response came back (parsable or not). While the endpoint's breaker is open the
+        attempt waits for it, and a request that found the endpoint down does not use up an attempt."""
+        breaker = breaker_for(ep.identity)
+        attempt = 0
+        while attempt < self.settings.max_attempts:
+            probe, waited = await breaker.admit(self._policy, self._where(ep))
+            state.clock.extend(waited)
+            state.clock.check()
+            attempt += 1
             try:
-                response = await self._complete(call, ep)
+                response = await self._send(call, ep, result, state)
             except _Fatal as exc:
-                limiter.release(ticket, headers=_headers(exc.__cause__))
+                breaker.reached(probe)
                 result.error_type, result.message = type(exc.__cause__ or exc).__name__, str(exc)
                 return False
             except _Transient as exc:
-                limiter.release(ticket, congested=exc.status in (429, 503), retry_after=exc.delay,
-                                headers=_headers(exc.__cause__))
                 result.error_type, result.message = type(exc.__cause__ or exc).__name__, str(exc)
+                if exc.unreachable:
+                    breaker.unreachable(probe, self._policy)
+                    if breaker.is_open:
+                        attempt -= 1  # the endpoint is down, not this call: wait for it without using an attempt
+                        continue
+                else:
+                    breaker.reached(probe)
                 if attempt == self.settings.max_attempts:
                     return False
-                await asyncio.sleep(exc.delay if exc.delay is not None else self._backoff(attempt))
+                delay = exc.delay if exc.delay is not None else self._backoff(attempt)
+                if delay >= state.clock.remaining():
+                    raise _DeadlinePassed from exc
+                await asyncio.sleep(delay)
                 continue
             except BaseException:
-                limiter.release(ticket)
+                breaker.release_probe(probe)
                 raise
-            usage = getattr(response, "usage", None)
-            limiter.release(ticket, ok=True, headers=_headers(response),
-                            tokens=getattr(usage, "total_tokens", 0) or 0)
-            state.consecutive_failures = 0
+            breaker.reached(probe)
             self._account(result, response, ep)
             choice = response.choices[0]
             result.text = choice.message.content or ""
@@ -382,18 +373,88 @@ class Gateway:
             return True
         return False
 
+    async def _send(self, call: Call, ep: Endpoint, result: Result, state: _Attempts) -> Any:
+        """One attempt: a request, and when it stays in flight far longer than the endpoint's recent
+        latency, a second copy of it (once per call); the first to finish is the attempt's outcome and the
+        other is cancelled. Both hold a slot of the limiter, so hedges count against the adaptive limit."""
+        limiter = self.limiter(ep)
+        waited = time.monotonic()
+        ticket = await limiter.acquire()
+        state.clock.extend(time.monotonic() - waited)
+        state.clock.start()
+        result.attempts += 1
+        first = asyncio.ensure_future(self._request(call, ep, limiter, ticket, state.clock.remaining()))
+        tasks = [first]
+        try:
+            hedge_after = None if state.hedged else self._hedge_after(limiter, ep)
+            if hedge_after is not None and hedge_after < state.clock.remaining():
+                done, _ = await asyncio.wait(tasks, timeout=hedge_after)
+                if not done:
+                    state.hedged = True
+                    result.attempts += 1
+                    limiter.count_hedge()
+                    log.info("%s %s: no answer after %.1fs; sending a second copy", call.stage, call.item_id,
+                             hedge_after)
+                    tasks.append(asyncio.ensure_future(self._hedge(call, ep, limiter, state.clock)))
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            finished = [t for t in tasks if t.done() and not t.cancelled()]
+            errors = [t.exception() for t in finished]  # retrieved, so a losing failure is not reported later
+            winner = next((t for t, e in zip(finished, errors, strict=True) if e is None), finished[0])
+            return winner.result()
+        finally:
+            for task in tasks:
+                if not task.done():
+                    task.cancel()  # its request is abandoned; its slot is released as it unwinds
+
+    def _hedge_after(self, limiter: concurrency.EndpointLimiter, ep: Endpoint) -> float | None:
+        """Seconds after which a request deserves a second copy: hedge_factor × the recent 95th percentile
+        latency (a quarter of the timeout before there is one), never under hedge_min_s; None: no hedging."""
+        if not self.settings.hedge or limiter.fixed:  # a one-slot server would only queue the copy
+            return None
+        p95 = limiter.latency_quantile(0.95)
+        usual = ep.config.timeout / 4 if p95 is None else self.settings.hedge_factor * p95
+        return max(self.settings.hedge_min_s, usual)
+
+    async def _hedge(self, call: Call, ep: Endpoint, limiter: concurrency.EndpointLimiter, clock: _Clock) -> Any:
+        timeout = clock.check()
+        ticket = await limiter.acquire()
+        return await self._request(call, ep, limiter, ticket, timeout)
+
+    async def _request(self, call: Call, ep: Endpoint, limiter: concurrency.EndpointLimiter,
+                       ticket: concurrency.Ticket, timeout: float) -> Any:
+        """One HTTP request holding `ticket`; tells the limiter how it went."""
+        try:
+            response = await self._complete(call, ep, max(0.001, min(ep.config.timeout, timeout)))
+        except _Fatal as exc:
+            limiter.release(ticket, headers=_headers(exc.__cause__))
+            raise
+        except _Transient as exc:
+            limiter.release(ticket, congested=exc.status in (429, 503), retry_after=exc.delay,
+                            headers=_headers(exc.__cause__))
+            raise
+        except BaseException:
+            limiter.release(ticket)
+            raise
+        usage = getattr(response, "usage", None)
+        limiter.release(ticket, ok=True, headers=_headers(response), tokens=getattr(usage, "total_tokens", 0) or 0)
+        return response
+
     def _backoff(self, attempt: int) -> float:
         base = min(self.settings.backoff_max, self.settings.backoff_base * 2 ** (attempt - 1))
         return base * random.uniform(0.5, 1.5)
 
-    async def _complete(self, call: Call, ep: Endpoint) -> Any:
-        litellm = _litellm()
+    @staticmethod
+    def _where(ep: Endpoint) -> str:
+        return f"{ep.role} model {ep.model} at {ep.api_base or 'its provider'}"
+
+    async def _complete(self, call: Call, ep: Endpoint, timeout: float) -> Any:
+        litellm = llm_runtime.litellm()
         kwargs: dict[str, Any] = {
             "model": ep.model,
             "messages": call.messages,
             "temperature": self._temperature(call, ep),
             "max_tokens": call.max_tokens or ep.config.max_tokens,
-            "timeout": ep.config.timeout,
+            "timeout": timeout,
             "num_retries": 0,
             "max_retries": 0,
         }
@@ -403,7 +464,7 @@ class Gateway:
             kwargs["api_key"] = ep.api_key
         elif ep.api_base and not os.environ.get("OPENAI_API_KEY"):
             kwargs["api_key"] = "sk-no-key"  # OpenAI-compatible servers often need none; the SDK insists on one
-        if call.output is not None and self._mode(call, ep) != "text":
+        if self._mode(call, ep) != "text" and call.output is not None:
             kwargs["response_format"] = _response_format(call.output, ep.output_mode)
         try:
             response = await litellm.acompletion(**kwargs)
@@ -414,8 +475,7 @@ class Gateway:
         return response
 
     def _classify(self, exc: Exception, ep: Endpoint) -> Exception:
-        litellm = _litellm()
-        state = self._state(ep)
+        litellm = llm_runtime.litellm()
         status = getattr(exc, "status_code", None)
         message = str(exc)[:300]
         if isinstance(exc, litellm.ContextWindowExceededError):
@@ -428,13 +488,9 @@ class Gateway:
         if isinstance(exc, litellm.NotFoundError):
             return ModelError(f"{ep.role} model {ep.model}: not found at the provider ({status}); "
                               "check the model name and api_base")
-        if isinstance(exc, litellm.APIConnectionError | litellm.Timeout) and status in (None, 408, 500):
-            state.consecutive_failures += 1
-            if state.consecutive_failures >= self.settings.breaker_failures:
-                where = ep.api_base or "its provider"
-                return ModelError(f"{ep.role} model {ep.model}: {state.consecutive_failures} calls in a row "
-                                  f"could not reach {where}; stopping (completed calls are kept)")
-            return _Transient(message)
+        if (isinstance(exc, litellm.APIConnectionError | litellm.Timeout) and status in (None, 408, 500)) \
+                or _did_not_reach(exc):
+            return _Transient(message, unreachable=True)
         if status in (408, 409, 425, 429) or (isinstance(status, int) and status >= 500):
             delay = retry_after(exc)
             if delay is not None and delay > self.settings.retry_after_cap:
@@ -449,7 +505,7 @@ class Gateway:
         cost = None
         if ep.priced:
             try:
-                cost = _litellm().completion_cost(completion_response=response, model=ep.model)
+                cost = llm_runtime.litellm().completion_cost(completion_response=response, model=ep.model)
             except Exception:  # unpriced (self-hosted) models raise; they are counted and flagged instead
                 cost = None
         result.cost_usd += cost or 0.0
@@ -457,7 +513,7 @@ class Gateway:
 
     @staticmethod
     def _parse(call: Call, ep: Endpoint, text: str) -> Any:
-        if call.output is None:
+        if call.reply is Reply.TEXT:
             if not text.strip():
                 raise ParseError("empty answer")
             return text
@@ -473,6 +529,19 @@ class Gateway:
             except (ParseError, ValidationError) as exc:
                 errors.append(f"text: {exc}")
         raise ParseError("; ".join(errors) or "no parser accepted the output")
+
+
+def _did_not_reach(exc: BaseException) -> bool:
+    """The request never got an answer from the server (refused, reset, timed out): litellm reports a refused
+    connection to an OpenAI-compatible server as an InternalServerError, so look at what caused it."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, httpx.TransportError | ConnectionError | TimeoutError):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _response_format(output: type[BaseModel], mode: str) -> dict[str, Any] | None:
@@ -532,18 +601,6 @@ def retry_after(exc: Exception) -> float | None:
 
 _GATEWAYS: dict[str, Gateway] = {}
 _LOCK = threading.Lock()
-_LOOP_LOCK = threading.Lock()  # separate from _LOCK: Gateway() runs under _LOCK and asks for the loop
-_LOOP: asyncio.AbstractEventLoop | None = None
-def _shared_loop() -> asyncio.AbstractEventLoop:
-    """The one background event loop of this process: litellm binds its logging worker to the loop it first
-    sees, so a loop per Gateway left one pending worker task behind per Gateway ("Task was destroyed")."""
-    global _LOOP
-    with _LOOP_LOCK:
-        if _LOOP is None:
-            _LOOP = asyncio.new_event_loop()
-            threading.Thread(target=_LOOP.run_forever, name="codeclm-llm", daemon=True).start()
-            interrupt.register_loop(_LOOP)
-        return _LOOP
 
 
 def gateway_for(settings: Settings | StageSettings) -> Gateway:
@@ -556,36 +613,3 @@ def gateway_for(settings: Settings | StageSettings) -> Gateway:
         if fingerprint not in _GATEWAYS:
             _GATEWAYS[fingerprint] = Gateway(own)
         return _GATEWAYS[fingerprint]
-
-
-def context_limit(settings: Settings | StageSettings, role: str) -> int | None:
-    """Tokens a role's model accepts (prompt + answer), from settings, the embedded server or litellm."""
-    cfg = settings.role(role)
-    if cfg.context_tokens:
-        return cfg.context_tokens
-    if cfg.embedded:
-        return CONTEXT_TOKENS
-    return model_facts(cfg.model, cfg.api_base, settings.home).context
-
-
-def check_context(texts: Sequence[tuple[str, str]], settings: Settings, role: str, overhead: int,
-                  source: str) -> None:
-    """Refuse texts that cannot fit the role's context with the prompt around them and room to answer."""
-    limit = context_limit(settings, role)
-    if limit is None:
-        return
-    cfg = settings.role(role)
-    room = limit - overhead - cfg.max_tokens
-    if room <= 0:  # no instruction can fit: say which settings clash instead of blaming the first seed
-        raise ConfigError(f"the {role} model's context ({limit} tokens) cannot hold the prompt (about {overhead} "
-                          f"tokens) plus {role}.max_tokens ({cfg.max_tokens}); raise {role}.context_tokens or "
-                          f"lower {role}.max_tokens")
-    model = EMBEDDED_MODEL if cfg.embedded else cfg.model
-    for where, text in texts:
-        if len(text) < room:  # a token is at least one character: short texts cannot overflow
-            continue
-        tokens = _litellm().token_counter(model=model, text=text)
-        if tokens > room:
-            raise ModelError(f"{source}: {where}: instruction is about {tokens} tokens; the {role} model's "
-                             f"context ({limit}) leaves {room} after the prompt and answer; shorten it or raise "
-                             f"{role}.context_tokens / lower {role}.max_tokens")

@@ -19,18 +19,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from codeclm import llm_runtime
+
 log = logging.getLogger(__name__)
 _LOCK = threading.Lock()
-
-
-def litellm_module() -> Any:
-    """Import litellm on first use: it costs seconds, and `codeclm --help` or a rerun must not pay for it."""
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    import litellm
-
-    litellm.suppress_debug_info = True
-    litellm.drop_params = True
-    return litellm
 
 
 @dataclass(frozen=True)
@@ -42,7 +34,7 @@ class ModelFacts:
 
 
 def _ask_litellm(model: str, api_base: str | None) -> ModelFacts:
-    litellm = litellm_module()
+    litellm = llm_runtime.litellm()
     try:
         provider: str | None = litellm.get_llm_provider(model, api_base=api_base)[1]
     except Exception:  # litellm raises its own types for unknown providers

@@ -20,7 +20,7 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel
 
-from codeclm.gateway import Call
+from codeclm.gateway import Call, Reply
 from codeclm.prompts import load_prompt
 
 Order = Literal["strong_first", "target_first"]
@@ -63,14 +63,14 @@ def order_item_id(item_id: str, order: Order) -> str:
 
 def pair_calls(prompt_name: str, *, question: str, strong: str, target: str, item_id: str, role: str, stage: str,
                structured: bool, output: type[BaseModel], text_parser: Callable[[str], BaseModel],
-               temperature: float | None = None, truncation_ok: bool | None = None) -> list[Call]:
+               temperature: float | None = None, reply: Reply = Reply.STRUCTURED) -> list[Call]:
     """The two calls judging one pair, in ORDERS order: the strong answer as Assistant 1, then the target's."""
     prompt = load_prompt(prompt_name)
     shown = {"strong_first": (strong, target), "target_first": (target, strong)}
     return [Call(role=role, messages=prompt.render(structured=structured, question=question, answer_1=shown[order][0],
                                                    answer_2=shown[order][1]),
                  output=output, text_parser=text_parser, prompt_version=prompt.version, stage=stage,
-                 item_id=order_item_id(item_id, order), temperature=temperature, truncation_ok=truncation_ok)
+                 item_id=order_item_id(item_id, order), temperature=temperature, reply=reply)
             for order in ORDERS]
 
 

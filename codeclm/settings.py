@@ -304,7 +304,19 @@ class Settings(_Derived, BaseSettings):
     backoff_base: float = Field(1.0, ge=0, description="first retry delay, seconds; doubles, with jitter")
     backoff_max: float = Field(30.0, ge=0)
     retry_after_cap: float = Field(120.0, ge=0, description="a longer Retry-After fails the call at once")
-    breaker_failures: int = Field(20, ge=1, description="consecutive connection failures that stop a run")
+    call_deadline: float = Field(300.0, gt=0, le=86400, description="seconds one call may take in all: every "
+                                 "attempt, backoff and parse retry (waits for a free slot or for an unreachable "
+                                 "endpoint do not count); past it the call is recorded as failed")
+    hedge: bool = Field(True, description="send a second copy of a call in flight far longer than its endpoint's "
+                        "recent latency, take the first answer and cancel the other (at most one per call)")
+    hedge_factor: float = Field(3.0, ge=1, description="hedge after this many times the endpoint's recent 95th "
+                                "percentile latency ...")
+    hedge_min_s: float = Field(2.0, gt=0, description="... but never sooner than this many seconds")
+    breaker_failures: int = Field(20, ge=1, description="connection failures in a row that open an endpoint's "
+                                  "breaker: its calls pause while one probe every breaker_probe_s checks it")
+    breaker_probe_s: float = Field(5.0, gt=0, description="seconds between probes of an unreachable endpoint")
+    breaker_stop_after: float = Field(300.0, gt=0, description="seconds an endpoint may stay unreachable before "
+                                      "the run stops (completed calls are kept; run again to resume)")
 
     @model_validator(mode="before")
     @classmethod
@@ -388,7 +400,8 @@ class Settings(_Derived, BaseSettings):
 
 # The settings the gateway reads besides role configs: they enter its identity and every calling step's key.
 CALLS = ("home", "max_attempts", "parse_attempts", "backoff_base", "backoff_max", "retry_after_cap",
-         "breaker_failures")
+         "breaker_failures", "breaker_probe_s", "breaker_stop_after", "call_deadline", "hedge", "hedge_factor",
+         "hedge_min_s")
 # What generation wrote into a manifest: every setting except the later steps' sections.
 _GENERATION = tuple(name for name in Settings.model_fields if name not in ("finetune", "baselines"))
 

@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from codeclm import llm_runtime
 from codeclm.errors import ModelError
-from codeclm.gateway import _litellm, _shared_loop  # litellm's import, settings and the one loop it binds to
 from codeclm.settings import FinetuneConfig
 from codeclm.storage import write_json
 from codeclm.training_plan import FinetunePlan
@@ -63,7 +63,7 @@ class RemoteJob:
         """The uploaded training file: recorded, found by name at the provider, or uploaded now."""
         if self.record.get("file_id"):
             return str(self.record["file_id"])
-        litellm = _litellm()
+        litellm = llm_runtime.litellm()
         listed = await litellm.afile_list(purpose="fine-tune", **self.kwargs)
         found = next((f for f in _items(listed) if _get(f, "filename") == self.filename
                       and _get(f, "status") not in ("error", "deleted")), None)
@@ -78,7 +78,7 @@ class RemoteJob:
     async def job(self, file_id: str) -> tuple[Any, bool]:
         """The job for this key: recorded, found by suffix or training file, or created now; and whether it
         already existed."""
-        litellm = _litellm()
+        litellm = llm_runtime.litellm()
         if self.record.get("job_id"):
             return await litellm.aretrieve_fine_tuning_job(fine_tuning_job_id=self.record["job_id"],
                                                            **self.kwargs), True
@@ -99,7 +99,7 @@ class RemoteJob:
 
     async def wait(self, job: Any, on_status: StatusListener) -> Any:
         """Poll until the job ends; a dead job fails the run (and is forgotten, so a rerun starts a new one)."""
-        litellm = _litellm()
+        litellm = llm_runtime.litellm()
         deadline = time.monotonic() + self.remote.timeout_hours * 3600
         while True:
             status = str(_get(job, "status"))
@@ -136,4 +136,4 @@ async def _run(plan: FinetunePlan, cfg: FinetuneConfig, on_status: StatusListene
 
 def train(plan: FinetunePlan, cfg: FinetuneConfig, on_status: StatusListener) -> dict[str, Any]:
     """Upload, create (or find) and wait for the job; returns its ids and the tuned model's name."""
-    return asyncio.run_coroutine_threadsafe(_run(plan, cfg, on_status), _shared_loop()).result()
+    return llm_runtime.run_on_call_loop(_run(plan, cfg, on_status))

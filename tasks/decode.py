@@ -7,7 +7,7 @@ import math
 from pydantic import BaseModel, Field
 
 from codeclm.errors import ParseError
-from codeclm.gateway import Call
+from codeclm.gateway import Call, Reply
 from codeclm.parsing import parse_improved_instruction, parse_numbered_list
 from codeclm.prompts import load_prompt
 from codeclm.records import Candidate, Metadata, RejectedCandidate, Seed, content_id
@@ -55,7 +55,8 @@ def _calls(metas: list[Metadata], made: dict[str, list[str]], size: int, part: i
         messages = prompt.render(structured=structured and not single, n=size, use_case=m.use_case,
                                  skills=", ".join(m.skills), written=written)
         calls.append(Call(role="strong", messages=messages, output=Instructions,
-                          text_parser=_one_from_text if single else _from_text, free_text=single,
+                          text_parser=_one_from_text if single else _from_text,
+                          reply=Reply.FREE_TEXT if single else Reply.STRUCTURED,
                           prompt_version=prompt.version, stage="decode",
                           item_id=m.metadata_id if part == 0 and not topup else f"{m.metadata_id}{suffix}"))
     return calls

@@ -20,7 +20,7 @@ import re
 from pydantic import BaseModel, Field
 
 from codeclm.baseline_records import BaselineRejected, BaselineRejectReason, PoolInstruction
-from codeclm.gateway import Call
+from codeclm.gateway import Call, Reply
 from codeclm.parsing import parse_improved_instruction
 from codeclm.prompts import load_prompt
 from codeclm.records import Candidate, Seed, content_id
@@ -112,7 +112,7 @@ def evol(seeds: list[Ref], basic: list[Ref], settings: StageSettings, want: int,
         for parent, m in jobs:
             prompt = load_prompt(f"evol_{m}")
             calls.append(Call(role="strong", messages=prompt.render(structured=False, instruction=parent.instruction),
-                              output=Evolved, text_parser=_from_text, free_text=True,
+                              output=Evolved, text_parser=_from_text, reply=Reply.FREE_TEXT,
                               prompt_version=prompt.version, stage="evol", item_id=f"{parent.instruction_id}>{m}"))
         generation = []
         for (parent, m), result in zip(jobs, step.call(calls), strict=True):

@@ -6,7 +6,7 @@ import random
 
 from pydantic import BaseModel, Field
 
-from codeclm.gateway import Call
+from codeclm.gateway import Call, Reply
 from codeclm.parsing import parse_improved_instruction
 from codeclm.prompts import Prompt, load_prompt
 from codeclm.records import Candidate, RubricSet, content_id
@@ -33,7 +33,7 @@ def pick_action(candidate: Candidate, actions: list[str], round: int, settings: 
 def improve_call(cand: Candidate, action: str, prompt: Prompt) -> Call:
     """The call rewriting one candidate with one action (a free-text answer)."""
     return Call(role="strong", messages=prompt.render(structured=False, action=action, instruction=cand.instruction),
-                output=Improved, text_parser=_from_text, free_text=True, prompt_version=prompt.version,
+                output=Improved, text_parser=_from_text, reply=Reply.FREE_TEXT, prompt_version=prompt.version,
                 stage="improve", item_id=cand.candidate_id)
 
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from codeclm.crr import Rule, outcome, position_flipped
 from codeclm.errors import ParseError
 from codeclm.eval_records import EvalAnswer, EvalQuestion, EvalQuestionResult
-from codeclm.gateway import Call, Result
+from codeclm.gateway import Call, Reply, Result
 from codeclm.pairwise import ORDERS, pair_calls, pair_scores
 from codeclm.parsing import parse_two_scores
 from codeclm.settings import StageSettings
@@ -54,7 +54,7 @@ def verdict_calls(question: str, item: str, target: str, strong: str, structured
     """Both orders (codeclm.pairwise.ORDERS) at the judge role's own temperature."""
     return pair_calls("judge", question=question, strong=strong, target=target, item_id=item, role="judge",
                       stage="judge", structured=structured, output=Verdict, text_parser=verdict_from_text,
-                      truncation_ok=True)  # the scores come first; a cut explanation is fine
+                      reply=Reply.STRUCTURED_CUT_OK)  # the scores come first; a cut explanation is fine
 
 
 def question_result(question: EvalQuestion, target: EvalAnswer, strong: EvalAnswer, orders: Sequence[Result],

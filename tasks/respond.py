@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from codeclm.gateway import Call
+from codeclm.gateway import Call, Reply
 from codeclm.prompts import load_prompt
 from codeclm.records import Candidate, Response
 from codeclm.settings import StageSettings
@@ -21,8 +21,8 @@ def answer_calls(prompts: list[tuple[str, str]], role: str, stage: str) -> list[
     """Plain chat calls answering (item id, prompt) pairs, at the role's own temperature and max_tokens; shared
     with the evaluation flow so its answers hit the same cache entries when the prompt is the same."""
     version = load_prompt("respond").version
-    return [Call(role=role, messages=answer_messages(text), output=None, prompt_version=version, stage=stage,
-                 item_id=item_id)
+    return [Call(role=role, messages=answer_messages(text), output=None, reply=Reply.TEXT,
+                 prompt_version=version, stage=stage, item_id=item_id)
             for item_id, text in prompts]
 
 

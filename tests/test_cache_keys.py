@@ -10,7 +10,7 @@ import pytest
 from pydantic import BaseModel
 
 from codeclm.cache import call_key
-from codeclm.gateway import Call, Gateway
+from codeclm.gateway import Call, Gateway, Reply
 from codeclm.settings import Settings
 
 BASE = "http://127.0.0.1:9/v1"  # never contacted: computing a key makes no request
@@ -57,7 +57,7 @@ CHANGES: dict[str, Callable[[Path], str]] = {
     "max_tokens on the call": lambda tmp: _key(tmp, _call(max_tokens=17)),
     "max_tokens of the role": lambda tmp: _key(tmp, max_tokens=18),
     "output schema": lambda tmp: _key(tmp, _call(output=Other)),
-    "plain text output": lambda tmp: _key(tmp, _call(output=None)),
+    "plain text output": lambda tmp: _key(tmp, _call(output=None, reply=Reply.TEXT)),
     "output protocol": lambda tmp: _key(tmp, output_mode="json_object"),
     "prompt version": lambda tmp: _key(tmp, _call(prompt_version="v2")),
 }

@@ -12,12 +12,13 @@ import pytest
 from conftest import settings_for
 
 from codeclm import concurrency
+from codeclm.embedded import EMBEDDED_URL_ENV
 from codeclm.fake_llm import FakeLLMServer
-from codeclm.gateway import EMBEDDED_URL_ENV, Call, Gateway, Result
+from codeclm.gateway import Call, Gateway, Reply, Result
 
 
 def _calls(n: int, prefix: str = "q", role: str = "strong") -> list[Call]:
-    return [Call(role=role, messages=[{"role": "user", "content": f"{prefix} {i}"}], output=None,
+    return [Call(role=role, messages=[{"role": "user", "content": f"{prefix} {i}"}], output=None, reply=Reply.TEXT,
                  prompt_version="test", stage="test", item_id=f"{prefix}{i}") for i in range(n)]
 
 

@@ -181,6 +181,35 @@ def test_stop_returns_promptly_while_a_request_hangs() -> None:
     assert not thread.is_alive() and len(errors) == 1
 
 
+def test_rate_faults_are_fixed_by_seed_and_request_not_by_arrival_order() -> None:
+    """Which requests a `rate` rule picks depends on the seed and the request (and how often it came), so a
+    concurrent run sees the same faults in any order, and a retry of a faulted request draws anew."""
+    def faulted(seed: int, order: list[int]) -> set[tuple[int, int]]:
+        with FakeLLMServer(seed=seed) as srv:
+            srv.set_faults([{"kind": "http", "status": 500, "rate": 0.3}])
+            hits = set()
+            for i in order:
+                for arrival in (1, 2):
+                    if chat(srv, messages=[{"role": "user", "content": f"q{i}"}]).status_code == 500:
+                        hits.add((i, arrival))
+            return hits
+
+    forward = faulted(7, list(range(40)))
+    assert forward == faulted(7, list(reversed(range(40))))
+    assert forward != faulted(8, list(range(40)))
+    assert 10 <= len(forward) <= 40  # about 30 % of 80
+    assert {i for i, arrival in forward if arrival == 1} != {i for i, arrival in forward if arrival == 2}
+
+
+def test_outage_refuses_connections_then_serves_on_the_same_port(server: FakeLLMServer) -> None:
+    url = server.url
+    restart = server.outage(0.5)
+    with pytest.raises(httpx.ConnectError):
+        httpx.post(f"{url}/chat/completions", json={"model": "m", "messages": USER}, timeout=2)
+    restart.join()
+    assert server.url == url and content(chat(server))
+
+
 def test_reset_fault_raises_connection_error(server: FakeLLMServer) -> None:
     server.set_faults([{"kind": "reset", "times": 1}])
     with pytest.raises(httpx.TransportError) as info:

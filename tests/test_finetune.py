@@ -228,7 +228,7 @@ def ft_server(monkeypatch: pytest.MonkeyPatch) -> Any:
 
 def test_remote_trainer_uploads_once_creates_once_and_reruns_resume(
         tmp_path: Path, ft_server: FakeFineTuneServer, prefect_harness: None) -> None:
-    from codeclm.gateway import Call, gateway_for
+    from codeclm.gateway import Call, Reply, gateway_for
     from flows.finetune import finetune
 
     data = write_pairs(tmp_path / "train.jsonl")
@@ -248,7 +248,7 @@ def test_remote_trainer_uploads_once_creates_once_and_reruns_resume(
     # the job's model is a target like any other: ask it through the gateway
     target = Settings(home=tmp_path / "home", target={"model": first.remote_model, "api_base": first.remote_api_base})
     answer = gateway_for(target).run([Call(role="target", messages=[{"role": "user", "content": "hi"}], output=None,
-                                           prompt_version="t", stage="test", item_id="1")])[0]
+                                           reply=Reply.TEXT, prompt_version="t", stage="test", item_id="1")])[0]
     assert answer.ok and ft_server.requests[-1]["model"] == first.remote_model.removeprefix("openai/")
 
     again = finetune(str(data), str(out), settings)  # Prefect's cache, or the finished key

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,11 @@ import pytest
 from conftest import settings_for
 from pydantic import BaseModel
 
+from codeclm.breaker import breaker_for
+from codeclm.endpoints import preflight
 from codeclm.errors import ModelError
 from codeclm.fake_llm import FakeLLMServer
-from codeclm.gateway import Call, Gateway, Result, preflight
+from codeclm.gateway import Call, Gateway, Reply, Result
 from codeclm.prompts import load_prompt
 from tasks.decode import Instructions
 from tasks.decode import _from_text as instructions_from_text
@@ -33,6 +36,7 @@ class Answer(BaseModel):
 
 
 def _call(text: str = "hello", output: type[BaseModel] | None = Answer, role: str = "strong", **kw: Any) -> Call:
+    kw.setdefault("reply", Reply.TEXT if output is None else Reply.STRUCTURED)
     return Call(role=role, messages=[{"role": "user", "content": text}], output=output, prompt_version="test",
                 stage="test", item_id=text, **kw)
 
@@ -155,6 +159,65 @@ def test_hang_is_cut_by_the_timeout_and_retried(fake_llm: FakeLLMServer, tmp_pat
     assert not result.ok and result.error_type == "Timeout" and result.attempts == 3
     assert 3 * 0.4 <= elapsed <= 3 * 0.4 + 2 * 0.15 + 1.0  # timeout x attempts + backoff, never the 6,000 s default
     assert [r["fault"] for r in _logged(fake_llm, 4)].count("hang") == 3  # hung requests log when they end
+
+
+def test_a_hung_request_gets_a_second_copy_and_the_first_answer_wins(fake_llm: FakeLLMServer,
+                                                                      tmp_path: Path) -> None:
+    fake_llm.set_faults([{"kind": "hang", "seconds": 30, "match": "hang once", "times": 1}])
+    gateway = _gateway(fake_llm, tmp_path, timeout=2.0, hedge_min_s=0.3)  # no latency history: timeout / 4
+    _run_one(gateway, _call("warm-up"))
+    started = time.monotonic()
+    result = _run_one(gateway, _call("hang once"))
+    elapsed = time.monotonic() - started
+    assert result.ok and result.attempts == 2  # the hung request and its copy, no retry
+    assert 0.5 <= elapsed < 2.0  # hedged after 0.5 s, long before the 2 s timeout
+    stats = gateway.limiter(gateway.endpoint("strong")).snapshot()
+    assert stats.hedges == 1 and stats.in_flight == 0  # the abandoned request gave its slot back
+
+
+def test_no_hedge_when_switched_off(fake_llm: FakeLLMServer, tmp_path: Path) -> None:
+    fake_llm.set_faults([{"kind": "hang", "seconds": 30, "match": "hang once", "times": 1}])
+    gateway = _gateway(fake_llm, tmp_path, timeout=1.0, hedge=False, hedge_min_s=0.1, max_attempts=2)
+    result = _run_one(gateway, _call("hang once"))
+    assert result.ok and result.attempts == 2 and result.error_type == ""  # timed out, then retried
+    assert gateway.limiter(gateway.endpoint("strong")).snapshot().hedges == 0
+
+
+def test_the_call_deadline_covers_all_attempts(fake_llm: FakeLLMServer, tmp_path: Path) -> None:
+    fake_llm.set_faults([{"kind": "http", "status": 503}])
+    gateway = _gateway(fake_llm, tmp_path, max_attempts=20, backoff_base=0.4, backoff_max=0.4, call_deadline=1.0)
+    started = time.monotonic()
+    result = _run_one(gateway, _call())
+    elapsed = time.monotonic() - started
+    assert not result.ok and result.error_type == "DeadlineExceeded"
+    assert "call_deadline (1s)" in result.message and "ServiceUnavailable" in result.message  # says why
+    assert elapsed < 1.5 and 2 <= result.attempts < 20
+
+
+def test_an_endpoint_down_for_a_while_pauses_its_calls_and_resumes(fake_llm: FakeLLMServer,
+                                                                   tmp_path: Path) -> None:
+    gateway = _gateway(fake_llm, tmp_path, max_attempts=2, breaker_failures=3, breaker_probe_s=0.3)
+    _run_one(gateway, _call("warm-up"))
+    fake_llm.stop()
+    restart = threading.Timer(2.0, fake_llm.start)  # same port: down for two seconds
+    restart.start()
+    try:
+        results = gateway.run([_call(f"while down {i}") for i in range(12)])
+    finally:
+        restart.join()
+    assert all(r.ok for r in results), [r.message for r in results if not r.ok]
+    assert breaker_for(gateway.endpoint("strong").identity).openings == 1
+
+
+def test_an_endpoint_down_too_long_stops_the_run_with_one_line(fake_llm: FakeLLMServer, tmp_path: Path) -> None:
+    gateway = _gateway(fake_llm, tmp_path, breaker_failures=2, breaker_probe_s=0.2, breaker_stop_after=1.0)
+    _run_one(gateway, _call("warm-up"))
+    fake_llm.stop()
+    started = time.monotonic()
+    with pytest.raises(ModelError, match=r"unreachable for \d+s \(breaker_stop_after = 1s\); stopping: completed "
+                       "calls are kept"):
+        gateway.run([_call(f"while down {i}") for i in range(4)])
+    assert time.monotonic() - started < 5
 
 
 # --- structured output (F8) --------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 
 from codeclm.finetune import FinetuneResult, load_result, plan_finetune
-from codeclm.gateway import Call, gateway_for
+from codeclm.gateway import Call, Reply, gateway_for
 from codeclm.serving import ServedModels, cuda_available, serve_finetuned
 from codeclm.settings import Settings
 
@@ -110,8 +110,8 @@ def test_training_lowers_the_loss_by_a_clear_margin(trained: Trained) -> None:
 def _answers(served: ServedModels, name: str, home: Path) -> list[str]:
     """Greedy answers of a served model to the training prompts, through the gateway like `evaluate`."""
     settings = Settings(home=home, target=served.role(name, temperature=0.0, max_tokens=24))
-    calls = [Call(role="target", messages=[{"role": "user", "content": q}], output=None, prompt_version="t",
-                  stage="test", item_id=str(i)) for i, (q, _) in enumerate(PAIRS)]
+    calls = [Call(role="target", messages=[{"role": "user", "content": q}], output=None, reply=Reply.TEXT,
+                  prompt_version="t", stage="test", item_id=str(i)) for i, (q, _) in enumerate(PAIRS)]
     results = gateway_for(settings).run(calls)
     assert all(r.ok for r in results), [r.message for r in results]
     return [str(r.value) for r in results]
