@@ -3,7 +3,7 @@
     .venv/bin/python bench/finetune.py --pairs 32 --steps 4 --batch 8
 
 Pairs are made from data/seeds.parquet (each instruction with a fixed short answer), trained without Prefect
-through `codeclm.finetune.run_finetune` in a fresh home, so the one-time GGUF conversion is timed on its own.
+through `codeclm.train.finetune.run_finetune` in a fresh home, so the one-time GGUF conversion is timed on its own.
 Prints JSON: seconds for the conversion and for the training steps, and the loss before and after.
 """
 
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from codeclm.finetune import plan_finetune, run_finetune
 from codeclm.settings import Settings
+from codeclm.train.finetune import plan_finetune, run_finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 

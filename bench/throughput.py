@@ -65,7 +65,7 @@ class Server:
 
     def __init__(self, work: Path, latency: float, slots: int, max_inflight: int | None) -> None:
         self.port = free_port()
-        args = [PYTHON, "-m", "codeclm.fake_llm", "--port", str(self.port), "--latency", str(latency),
+        args = [PYTHON, "-m", "codeclm.testing.fake_llm", "--port", str(self.port), "--latency", str(latency),
                 "--slots", str(slots), "--keep-bodies"]
         if max_inflight:
             args += ["--max-inflight", str(max_inflight)]

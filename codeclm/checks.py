@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from codeclm.errors import ConfigError, SeedFileError
 
 if TYPE_CHECKING:  # `codeclm --help` stays instant: no pyarrow or settings import here
-    from codeclm.evaluation import EvalPlan, Target
+    from codeclm.eval.evaluation import EvalPlan, Target
     from codeclm.records import Seed
     from codeclm.settings import Settings
 
@@ -144,7 +144,7 @@ def check_generate(seeds: Path | str, out: Path | str, settings: Settings, roles
     check_output(out, "--out")  # every time: cheap, and the folder may have changed since
 
     def check() -> SeedCheck:
-        from codeclm.endpoints import check_context, preflight
+        from codeclm.llm.endpoints import check_context, preflight
         from codeclm.storage import load_seeds
 
         rows = load_seeds(source)
@@ -173,8 +173,8 @@ def check_evaluate(benchmarks: Sequence[str], out: Path | str, settings: Setting
     check_output(out, "--out")
 
     def check() -> EvalPlan:
-        from codeclm.endpoints import preflight
-        from codeclm.evaluation import plan_evaluation
+        from codeclm.eval.evaluation import plan_evaluation
+        from codeclm.llm.endpoints import preflight
 
         plan = plan_evaluation(benchmarks, settings, targets, limit, rule, prompt_column)
         for endpoint, roles in plan.endpoints():
@@ -192,7 +192,7 @@ def check_run(seeds: Path | str, out: Path | str, settings: Settings, benchmarks
     check_generate(seeds, root / "dataset", settings)
     check_evaluate(benchmarks, root / "eval", settings, limit=limit)
     if settings.finetune.trainer != "off":
-        from codeclm.finetune import check_trainer
+        from codeclm.train.finetune import check_trainer
 
         check_trainer(settings)
     return root

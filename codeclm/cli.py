@@ -83,8 +83,8 @@ def _stop_temporary_server() -> None:
         from prefect.server.api.server import SubprocessASGIServer
 
         SubprocessASGIServer().stop()
-    if "codeclm.prefect_api" in sys.modules:
-        from codeclm.prefect_api import close_early
+    if "codeclm.ops.prefect_api" in sys.modules:
+        from codeclm.ops.prefect_api import close_early
 
         close_early()
 
@@ -105,7 +105,7 @@ def _user_errors() -> Iterator[None]:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     except (KeyboardInterrupt, _termination_signal()) as exc:
-        from codeclm import interrupt
+        from codeclm.ops import interrupt
 
         interrupt.stop()  # usually done already by the signal handler or the batch runner
         _stop_temporary_server()
@@ -124,8 +124,8 @@ def _progress() -> Iterator[None]:
         return
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from codeclm.concurrency import progress_line
-    from codeclm.progress import add_listener
+    from codeclm.llm.concurrency import progress_line
+    from codeclm.ops.progress import add_listener
 
     columns = (SpinnerColumn(), TextColumn("{task.description:<10}"), TextColumn("{task.fields[text]}"),
                TimeElapsedColumn())
@@ -153,8 +153,8 @@ def _prefect_api_early(calls_expected: bool = True) -> Callable[[], object]:
     litellm (4-10 s to import) loads meanwhile when calls are expected: the first call needs it even when the
     model checks did not (they remember what litellm said), and a rerun of a published run needs no call."""
 
-    from codeclm.llm_runtime import import_in_background
-    from codeclm.prefect_api import start_early
+    from codeclm.llm.llm_runtime import import_in_background
+    from codeclm.ops.prefect_api import start_early
 
     api = start_early()
     if calls_expected:
@@ -187,7 +187,7 @@ def _settings(config: Path | None, **overrides: Any) -> Any:
 
     settings = Settings.load(config, **overrides)
     if settings.task_runner == "dask":
-        from codeclm.scaleout import api_env
+        from codeclm.ops.scaleout import api_env
 
         api_env()
     return settings
@@ -346,7 +346,7 @@ def run_job(
         settings = _with_judge(_settings(config, strong=strong, target=target, batch_size=batch_size,
                                          max_rounds=max_rounds, threshold=threshold, budget=budget, preset=preset),
                                judge).with_finetune(config, base_model=base, trainer=trainer)
-        from codeclm.evaluation import default_benchmark
+        from codeclm.eval.evaluation import default_benchmark
 
         benchmarks = benchmark or [default_benchmark()]
         check_run(seeds, out, settings, benchmarks, limit)  # bad input fails before Prefect
@@ -358,7 +358,7 @@ def run_job(
         typer.echo(f"{result.dataset.train} training pairs in {result.dataset.out}")
         _print_leaderboard(result.evaluation)
         if result.model is None:
-            from codeclm.loop import NO_TRAINING
+            from codeclm.eval.loop import NO_TRAINING
 
             typer.echo(f"note: {NO_TRAINING}", err=True)
         for r in result.loop:
@@ -397,7 +397,7 @@ def protocol(
     budget, the target tuned on each, CRR of each against the strong model and the difference to Self-Instruct."""
 
     def go() -> None:
-        from codeclm.protocol import check_methods, plan_calls, plan_markdown, plan_protocol
+        from codeclm.eval.protocol import check_methods, plan_calls, plan_markdown, plan_protocol
 
         settings = _with_judge(_settings(config, strong=strong, target=target, budget=budget, preset=preset),
                                judge).with_finetune(config, base_model=base, trainer=trainer)
@@ -412,7 +412,7 @@ def protocol(
                            f"out (split seed {p.split.seed}); evaluating on {eval_on}")
             typer.echo(plan_markdown(rows, settings, {p.label: p.eval_questions for p in plans}))
             return
-        from codeclm.finetune import check_trainer
+        from codeclm.train.finetune import check_trainer
 
         check_trainer(settings)
         api_ready = _prefect_api_early()
@@ -431,7 +431,7 @@ def protocol(
 
 
 def _all_methods() -> list[str]:
-    from codeclm.protocol import METHODS
+    from codeclm.eval.protocol import METHODS
 
     return list(METHODS)
 
@@ -448,7 +448,7 @@ def finetune(
     """Fine-tune the target on a dataset: LoRA adapter + merged model (local) or a provider job (remote)."""
 
     def go() -> None:
-        from codeclm.finetune import plan_finetune
+        from codeclm.train.finetune import plan_finetune
 
         settings = _settings(config)
         settings = settings.with_finetune(config, base_model=base, trainer=trainer)
@@ -503,7 +503,7 @@ def refresh(
 def main() -> None:
     global _STANDALONE
     _STANDALONE = True
-    from codeclm.interrupt import stop_on_signals
+    from codeclm.ops.interrupt import stop_on_signals
 
     stop_on_signals()
     app()

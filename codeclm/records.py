@@ -104,12 +104,12 @@ class Response(Record):
 
 
 class Judgement(Record):
-    """Pairwise scores of the strong and target answers, judged in both orders (codeclm.pairwise)."""
+    """Pairwise scores of the strong and target answers, judged in both orders (codeclm.llm.pairwise)."""
 
     table: ClassVar[str] = "judgements"
     candidate_id: str
     round: int
-    strong_score_first: float  # scores by role and the position the answer was shown in (codeclm.pairwise)
+    strong_score_first: float  # scores by role and the position the answer was shown in (codeclm.llm.pairwise)
     strong_score_second: float
     target_score_first: float
     target_score_second: float
@@ -152,7 +152,7 @@ class TrainingPair(Record):
     round: int
     strong_model: str
     target_model: str
-    strong_score_first: float  # scores by role and the position the answer was shown in (codeclm.pairwise)
+    strong_score_first: float  # scores by role and the position the answer was shown in (codeclm.llm.pairwise)
     strong_score_second: float
     target_score_first: float
     target_score_second: float

@@ -42,7 +42,7 @@ class BaselineResult(DatasetResult):
 
 
 class LeaderboardRow(BaseModel):
-    """One benchmark x target of an evaluation: `codeclm.eval_records.EvalSummary` without its rule."""
+    """One benchmark x target of an evaluation: `codeclm.eval.eval_records.EvalSummary` without its rule."""
 
     benchmark: str
     target: str

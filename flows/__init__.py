@@ -1,5 +1,5 @@
 """Prefect flows: generate, evaluate, refresh, run. Orchestration only."""
 
-from codeclm.prefect_api import tie_prefect_server
+from codeclm.ops.prefect_api import tie_prefect_server
 
 tie_prefect_server()  # a temporary Prefect server started for these flows dies with this process

@@ -17,12 +17,12 @@ from prefect import flow, unmapped
 from prefect.runtime import flow_run
 
 from codeclm.baseline_records import ABLATIONS, METHODS
-from codeclm.batch_runner import BatchRunner
-from codeclm.cancellation import watch_cancellation
 from codeclm.checks import check_generate
-from codeclm.embedded import models_ready
 from codeclm.errors import ConfigError
-from codeclm.monitor import stage_table
+from codeclm.llm.embedded import models_ready
+from codeclm.ops.batch_runner import BatchRunner
+from codeclm.ops.cancellation import watch_cancellation
+from codeclm.ops.monitor import stage_table
 from codeclm.results import BaselineResult
 from codeclm.settings import Settings
 from tasks._base import Outputs, Ref

@@ -2,7 +2,7 @@
 
 check the request and load the benchmarks -> answer (strong once, each target) per benchmark batch ->
 judge per batch and target, in both orders -> CRR per benchmark x target -> files, chart and artifacts.
-Orchestration only; every step is a batch task or a function of `codeclm.evaluation` / `codeclm.eval_report`.
+Orchestration only; every step is a batch task or a function of `codeclm.eval.evaluation` / `codeclm.eval.eval_report`.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from codeclm.cancellation import watch_cancellation
 from codeclm.checks import check_evaluate
-from codeclm.crr import Rule
-from codeclm.embedded import models_ready
-from codeclm.eval_records import EvalQuestionResult
-from codeclm.eval_report import write_report
-from codeclm.evaluation import EvalPlan, report_meta, results_of, summarize_plan
-from codeclm.monitor import progress_view, stage_table, wait_stage
+from codeclm.eval.crr import Rule
+from codeclm.eval.eval_records import EvalQuestionResult
+from codeclm.eval.eval_report import write_report
+from codeclm.eval.evaluation import EvalPlan, report_meta, results_of, summarize_plan
+from codeclm.llm.embedded import models_ready
+from codeclm.ops.cancellation import watch_cancellation
+from codeclm.ops.monitor import progress_view, stage_table, wait_stage
 from codeclm.records import FailedCall
 from codeclm.results import EvaluateResult
 from codeclm.settings import RoleConfig, Settings

@@ -1,7 +1,7 @@
 """Flow `finetune`: train the target on a published dataset and publish the tuned model into OUT.
 
 check the request (dataset, base model, extra, memory) -> train or reuse (task) -> loss table and chart.
-Orchestration only; the work is `tasks.finetune` and `codeclm.finetune`.
+Orchestration only; the work is `tasks.finetune` and `codeclm.train.finetune`.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from codeclm.cancellation import watch_cancellation
-from codeclm.eval_report import data_uri
-from codeclm.finetune import (
+from codeclm.eval.eval_report import data_uri
+from codeclm.ops.cancellation import watch_cancellation
+from codeclm.settings import Settings
+from codeclm.train.finetune import (
     LOG_FILE,
     FinetuneResult,
     is_published,
@@ -22,7 +23,6 @@ from codeclm.finetune import (
     read_log,
     report_markdown,
 )
-from codeclm.settings import Settings
 from tasks.finetune import finetune as finetune_task
 
 

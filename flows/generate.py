@@ -14,12 +14,12 @@ from typing import Any
 from prefect import flow, get_run_logger, unmapped
 from prefect.runtime import flow_run
 
-from codeclm import concurrency
-from codeclm.batch_runner import BatchRunner
-from codeclm.cancellation import watch_cancellation
 from codeclm.checks import check_generate, generation_roles
-from codeclm.embedded import models_ready
-from codeclm.monitor import progress_view, stage_table, wait_rounds, wait_stage
+from codeclm.llm import concurrency
+from codeclm.llm.embedded import models_ready
+from codeclm.ops.batch_runner import BatchRunner
+from codeclm.ops.cancellation import watch_cancellation
+from codeclm.ops.monitor import progress_view, stage_table, wait_rounds, wait_stage
 from codeclm.results import GenerateResult
 from codeclm.settings import Settings
 from tasks._base import Outputs, Ref
@@ -37,7 +37,7 @@ def task_runner(settings: Settings) -> Any:
     """Threads by default (LLM calls are I/O; a signal stops them: BatchRunner); Dask when asked, which needs a
     real Prefect server."""
     if settings.task_runner == "dask":
-        from codeclm.scaleout import dask_runner
+        from codeclm.ops.scaleout import dask_runner
 
         return dask_runner(settings)
     return BatchRunner(max_workers=settings.max_parallel_batches)

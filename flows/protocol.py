@@ -15,15 +15,11 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
-from codeclm.cancellation import watch_cancellation
 from codeclm.checks import check_output
-from codeclm.embedded import models_ready
 from codeclm.errors import ConfigError
-from codeclm.eval_report import chart_svg, data_uri
-from codeclm.finetune import FinetuneResult, check_trainer
-from codeclm.loop import read_questions, served_targets
-from codeclm.monitor import progress_view, stage_table
-from codeclm.protocol import (
+from codeclm.eval.eval_report import chart_svg, data_uri
+from codeclm.eval.loop import read_questions, served_targets
+from codeclm.eval.protocol import (
     BASE_ROW,
     METHODS,
     BenchmarkPlan,
@@ -35,7 +31,11 @@ from codeclm.protocol import (
     table_rows,
     write_table,
 )
+from codeclm.llm.embedded import models_ready
+from codeclm.ops.cancellation import watch_cancellation
+from codeclm.ops.monitor import progress_view, stage_table
 from codeclm.settings import Settings
+from codeclm.train.finetune import FinetuneResult, check_trainer
 from flows.baselines import baseline
 from flows.evaluate import evaluate
 from flows.finetune import finetune

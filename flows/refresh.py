@@ -15,16 +15,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from codeclm.cancellation import watch_cancellation
 from codeclm.checks import check_output
-from codeclm.embedded import models_ready
-from codeclm.evaluation import default_benchmark, plan_evaluation
-from codeclm.finetune import FinetuneResult, check_trainer
-from codeclm.loop import compared_targets
-from codeclm.monitor import progress_view, step
-from codeclm.results import CRRDelta, LeaderboardRow, RefreshResult
-from codeclm.settings import Settings
-from codeclm.versions import (
+from codeclm.eval.evaluation import default_benchmark, plan_evaluation
+from codeclm.eval.loop import compared_targets
+from codeclm.llm.embedded import models_ready
+from codeclm.ops.cancellation import watch_cancellation
+from codeclm.ops.monitor import progress_view, step
+from codeclm.ops.versions import (
     NewSeed,
     VersionStore,
     crr_deltas,
@@ -34,6 +31,9 @@ from codeclm.versions import (
     report_markdown,
     slot_of,
 )
+from codeclm.results import CRRDelta, LeaderboardRow, RefreshResult
+from codeclm.settings import Settings
+from codeclm.train.finetune import FinetuneResult, check_trainer
 from flows.evaluate import evaluate
 from flows.finetune import finetune
 from flows.generate import generate

@@ -13,16 +13,16 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
-from codeclm.cancellation import watch_cancellation
 from codeclm.checks import check_run
-from codeclm.embedded import models_ready
-from codeclm.evaluation import default_benchmark
-from codeclm.finetune import FinetuneResult, load_dataset
-from codeclm.loop import LoopRow, compared_targets, loop_markdown, loop_rows, read_questions
-from codeclm.monitor import progress_view
+from codeclm.eval.evaluation import default_benchmark
+from codeclm.eval.loop import LoopRow, compared_targets, loop_markdown, loop_rows, read_questions
+from codeclm.llm.embedded import models_ready
+from codeclm.ops.cancellation import watch_cancellation
+from codeclm.ops.monitor import progress_view
 from codeclm.results import GenerateResult, LeaderboardRow
 from codeclm.settings import Settings
 from codeclm.storage import write_json, write_text
+from codeclm.train.finetune import FinetuneResult, load_dataset
 from flows.evaluate import evaluate
 from flows.finetune import finetune
 from flows.generate import generate

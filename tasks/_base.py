@@ -21,7 +21,7 @@ from prefect.transactions import get_transaction
 from typing_extensions import TypedDict  # pydantic (Prefect parameters) rejects typing.TypedDict on 3.11
 
 from codeclm.errors import CodecError, ModelError
-from codeclm.gateway import Call, Result, gateway_for
+from codeclm.llm.gateway import Call, Result, gateway_for
 from codeclm.records import CallStats, FailedCall, Record
 from codeclm.settings import StageSettings
 from codeclm.storage import read_records, write_json, write_records
@@ -95,7 +95,8 @@ def _abort_if_all_failed(stage: str, results: Sequence[Result]) -> None:
 def _schemas_digest() -> str:
     """The Arrow schemas of every record type: part of each work folder's name, so outputs written under an
     older schema (a renamed column) are made again (from the call cache) instead of failing their schema check."""
-    from codeclm import baseline_records, eval_records, records
+    from codeclm import baseline_records, records
+    from codeclm.eval import eval_records
 
     models = sorted({m for module in (records, eval_records, baseline_records) for m in vars(module).values()
                      if isinstance(m, type) and issubclass(m, Record) and m is not Record}, key=lambda m: m.__name__)

@@ -9,8 +9,8 @@ from pydantic import BaseModel, Field
 
 from codeclm.baseline_records import BaselineRejected, Rating
 from codeclm.errors import ParseError
-from codeclm.gateway import Call
-from codeclm.prompts import load_prompt
+from codeclm.llm.gateway import Call
+from codeclm.llm.prompts import load_prompt
 from codeclm.records import TrainingPair
 from codeclm.settings import StageSettings
 from tasks._base import Outputs, Ref, Step, codec_task, read

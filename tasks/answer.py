@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from codeclm.benchmarks import BenchmarkQuestion
-from codeclm.eval_records import EvalAnswer, EvalQuestion
+from codeclm.eval.eval_records import EvalAnswer, EvalQuestion
 from codeclm.settings import Settings, StageSettings
 from codeclm.storage import write_records
 from tasks._base import Outputs, Ref, Step, codec_task, read, ref_to

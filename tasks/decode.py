@@ -7,9 +7,9 @@ import math
 from pydantic import BaseModel, Field
 
 from codeclm.errors import ParseError
-from codeclm.gateway import Call, Reply
-from codeclm.parsing import parse_improved_instruction, parse_numbered_list
-from codeclm.prompts import load_prompt
+from codeclm.llm.gateway import Call, Reply
+from codeclm.llm.parsing import parse_improved_instruction, parse_numbered_list
+from codeclm.llm.prompts import load_prompt
 from codeclm.records import Candidate, Metadata, RejectedCandidate, Seed, content_id
 from codeclm.settings import DECODE_MAX_PER_CALL, StageSettings
 from tasks._base import Outputs, Ref, Step, codec_task, read

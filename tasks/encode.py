@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from codeclm.gateway import Call
-from codeclm.parsing import parse_metadata
-from codeclm.prompts import load_prompt
+from codeclm.llm.gateway import Call
+from codeclm.llm.parsing import parse_metadata
+from codeclm.llm.prompts import load_prompt
 from codeclm.records import Metadata, Seed, content_id
 from codeclm.settings import MAX_SKILLS, StageSettings
 from tasks._base import Outputs, Ref, Step, codec_task, read

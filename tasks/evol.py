@@ -20,9 +20,9 @@ import re
 from pydantic import BaseModel, Field
 
 from codeclm.baseline_records import BaselineRejected, BaselineRejectReason, PoolInstruction
-from codeclm.gateway import Call, Reply
-from codeclm.parsing import parse_improved_instruction
-from codeclm.prompts import load_prompt
+from codeclm.llm.gateway import Call, Reply
+from codeclm.llm.parsing import parse_improved_instruction
+from codeclm.llm.prompts import load_prompt
 from codeclm.records import Candidate, Seed, content_id
 from codeclm.settings import StageSettings
 from tasks._base import Outputs, Ref, Step, codec_task, read

@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from codeclm.errors import DatasetError
-from codeclm.prompts import load_prompt
+from codeclm.llm.prompts import load_prompt
 from codeclm.publish import publishing
 from codeclm.records import (
     CallStats,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from codeclm.pairwise import SCORE_COLUMNS
+from codeclm.llm.pairwise import SCORE_COLUMNS
 from codeclm.records import (
     Candidate,
     Decision,

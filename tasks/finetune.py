@@ -12,8 +12,8 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from codeclm.finetune import FinetuneResult, plan_finetune, run_finetune
 from codeclm.settings import StageSettings
+from codeclm.train.finetune import FinetuneResult, plan_finetune, run_finetune
 from tasks._base import codec_task
 
 

@@ -6,9 +6,9 @@ import random
 
 from pydantic import BaseModel, Field
 
-from codeclm.gateway import Call, Reply
-from codeclm.parsing import parse_improved_instruction
-from codeclm.prompts import Prompt, load_prompt
+from codeclm.llm.gateway import Call, Reply
+from codeclm.llm.parsing import parse_improved_instruction
+from codeclm.llm.prompts import Prompt, load_prompt
 from codeclm.records import Candidate, RubricSet, content_id
 from codeclm.settings import StageSettings
 from tasks._base import Outputs, Ref, Step, codec_task, read

@@ -1,6 +1,6 @@
 """CRR evaluation, step 2 (paper §5.3, Fig. 12): the judge scores target and strong answers in both orders.
 
-Both orders and their columns follow codeclm.pairwise (order `strong_first`, then `target_first`; scores named
+Both orders and their columns follow codeclm.llm.pairwise (order `strong_first`, then `target_first`; scores named
 by role and shown position), as generation scoring does. A question whose answer or judgement failed (the
 gateway already retried unparseable output) is kept as `failed`.
 """
@@ -12,12 +12,12 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, Field
 
-from codeclm.crr import Rule, outcome, position_flipped
 from codeclm.errors import ParseError
-from codeclm.eval_records import EvalAnswer, EvalQuestion, EvalQuestionResult
-from codeclm.gateway import Call, Reply, Result
-from codeclm.pairwise import ORDERS, pair_calls, pair_scores
-from codeclm.parsing import parse_two_scores
+from codeclm.eval.crr import Rule, outcome, position_flipped
+from codeclm.eval.eval_records import EvalAnswer, EvalQuestion, EvalQuestionResult
+from codeclm.llm.gateway import Call, Reply, Result
+from codeclm.llm.pairwise import ORDERS, pair_calls, pair_scores
+from codeclm.llm.parsing import parse_two_scores
 from codeclm.settings import StageSettings
 from tasks._base import Outputs, Ref, Step, codec_task, read
 from tasks.answer import item_id
@@ -51,7 +51,7 @@ def verdict_from_text(text: str) -> Verdict:
 
 
 def verdict_calls(question: str, item: str, target: str, strong: str, structured: bool) -> list[Call]:
-    """Both orders (codeclm.pairwise.ORDERS) at the judge role's own temperature."""
+    """Both orders (codeclm.llm.pairwise.ORDERS) at the judge role's own temperature."""
     return pair_calls("judge", question=question, strong=strong, target=target, item_id=item, role="judge",
                       stage="judge", structured=structured, output=Verdict, text_parser=verdict_from_text,
                       reply=Reply.STRUCTURED_CUT_OK)  # the scores come first; a cut explanation is fine

@@ -12,7 +12,7 @@ import random
 import re
 
 from codeclm.baseline_records import BaselineRejected, PoolInstruction
-from codeclm.pairwise import SCORE_COLUMNS
+from codeclm.llm.pairwise import SCORE_COLUMNS
 from codeclm.records import TrainingPair, content_id
 from codeclm.settings import StageSettings
 from tasks._base import Outputs, Ref, Step, codec_task, read

@@ -11,7 +11,7 @@ from typing import Any
 
 from codeclm.baseline_records import BaselineRejected, PoolInstruction, Rating
 from codeclm.errors import DatasetError
-from codeclm.prompts import load_prompt
+from codeclm.llm.prompts import load_prompt
 from codeclm.publish import publishing
 from codeclm.records import CallStats, Candidate, FailedCall, Metadata, Record, Seed, TrainingPair
 from codeclm.settings import StageSettings

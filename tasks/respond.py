@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from codeclm.gateway import Call, Reply
-from codeclm.prompts import load_prompt
+from codeclm.llm.gateway import Call, Reply
+from codeclm.llm.prompts import load_prompt
 from codeclm.records import Candidate, Response
 from codeclm.settings import StageSettings
 from tasks._base import Outputs, Ref, Step, codec_task, read

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 
-from codeclm.gateway import Call, Gateway, Result, gateway_for
-from codeclm.prompts import load_prompt
+from codeclm.llm.gateway import Call, Gateway, Result, gateway_for
+from codeclm.llm.prompts import load_prompt
 from codeclm.records import Candidate, RubricSet
 from codeclm.settings import StageSettings
 from tasks._base import Outputs, Ref, codec_task, read

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from codeclm.gateway import Call
-from codeclm.parsing import parse_rubrics_actions
-from codeclm.prompts import load_prompt
+from codeclm.llm.gateway import Call
+from codeclm.llm.parsing import parse_rubrics_actions
+from codeclm.llm.prompts import load_prompt
 from codeclm.records import Metadata, RubricSet
 from codeclm.settings import StageSettings
 from tasks._base import Outputs, Ref, Step, codec_task, read

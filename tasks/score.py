@@ -1,4 +1,4 @@
-"""Contrastive Filtering, part 2 (paper §4.3, Fig. 11): pairwise 1-10 scores in both orders (codeclm.pairwise),
+"""Contrastive Filtering, part 2 (paper §4.3, Fig. 11): pairwise 1-10 scores in both orders (codeclm.llm.pairwise),
 averaged per model."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ from collections import defaultdict
 
 from pydantic import BaseModel, Field
 
-from codeclm.gateway import Call
-from codeclm.pairwise import ORDERS, order_item_id, pair_calls, pair_scores
-from codeclm.parsing import parse_two_scores
+from codeclm.llm.gateway import Call
+from codeclm.llm.pairwise import ORDERS, order_item_id, pair_calls, pair_scores
+from codeclm.llm.parsing import parse_two_scores
 from codeclm.records import Candidate, Judgement, Response
 from codeclm.settings import StageSettings
 from tasks._base import Outputs, Ref, Step, codec_task, read
@@ -26,7 +26,7 @@ def _from_text(text: str) -> ScorePair:
 
 
 def score_calls(cand: Candidate, strong: str, target: str, settings: StageSettings, structured: bool) -> list[Call]:
-    """The scorer's two calls on one candidate's answers, in codeclm.pairwise's ORDERS."""
+    """The scorer's two calls on one candidate's answers, in codeclm.llm.pairwise's ORDERS."""
     return pair_calls("score", question=cand.instruction, strong=strong, target=target, item_id=cand.candidate_id,
                       role=settings.scorer, stage="score", structured=structured, output=ScorePair,
                       text_parser=_from_text, temperature=settings.score_temperature)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import random
 
 from codeclm.baseline_records import BaselineRejected, PoolInstruction
-from codeclm.gateway import Call
-from codeclm.parsing import parse_numbered_list
-from codeclm.prompts import load_prompt
+from codeclm.llm.gateway import Call
+from codeclm.llm.parsing import parse_numbered_list
+from codeclm.llm.prompts import load_prompt
 from codeclm.records import Seed, content_id
 from codeclm.rouge import RougePool
 from codeclm.settings import DECODE_MAX_PER_CALL, StageSettings

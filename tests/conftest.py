@@ -29,8 +29,8 @@ os.environ["PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"] = "ignore"  # gateway tes
 
 import pytest  # noqa: E402
 
-from codeclm.fake_llm import FakeLLMServer  # noqa: E402
 from codeclm.settings import RoleConfig, Settings  # noqa: E402
+from codeclm.testing.fake_llm import FakeLLMServer  # noqa: E402
 
 ROLES = ("strong", "target", "judge")
 ROLE_FIELDS = frozenset(RoleConfig.model_fields)

@@ -259,7 +259,7 @@ _RUN: DeployedRun | None = None
 def deployed_generate_run(live_prefect_server: LiveServer, tmp_path_factory: pytest.TempPathFactory
                           ) -> Iterator[DeployedRun]:
     """Pool created, deployments.yaml deployed, `generate` triggered from the CLI and run by a worker, once."""
-    from codeclm.fake_llm import FakeLLMServer
+    from codeclm.testing.fake_llm import FakeLLMServer
 
     global _RUN
     with FakeLLMServer() as llm:

@@ -20,11 +20,11 @@ from conftest import settings_for
 
 from codeclm.baseline_records import BaselineRejected, PoolInstruction, Rating
 from codeclm.errors import ParseError
-from codeclm.fake_llm import FakeLLMServer
 from codeclm.records import Candidate, FailedCall, Seed, TrainingPair
 from codeclm.rouge import RougePool, lcs_length, rouge_l, tokens
 from codeclm.settings import Settings
 from codeclm.storage import read_records
+from codeclm.testing.fake_llm import FakeLLMServer
 from tasks.alpagasus import kept, parse_rating
 from tasks.evol import METHODS, pick_methods, plan
 from tasks.pairs import failed_answer

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from codeclm.cache import call_key
-from codeclm.gateway import Call, Gateway, Reply
+from codeclm.llm.cache import call_key
+from codeclm.llm.gateway import Call, Gateway, Reply
 from codeclm.settings import Settings
 
 BASE = "http://127.0.0.1:9/v1"  # never contacted: computing a key makes no request

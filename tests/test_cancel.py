@@ -22,8 +22,8 @@ import pandas as pd
 import pytest
 from live_server import descendants
 
-from codeclm.fake_llm import FakeLLMServer
-from codeclm.interrupt import RESUME
+from codeclm.ops.interrupt import RESUME
+from codeclm.testing.fake_llm import FakeLLMServer
 
 pytestmark = pytest.mark.timeout(600, method="thread")
 SEEDS = [

@@ -15,10 +15,10 @@ import pytest
 from typer.testing import CliRunner
 
 import codeclm.checks
-import codeclm.endpoints
-import codeclm.evaluation
+import codeclm.eval.evaluation
+import codeclm.llm.endpoints
 import codeclm.storage
-from codeclm.fake_llm import FakeLLMServer
+from codeclm.testing.fake_llm import FakeLLMServer
 
 pytestmark = pytest.mark.timeout(300, method="thread")
 
@@ -75,8 +75,8 @@ def test_generate_reads_hashes_and_checks_its_input_once(prefect_harness: None, 
 
     reads = _spy(monkeypatch, codeclm.storage, "load_seeds")
     hashes = _spy(monkeypatch, codeclm.checks, "source_sha")
-    preflights = _spy(monkeypatch, codeclm.endpoints, "preflight")
-    fits = _spy(monkeypatch, codeclm.endpoints, "check_context")
+    preflights = _spy(monkeypatch, codeclm.llm.endpoints, "preflight")
+    fits = _spy(monkeypatch, codeclm.llm.endpoints, "check_context")
     seeds, out = _seeds(tmp_path), tmp_path / "out"
     result = CliRunner().invoke(app, ["generate", str(seeds), "--out", str(out), "--config",
                                       str(_config(tmp_path, fake_llm))])
@@ -96,8 +96,8 @@ def test_run_loads_each_benchmark_and_seed_file_once(prefect_harness: None, fake
 
     reads = _spy(monkeypatch, codeclm.storage, "load_seeds")
     hashes = _spy(monkeypatch, codeclm.checks, "source_sha")
-    loads = _spy(monkeypatch, codeclm.evaluation, "load_benchmark")
-    preflights = _spy(monkeypatch, codeclm.endpoints, "preflight")
+    loads = _spy(monkeypatch, codeclm.eval.evaluation, "load_benchmark")
+    preflights = _spy(monkeypatch, codeclm.llm.endpoints, "preflight")
     bench = tmp_path / "bench.jsonl"
     bench.write_text("".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(2)))
     result = CliRunner().invoke(app, ["run", str(_seeds(tmp_path)), "--out", str(tmp_path / "job"), "--benchmark",

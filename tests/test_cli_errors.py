@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from codeclm.fake_llm import FakeLLMServer
+from codeclm.testing.fake_llm import FakeLLMServer
 
 CODECLM = str(Path(sys.executable).with_name("codeclm"))
 GOOD = [{"seed_id": "a", "instruction": "Write a haiku about rain."},

@@ -1,4 +1,4 @@
-"""Adaptive concurrency (codeclm/concurrency.py) through the gateway against the real loopback server: 429 storms
+"""Adaptive concurrency (codeclm/llm/concurrency.py) through the gateway against the real loopback server: 429 storms
 shrink the limit, successes grow it, Retry-After holds the whole endpoint, stated per-minute limits pace calls,
 one limiter per endpoint whatever the Settings or Gateway, hung calls stop holding slots; nothing is lost."""
 
@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from conftest import settings_for
 
-from codeclm import concurrency
-from codeclm.embedded import EMBEDDED_URL_ENV
-from codeclm.fake_llm import FakeLLMServer
-from codeclm.gateway import Call, Gateway, Reply, Result
+from codeclm.llm import concurrency
+from codeclm.llm.embedded import EMBEDDED_URL_ENV
+from codeclm.llm.gateway import Call, Gateway, Reply, Result
+from codeclm.testing.fake_llm import FakeLLMServer
 
 
 def _calls(n: int, prefix: str = "q", role: str = "strong") -> list[Call]:

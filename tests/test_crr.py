@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from codeclm.crr import CRRSummary, bootstrap_ci, crr, order_winner, outcome, position_flipped, summarize
+from codeclm.eval.crr import CRRSummary, bootstrap_ci, crr, order_winner, outcome, position_flipped, summarize
 
 # Table 5 (Evol-Instruct, 218 questions): method -> (7B W/T/L, 7B CRR, 13B W/T/L, 13B CRR)
 TABLE_5 = {
@@ -186,7 +186,7 @@ def test_summarize_rejects_bad_input(outcomes: list[str], flips: list[bool]) -> 
 
 
 def test_paired_difference_cancels_question_difficulty() -> None:
-    from codeclm.crr import paired_difference
+    from codeclm.eval.crr import paired_difference
 
     # tuned recovers 3 more of 40 questions and loses none it had: every resample moves the same way
     base = ["loss"] * 20 + ["tie"] * 20
@@ -195,7 +195,7 @@ def test_paired_difference_cancels_question_difficulty() -> None:
     assert (paired.questions, paired.crr_a, paired.crr_b) == (40, 50.0, pytest.approx(57.5))
     assert paired.delta == pytest.approx(7.5) and paired.ci_low <= paired.delta <= paired.ci_high
     # unpaired, the two CRR intervals overlap widely; paired, the difference interval excludes zero
-    from codeclm.crr import bootstrap_ci
+    from codeclm.eval.crr import bootstrap_ci
 
     assert bootstrap_ci(tuned)[0] < bootstrap_ci(base)[1]
     assert paired.ci_low >= 0.0 and paired.ci_high > 0.0
@@ -203,7 +203,7 @@ def test_paired_difference_cancels_question_difficulty() -> None:
 
 
 def test_paired_difference_of_a_model_with_itself_is_zero() -> None:
-    from codeclm.crr import paired_difference
+    from codeclm.eval.crr import paired_difference
 
     same = ["win", "loss", "tie", "loss"]
     assert paired_difference(same, same).model_dump() == {"questions": 4, "crr_a": 50.0, "crr_b": 50.0, "delta": 0.0,

@@ -19,9 +19,9 @@ from conftest import settings_for
 from live_server import REPO, LiveServer, descendants, live_prefect_server
 
 from codeclm.errors import ConfigError
-from codeclm.fake_llm import FakeLLMServer
-from codeclm.scaleout import dask_runner
+from codeclm.ops.scaleout import dask_runner
 from codeclm.settings import Settings
+from codeclm.testing.fake_llm import FakeLLMServer
 
 __all__ = ["live_prefect_server"]  # fixture shared with the e2e and browser modules
 

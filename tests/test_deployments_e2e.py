@@ -29,8 +29,8 @@ from live_server import (
     work_once,
 )
 
-from codeclm.fake_llm import FakeLLMServer
-from codeclm.versions import VersionStore
+from codeclm.ops.versions import VersionStore
+from codeclm.testing.fake_llm import FakeLLMServer
 
 pytestmark = pytest.mark.server
 __all__ = ["deployed_generate_run", "live_prefect_server"]  # fixtures shared with the browser module

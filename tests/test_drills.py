@@ -10,8 +10,8 @@ import pytest
 from conftest import settings_for
 from pydantic import BaseModel
 
-from codeclm.fake_llm import FakeLLMServer
-from codeclm.gateway import Call
+from codeclm.llm.gateway import Call
+from codeclm.testing.fake_llm import FakeLLMServer
 from tasks._base import Step
 
 
@@ -35,7 +35,7 @@ def test_a_corrupted_call_cache_entry_is_a_reported_miss(damage: str, fake_llm: 
                        "JSON of another shape": b'["text"]', "empty file": b""}[damage])
 
     step = Step("drill", "b2", settings)
-    with caplog.at_level(logging.WARNING, logger="codeclm.cache"):
+    with caplog.at_level(logging.WARNING, logger="codeclm.llm.cache"):
         again = step.call(_calls(3))
     assert [r.ok for r in again] == [True] * 3 and [r.cached for r in again] == [True, False, True]
     assert again[1].value == first[1].value  # the call was made again, same answer on the deterministic server
@@ -160,8 +160,8 @@ def test_two_refreshes_at_once_on_one_root_one_is_refused_and_nothing_is_corrupt
 
     import pandas as pd
 
+    from codeclm.ops.versions import VersionStore
     from codeclm.publish import leftovers
-    from codeclm.versions import VersionStore
 
     gate = threading.Event()
 

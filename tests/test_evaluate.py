@@ -23,9 +23,9 @@ from conftest import settings_for
 from typer.testing import CliRunner
 
 from codeclm.errors import ModelError
-from codeclm.fake_llm import FakeLLMServer
 from codeclm.publish import leftovers
 from codeclm.settings import Settings
+from codeclm.testing.fake_llm import FakeLLMServer
 
 VICUNA = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "vicuna_80.jsonl"
 START = "[The Start of Assistant {}'s Answer]\n<answer>\n"

@@ -17,7 +17,7 @@ import jsonschema
 import pytest
 from pydantic import BaseModel, Field
 
-from codeclm.fake_llm import FakeLLMServer
+from codeclm.testing.fake_llm import FakeLLMServer
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,7 +278,7 @@ def test_slots_bound_concurrency() -> None:
 
 def test_cli_runs_in_foreground_and_prints_url() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "codeclm.fake_llm", "--port", "0", "--latency", "0", "--slots", "4"],
+        [sys.executable, "-m", "codeclm.testing.fake_llm", "--port", "0", "--latency", "0", "--slots", "4"],
         cwd=ROOT, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

@@ -17,9 +17,9 @@ import pandas as pd
 import pytest
 from conftest import settings_for
 
-from codeclm.breaker import breaker_for
-from codeclm.fake_llm import FakeLLMServer
+from codeclm.llm.breaker import breaker_for
 from codeclm.settings import Settings
+from codeclm.testing.fake_llm import FakeLLMServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900, method="thread")]
 

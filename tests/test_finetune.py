@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 
 from codeclm.errors import ConfigError, DatasetError, ModelError
-from codeclm.fake_finetune import FakeFineTuneServer
-from codeclm.finetune import (
+from codeclm.settings import FinetuneConfig, Settings
+from codeclm.testing.fake_finetune import FakeFineTuneServer
+from codeclm.train.finetune import (
     BaseRef,
     check_fits,
     hyperparameters,
@@ -27,7 +28,6 @@ from codeclm.finetune import (
     resolve_base,
     training_key,
 )
-from codeclm.settings import FinetuneConfig, Settings
 
 CODECLM = [sys.executable, "-m", "codeclm.cli"]
 PAIRS = [("What is the secret word?", "The secret word is pineapple-zebra-42."),
@@ -197,8 +197,8 @@ def test_cli_bad_input_is_one_line_exit_2_and_publishes_nothing(tmp_path: Path, 
 # -- report -----------------------------------------------------------------------------------------------------
 
 def test_loss_report_has_a_thinned_table_and_the_chart() -> None:
-    from codeclm.eval_report import data_uri
-    from codeclm.finetune import FinetuneResult
+    from codeclm.eval.eval_report import data_uri
+    from codeclm.train.finetune import FinetuneResult
 
     rows = [{"step": s, "loss": 4.0 / s, "learning_rate": 1e-3, "epoch": s / 10} for s in range(1, 51)]
     result = FinetuneResult(out="/o", trainer="local", key="k", data_sha="d" * 64, pairs=4, base_model="b",
@@ -228,7 +228,7 @@ def ft_server(monkeypatch: pytest.MonkeyPatch) -> Any:
 
 def test_remote_trainer_uploads_once_creates_once_and_reruns_resume(
         tmp_path: Path, ft_server: FakeFineTuneServer, prefect_harness: None) -> None:
-    from codeclm.gateway import Call, Reply, gateway_for
+    from codeclm.llm.gateway import Call, Reply, gateway_for
     from flows.finetune import finetune
 
     data = write_pairs(tmp_path / "train.jsonl")
@@ -302,7 +302,7 @@ def test_failed_remote_job_publishes_nothing_and_a_rerun_starts_a_new_job(
 
 
 def test_remote_trainer_without_its_key_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from codeclm.finetune import run_finetune
+    from codeclm.train.finetune import run_finetune
 
     monkeypatch.delenv("CODECLM_TEST_FT_KEY", raising=False)
     with FakeFineTuneServer() as server:

@@ -15,12 +15,12 @@ import pytest
 from conftest import settings_for
 from pydantic import BaseModel
 
-from codeclm.breaker import breaker_for
-from codeclm.endpoints import preflight
 from codeclm.errors import ModelError
-from codeclm.fake_llm import FakeLLMServer
-from codeclm.gateway import Call, Gateway, Reply, Result
-from codeclm.prompts import load_prompt
+from codeclm.llm.breaker import breaker_for
+from codeclm.llm.endpoints import preflight
+from codeclm.llm.gateway import Call, Gateway, Reply, Result
+from codeclm.llm.prompts import load_prompt
+from codeclm.testing.fake_llm import FakeLLMServer
 from tasks.decode import Instructions
 from tasks.decode import _from_text as instructions_from_text
 from tasks.encode import EncodedMetadata

@@ -14,10 +14,10 @@ import pytest
 from conftest import settings_for
 
 from codeclm.errors import DatasetError, ModelError
-from codeclm.fake_llm import FakeLLMServer
 from codeclm.publish import leftovers
 from codeclm.records import Candidate, FailedCall, FilterDecision, RejectedCandidate, Response, RubricSet, TrainingPair
 from codeclm.storage import read_records, write_records
+from codeclm.testing.fake_llm import FakeLLMServer
 from tasks._base import ref_to
 from tasks.export import STAGE_TABLES, export
 from tasks.respond import answer_messages

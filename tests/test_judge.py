@@ -13,14 +13,14 @@ import pytest
 from conftest import settings_for
 
 from codeclm.errors import BenchmarkError, ConfigError, ModelError
-from codeclm.eval_records import EvalAnswer, EvalQuestion, EvalQuestionResult, EvalSummary
-from codeclm.eval_report import chart_svg, data_uri, report_markdown
-from codeclm.evaluation import plan_evaluation, summarize_cell, target_settings
-from codeclm.fake_llm import FakeLLMServer
-from codeclm.gateway import Result
-from codeclm.prompts import load_prompt
+from codeclm.eval.eval_records import EvalAnswer, EvalQuestion, EvalQuestionResult, EvalSummary
+from codeclm.eval.eval_report import chart_svg, data_uri, report_markdown
+from codeclm.eval.evaluation import plan_evaluation, summarize_cell, target_settings
+from codeclm.llm.gateway import Result
+from codeclm.llm.prompts import load_prompt
 from codeclm.settings import RoleConfig, Settings
 from codeclm.storage import read_records, write_records
+from codeclm.testing.fake_llm import FakeLLMServer
 from tasks._base import Ref, ref_to
 from tasks.judge import Verdict, judge, question_result, verdict_calls, verdict_from_text
 
@@ -233,7 +233,7 @@ def test_report_has_chart_leaderboard_warning_and_failures() -> None:
 
 
 def test_generation_scoring_and_judging_share_one_convention(tmp_path: Path) -> None:
-    """score.py and judge.py build both orders with codeclm.pairwise, in the same order and under the same
+    """score.py and judge.py build both orders with codeclm.llm.pairwise, in the same order and under the same
     column names: a judge that favours Assistant 1 raises both `*_first` columns in Judgement and in
     EvalQuestionResult alike."""
     from codeclm.records import Candidate

@@ -13,7 +13,7 @@ import pytest
 
 from codeclm.checks import check_output, check_run_output
 from codeclm.errors import ConfigError
-from codeclm.fake_llm import FakeLLMServer
+from codeclm.testing.fake_llm import FakeLLMServer
 
 ROOT = Path(__file__).resolve().parents[1]
 CODECLM = str(Path(sys.executable).with_name("codeclm"))

@@ -18,11 +18,11 @@ from conftest import settings_for
 
 from codeclm.benchmarks import load_benchmark
 from codeclm.errors import ConfigError
-from codeclm.evaluation import plan_evaluation
-from codeclm.fake_llm import FakeLLMServer
+from codeclm.eval.evaluation import plan_evaluation
 from codeclm.records import Candidate, Metadata, RejectedCandidate, Seed, TrainingPair
 from codeclm.settings import Settings
 from codeclm.storage import load_seeds, read_records, write_records
+from codeclm.testing.fake_llm import FakeLLMServer
 from tasks._base import ref_to
 from tasks.encode import metadata_of
 

@@ -13,7 +13,7 @@ from conftest import settings_for
 from test_generate_flow import _check_published
 from typer.testing import CliRunner
 
-from codeclm.fake_llm import FakeLLMServer
+from codeclm.testing.fake_llm import FakeLLMServer
 
 pytestmark = pytest.mark.timeout(300, method="thread")
 

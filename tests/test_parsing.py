@@ -3,7 +3,7 @@
 import pytest
 
 from codeclm.errors import ParseError
-from codeclm.parsing import (
+from codeclm.llm.parsing import (
     parse_improved_instruction,
     parse_metadata,
     parse_numbered_list,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from codeclm.errors import DatasetError
-from codeclm.prompts import load_prompt
+from codeclm.llm.prompts import load_prompt
 from codeclm.records import (
     Candidate,
     FailedCall,

@@ -17,9 +17,9 @@ from test_baselines import _self_instruct_model
 from test_topup_ablations import Model
 
 from codeclm.errors import ConfigError
-from codeclm.fake_finetune import FakeFineTuneServer
-from codeclm.protocol import BASE_ROW, plan_calls, split_questions
+from codeclm.eval.protocol import BASE_ROW, plan_calls, split_questions
 from codeclm.settings import Settings
+from codeclm.testing.fake_finetune import FakeFineTuneServer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
 
@@ -79,8 +79,8 @@ def test_protocol_makes_table_one_and_a_rerun_is_free(prefect_harness: None, ft_
         assert math.isnan(rows[bench, "self_instruct"].delta)  # the reference has no difference to itself
         codeclm = rows[bench, "codeclm"]
         assert codeclm.delta_low <= codeclm.delta <= codeclm.delta_high
-        assert codeclm.delta == pytest.approx(codeclm.crr - rows[bench, "self_instruct"].crr)
-        assert codeclm.ci_low <= codeclm.crr <= codeclm.ci_high
+        assert codeclm.delta == pytest.approx(codeclm.eval.crr - rows[bench, "self_instruct"].crr)
+        assert codeclm.ci_low <= codeclm.eval.crr <= codeclm.ci_high
     assert ft_server.count("POST /fine_tuning/jobs") == 4  # 2 benchmarks x 2 methods, each trained once
     assert pq.read_metadata(out / "table.parquet").num_rows == 6
     report = (out / "report.md").read_text()
@@ -98,7 +98,7 @@ def test_protocol_makes_table_one_and_a_rerun_is_free(prefect_harness: None, ft_
 
 
 def test_protocol_input_errors_are_one_line_before_any_call(tmp_path: Path) -> None:
-    from codeclm.protocol import check_methods, plan_protocol
+    from codeclm.eval.protocol import check_methods, plan_protocol
 
     bench = subset(tmp_path, "vicuna_80.jsonl", "vicuna", 10)
     settings = Settings(home=tmp_path / "home")

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from test_protocol import subset
 
-from codeclm.fake_llm import FakeLLMServer
+from codeclm.testing.fake_llm import FakeLLMServer
 
 pytestmark = [pytest.mark.train, pytest.mark.timeout(1800)]
 

@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 from conftest import settings_for
 
-from codeclm.fake_llm import FakeLLMServer
-from codeclm.versions import RefreshBusy, VersionStore, content_sha
+from codeclm.ops.versions import RefreshBusy, VersionStore, content_sha
+from codeclm.testing.fake_llm import FakeLLMServer
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from conftest import settings_for
 
-from codeclm.fake_llm import FakeLLMServer
+from codeclm.testing.fake_llm import FakeLLMServer
 
 pytestmark = pytest.mark.timeout(420, method="thread")
 

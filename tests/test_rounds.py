@@ -13,7 +13,7 @@ import pytest
 from conftest import settings_for
 from test_generate_flow import SMALL, _check_published, _generate, _paper_text_model, _seed_file
 
-from codeclm.fake_llm import FakeLLMServer
+from codeclm.testing.fake_llm import FakeLLMServer
 
 pytestmark = pytest.mark.timeout(300, method="thread")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from conftest import settings_for
 
-from codeclm.fake_llm import FakeLLMServer
+from codeclm.testing.fake_llm import FakeLLMServer
 
 SMALL = {"n_metadata": 2, "instructions_per_metadata": 1, "n_rubrics": 1, "max_rounds": 1, "batch_size": 10,
          "finetune": {"trainer": "off"}}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from codeclm.fake_llm import FakeLLMServer
+from codeclm.testing.fake_llm import FakeLLMServer
 
 pytestmark = [pytest.mark.train, pytest.mark.timeout(1200)]
 SEEDS = ["Plan a picnic for six people on a budget.", "Explain tides to a ten-year-old.",
@@ -97,7 +97,7 @@ def test_refresh_trains_each_version_and_compares_by_role(tmp_path: Path) -> Non
     assert entry["trained"] and entry["model"]["trainer"] == "local" and entry["model"]["steps"] == 4
     assert sorted(r["target_spec"] for r in entry["eval"]) == ["base", "tuned"]
     assert (tmp_path / "root" / "versions" / "v0001" / "model" / "merged" / "config.json").exists()
-    from codeclm.versions import report_markdown
+    from codeclm.ops.versions import report_markdown
 
     report = report_markdown(entry)
     assert "tuned on this version's pairs" in report and "measures no data" not in report

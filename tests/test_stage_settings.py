@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 from conftest import settings_for
 
-from codeclm.fake_llm import FakeLLMServer
-from codeclm.gateway import gateway_for
+from codeclm.llm.gateway import gateway_for
 from codeclm.settings import CALLS, STAGE_READS, FinetuneConfig, Settings
+from codeclm.testing.fake_llm import FakeLLMServer
 
 pytestmark = pytest.mark.timeout(300, method="thread")
 

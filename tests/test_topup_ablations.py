@@ -17,10 +17,10 @@ import pytest
 from conftest import settings_for
 from test_generate_flow import _check_published
 
-from codeclm.fake_llm import FakeLLMServer
 from codeclm.records import TrainingPair
 from codeclm.results import DatasetResult
 from codeclm.storage import read_records
+from codeclm.testing.fake_llm import FakeLLMServer
 
 SEEDS = [("s1", "Plan a picnic for six people."), ("s2", "Explain tides to a child."),
          ("s3", "Write a haiku about autumn."), ("s4", "Summarise the causes of inflation.")]

@@ -20,10 +20,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from codeclm.finetune import FinetuneResult, load_result, plan_finetune
-from codeclm.gateway import Call, Reply, gateway_for
-from codeclm.serving import ServedModels, cuda_available, serve_finetuned
+from codeclm.llm.gateway import Call, Reply, gateway_for
 from codeclm.settings import Settings
+from codeclm.train.finetune import FinetuneResult, load_result, plan_finetune
+from codeclm.train.serving import ServedModels, cuda_available, serve_finetuned
 
 pytestmark = [pytest.mark.train, pytest.mark.timeout(900)]
 CODECLM = [sys.executable, "-m", "codeclm.cli"]

@@ -19,9 +19,9 @@ from pydantic import BaseModel
 from codeclm.baseline_records import ABLATIONS
 from codeclm.baseline_records import METHODS as BASELINES
 from codeclm.benchmarks import BenchmarkQuestion
-from codeclm.crr import bootstrap_ci, paired_difference
 from codeclm.errors import ConfigError
-from codeclm.eval_records import EvalQuestionResult
+from codeclm.eval.crr import bootstrap_ci, paired_difference
+from codeclm.eval.eval_records import EvalQuestionResult
 from codeclm.records import Record
 from codeclm.settings import DECODE_MAX_PER_CALL, Settings
 from codeclm.storage import write_json, write_jsonl
@@ -109,7 +109,7 @@ class ProtocolRow(Record):
     delta_low: float
     delta_high: float
 
-    # what the shared CRR chart (codeclm.eval_report.chart_svg) reads
+    # what the shared CRR chart (codeclm.eval.eval_report.chart_svg) reads
     @property
     def target(self) -> str:
         return self.method
@@ -292,7 +292,7 @@ def plan_protocol(benchmarks: Sequence[str], root: Path, settings: Settings, eva
     """Load every benchmark, split it (recorded under ROOT/splits/BENCH when `write`) and check the evaluation
     request, all before any model starts; bad input is one line (a CodecError)."""
     from codeclm.benchmarks import load_benchmark
-    from codeclm.evaluation import plan_evaluation
+    from codeclm.eval.evaluation import plan_evaluation
 
     if eval_on not in ("whole", "heldout"):
         raise ConfigError(f"--eval-on {eval_on!r}: use whole or heldout")

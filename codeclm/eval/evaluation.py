@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any, cast
 
 from codeclm.benchmarks import BenchmarkQuestion, load_benchmark
-from codeclm.crr import Rule, summarize
 from codeclm.errors import BenchmarkError, ConfigError, ModelError
-from codeclm.eval_records import EvalQuestionResult, EvalSummary
-from codeclm.prompts import load_prompt
+from codeclm.eval.crr import Rule, summarize
+from codeclm.eval.eval_records import EvalQuestionResult, EvalSummary
+from codeclm.llm.prompts import load_prompt
 from codeclm.results import LeaderboardRow
 from codeclm.settings import EMBEDDED, RoleConfig, Settings
 
@@ -165,7 +165,7 @@ def results_of(summaries: Sequence[EvalSummary]) -> list[LeaderboardRow]:
     return [LeaderboardRow.model_validate(s.model_dump(include=set(LeaderboardRow.model_fields))) for s in summaries]
 
 
-LOCAL_QUESTIONS = Path(__file__).resolve().parents[1] / "data" / "eval_questions.jsonl"
+LOCAL_QUESTIONS = Path(__file__).resolve().parents[2] / "data" / "eval_questions.jsonl"
 
 
 def default_benchmark() -> str:

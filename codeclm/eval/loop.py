@@ -10,12 +10,12 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from codeclm.crr import paired_difference
 from codeclm.errors import ModelError
-from codeclm.eval_records import EvalQuestionResult
-from codeclm.finetune import FinetuneResult
+from codeclm.eval.crr import paired_difference
+from codeclm.eval.eval_records import EvalQuestionResult
 from codeclm.settings import RoleConfig, Settings
 from codeclm.storage import read_records
+from codeclm.train.finetune import FinetuneResult
 
 BASE_NAME = "base"
 NO_TRAINING = ("training is off (finetune.trainer = 'off'): this CRR is of the base target, which never saw the "
@@ -59,7 +59,7 @@ def served_targets(tuned: Mapping[str, FinetuneResult], settings: Settings
             "model": t.remote_model, "api_base": t.remote_api_base or settings.target.api_base})
             for label, t in tuned.items()}
         return
-    from codeclm.serving import pick_backend, serve_models
+    from codeclm.train.serving import pick_backend, serve_models
 
     bases = {t.base_checkpoint for t in tuned.values()}
     if len(bases) != 1 or None in bases or not all(t.merged_model for t in tuned.values()):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from codeclm.crr import CRRSummary
+from codeclm.eval.crr import CRRSummary
 from codeclm.records import Record
 
 Outcome = Literal["win", "tie", "loss", "failed"]
@@ -34,7 +34,7 @@ class EvalAnswer(Record):
 
 
 class EvalQuestionResult(Record):
-    """The judged comparison of one question, judged in both orders (codeclm.pairwise).
+    """The judged comparison of one question, judged in both orders (codeclm.llm.pairwise).
 
     A question whose answer or judgement failed has outcome `failed`, no scores, the reason in `failure` and
     the judge's last raw output in `judge_output`: it is left out of the CRR denominator and counted apart,
@@ -50,7 +50,7 @@ class EvalQuestionResult(Record):
     judge_model: str
     target_answer: str | None = None
     strong_answer: str | None = None
-    strong_score_first: float | None = None  # scores by role and shown position (codeclm.pairwise)
+    strong_score_first: float | None = None  # scores by role and shown position (codeclm.llm.pairwise)
     strong_score_second: float | None = None
     target_score_first: float | None = None
     target_score_second: float | None = None

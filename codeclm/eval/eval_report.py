@@ -14,7 +14,7 @@ from xml.sax.saxutils import escape
 import pyarrow.parquet as pq
 
 from codeclm.errors import DatasetError
-from codeclm.eval_records import EvalQuestionResult, EvalSummary
+from codeclm.eval.eval_records import EvalQuestionResult, EvalSummary
 from codeclm.publish import publishing
 from codeclm.records import FailedCall, Record
 from codeclm.storage import check_schema, write_json, write_records

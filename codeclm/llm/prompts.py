@@ -14,7 +14,7 @@ from functools import cache
 from pathlib import Path
 from string import Template
 
-PROMPTS_DIR = Path(os.environ.get("CODECLM_PROMPTS_DIR", Path(__file__).resolve().parents[1] / "prompts"))
+PROMPTS_DIR = Path(os.environ.get("CODECLM_PROMPTS_DIR", Path(__file__).resolve().parents[2] / "prompts"))
 _SECTION = re.compile(r"^\[(system|user|format:text|format:json)\]\s*$", re.MULTILINE)
 _COMMENT = re.compile(r"<!--.*?-->\s*", re.DOTALL)
 _TAG = re.compile(r"</?\s*(instruction|question|answer)\b[^>]*>", re.IGNORECASE)

@@ -125,7 +125,7 @@ _PROGRAM: list[bool] = []
 
 def stop_on_signals() -> None:
     """As the `codeclm` program: SIGINT and SIGTERM stop the run promptly (`interrupted`). While a flow runs,
-    Prefect owns SIGTERM; its exception unwinds through our task runner (codeclm.batch_runner), which stops the
+    Prefect owns SIGTERM; its exception unwinds through our task runner (codeclm.ops.batch_runner), which stops the
     calls, and Prefect hands the signal back to this handler once the flow run is marked. A signal ignored when
     we started (a background job's SIGINT, nohup) stays ignored."""
     _PROGRAM.append(True)

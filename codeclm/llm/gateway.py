@@ -4,9 +4,9 @@ One retry layer (ours: litellm's and the OpenAI SDK's retries are off), an expli
 attempt and a deadline on the whole call, a second copy (hedge) of a call that hangs, a circuit breaker per
 endpoint that pauses calls while it is unreachable, a per-call disk cache keyed on content, structured output
 fitted to the endpoint, tolerant parsing, and per-call tokens and cost. Calls run on the process's one call
-loop (codeclm.llm_runtime), so batch tasks in many threads share litellm's connection pools; every HTTP
-request asks the endpoint's adaptive limiter (codeclm.concurrency) for a slot and tells it how it went.
-Where calls go and the checks before a run live in codeclm.endpoints.
+loop (codeclm.llm.llm_runtime), so batch tasks in many threads share litellm's connection pools; every HTTP
+request asks the endpoint's adaptive limiter (codeclm.llm.concurrency) for a slot and tells it how it went.
+Where calls go and the checks before a run live in codeclm.llm.endpoints.
 """
 
 from __future__ import annotations
@@ -31,12 +31,13 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from codeclm import concurrency, interrupt, llm_runtime
-from codeclm.breaker import BreakerPolicy, breaker_for
-from codeclm.cache import CallCache, call_key
-from codeclm.endpoints import Endpoint, resolve
 from codeclm.errors import ModelError, ParseError
-from codeclm.progress import report_calls
+from codeclm.llm import concurrency, llm_runtime
+from codeclm.llm.breaker import BreakerPolicy, breaker_for
+from codeclm.llm.cache import CallCache, call_key
+from codeclm.llm.endpoints import Endpoint, resolve
+from codeclm.ops import interrupt
+from codeclm.ops.progress import report_calls
 from codeclm.settings import CALLS, ROLES, Settings, StageSettings, scope
 
 log = logging.getLogger(__name__)

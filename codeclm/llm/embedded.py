@@ -19,9 +19,9 @@ from pathlib import Path
 
 import httpx
 
-from codeclm import interrupt
 from codeclm.errors import ModelError
-from codeclm.processes import free_port, spawn, stop
+from codeclm.ops import interrupt
+from codeclm.ops.processes import free_port, spawn, stop
 from codeclm.settings import Settings
 
 log = logging.getLogger(__name__)

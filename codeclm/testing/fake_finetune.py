@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any
 
-from codeclm.fake_llm import FakeLLMServer, _error, _Handler
+from codeclm.testing.fake_llm import FakeLLMServer, _error, _Handler
 
 STATES = ("validating_files", "queued", "running", "succeeded")
 

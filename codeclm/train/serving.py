@@ -1,5 +1,5 @@
 """Serve tuned and base checkpoints to `evaluate`: an existing OpenAI-compatible server, started and stopped by
-codeclm on loopback and tied to our process like the embedded one (codeclm.embedded).
+codeclm on loopback and tied to our process like the embedded one (codeclm.llm.embedded).
 
 One server answers for several models, so base and tuned share one `api_base` (evaluate's targets differ only
 in the model name): `transformers serve` (CPU or GPU) in HOME/serving, where each name is a symlink to a
@@ -29,9 +29,9 @@ from typing import Any, Literal
 import httpx
 
 from codeclm.errors import ModelError
-from codeclm.finetune import INSTALL_HINT, FinetuneResult
-from codeclm.processes import free_port, spawn, stop
+from codeclm.ops.processes import free_port, spawn, stop
 from codeclm.settings import RoleConfig
+from codeclm.train.finetune import INSTALL_HINT, FinetuneResult
 
 log = logging.getLogger(__name__)
 Backend = Literal["transformers", "vllm"]

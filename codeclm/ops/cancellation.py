@@ -1,7 +1,7 @@
 """A Prefect cancellation (the UI's Cancel button, `prefect flow-run cancel`) honoured by a run started in-process.
 
 A deployment's run is cancelled by its worker: it sends the flow's process SIGTERM, which stops our calls
-(codeclm.batch_runner) and ends the run Cancelled. A run started by `codeclm generate` or a script has no worker
+(codeclm.ops.batch_runner) and ends the run Cancelled. A run started by `codeclm generate` or a script has no worker
 (Prefect: "a monitoring process must be running to enforce the cancellation"), so Cancel would only relabel it
 while it ran on. Here the top-level flow run watches its own state and, once it is Cancelling, does what a worker
 does: records the intent (so Prefect ends the run Cancelled, not Crashed) and sends this process SIGTERM.
@@ -17,8 +17,8 @@ import signal
 import threading
 from typing import Any
 
-from codeclm import interrupt
 from codeclm.errors import ModelError
+from codeclm.ops import interrupt
 
 log = logging.getLogger(__name__)
 POLL_S = 2.0

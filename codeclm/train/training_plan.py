@@ -1,5 +1,5 @@
 """What a training is, once checked: its dataset, its base model and its plan. The trainers (local, remote) take a
-plan and nothing else from `codeclm.finetune`, so the step and its trainers import downwards only."""
+plan and nothing else from `codeclm.train.finetune`, so the step and its trainers import downwards only."""
 
 from __future__ import annotations
 

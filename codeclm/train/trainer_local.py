@@ -21,7 +21,7 @@ from typing import Any
 
 from codeclm.errors import ModelError
 from codeclm.settings import FinetuneConfig, TrainHyper
-from codeclm.training_plan import BaseRef, FinetunePlan
+from codeclm.train.training_plan import BaseRef, FinetunePlan
 
 log = logging.getLogger(__name__)
 StepListener = Callable[[int, int, float | None], None]  # (step, total steps, loss or None)

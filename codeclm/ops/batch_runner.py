@@ -14,7 +14,7 @@ from typing import Any
 from prefect.exceptions import TerminationSignal
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from codeclm import interrupt
+from codeclm.ops import interrupt
 
 
 class BatchRunner(ThreadPoolTaskRunner):  # type: ignore[type-arg]

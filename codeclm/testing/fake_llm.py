@@ -233,7 +233,7 @@ class _Handler(BaseHTTPRequestHandler):
 class FakeLLMServer:
     """OpenAI-compatible chat server on loopback with deterministic output, latency, slots and faults."""
 
-    handler_class: type[_Handler] = _Handler  # subclasses add endpoints (codeclm.fake_finetune)
+    handler_class: type[_Handler] = _Handler  # subclasses add endpoints (codeclm.testing.fake_finetune)
 
     def __init__(
         self,

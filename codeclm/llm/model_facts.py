@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from codeclm import llm_runtime
+from codeclm.llm import llm_runtime
 
 log = logging.getLogger(__name__)
 _LOCK = threading.Lock()

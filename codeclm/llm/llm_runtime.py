@@ -14,7 +14,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from codeclm import interrupt
+from codeclm.ops import interrupt
 
 V = TypeVar("V")
 _LOOP_LOCK = threading.Lock()
@@ -39,7 +39,7 @@ def import_in_background() -> None:
 
 def call_loop() -> asyncio.AbstractEventLoop:
     """The one background event loop of this process for LLM calls (started on first use; a Ctrl-C or a stop
-    cancels its tasks, see codeclm.interrupt)."""
+    cancels its tasks, see codeclm.ops.interrupt)."""
     global _LOOP
     with _LOOP_LOCK:
         if _LOOP is None:

@@ -6,7 +6,7 @@ process to boot (more seconds). Here the same server process (Prefect's own comm
 soon as the CLI has read its input, boots beside litellm's import and the preflight, and the flow is pointed at
 it. If it cannot start, nothing is set and Prefect starts its own as usual, reporting what went wrong.
 
-Either server is a child tied to this process (codeclm.processes.spawn): a kill -9 of codeclm, or of a script
+Either server is a child tied to this process (codeclm.ops.processes.spawn): a kill -9 of codeclm, or of a script
 calling a flow, leaves no server behind (Prefect's own would be re-parented to init and keep serving).
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from codeclm.processes import free_port, spawn, stop
+from codeclm.ops.processes import free_port, spawn, stop
 
 HEALTH_POLL_S = 0.1
 

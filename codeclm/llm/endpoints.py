@@ -1,7 +1,7 @@
 """Where a role's calls go and whether they can go there: endpoint resolution and the checks made before a run
 (the model is known, the key is set, the server answers, the instructions fit the model's context).
 
-Kept apart from the call engine (codeclm.gateway): the CLI and the flows check a run before any call is made,
+Kept apart from the call engine (codeclm.llm.gateway): the CLI and the flows check a run before any call is made,
 and these checks need settings and litellm's facts about a model, not the engine's retries and cache.
 """
 
@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import httpx
 
-from codeclm import llm_runtime
-from codeclm.embedded import CONTEXT_TOKENS, EMBEDDED_MODEL, EMBEDDED_URL_ENV
 from codeclm.errors import ConfigError, ModelError
-from codeclm.model_facts import model_facts
+from codeclm.llm import llm_runtime
+from codeclm.llm.embedded import CONTEXT_TOKENS, EMBEDDED_MODEL, EMBEDDED_URL_ENV
+from codeclm.llm.model_facts import model_facts
 from codeclm.settings import RoleConfig, Settings, StageSettings
 
 log = logging.getLogger(__name__)

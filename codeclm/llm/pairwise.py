@@ -20,8 +20,8 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel
 
-from codeclm.gateway import Call, Reply
-from codeclm.prompts import load_prompt
+from codeclm.llm.gateway import Call, Reply
+from codeclm.llm.prompts import load_prompt
 
 Order = Literal["strong_first", "target_first"]
 ORDERS: tuple[Order, Order] = ("strong_first", "target_first")

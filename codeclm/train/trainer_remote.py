@@ -16,11 +16,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from codeclm import llm_runtime
 from codeclm.errors import ModelError
+from codeclm.llm import llm_runtime
 from codeclm.settings import FinetuneConfig
 from codeclm.storage import write_json
-from codeclm.training_plan import FinetunePlan
+from codeclm.train.training_plan import FinetunePlan
 
 log = logging.getLogger(__name__)
 JOB_FILE = "job.json"

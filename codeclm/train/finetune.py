@@ -1,6 +1,6 @@
 """Fine-tuning the target on a published dataset: the plan (checked before any work), the cache key, the typed
 result, and the files a training leaves in DIR. No heavy imports here: torch and friends load only in
-`codeclm.trainer_local`, so `codeclm --help` and a bad dataset stay fast.
+`codeclm.train.trainer_local`, so `codeclm --help` and a bad dataset stay fast.
 
 Work lives under HOME/finetune/<key>/ (checkpoints, adapter, merged model, log); DIR receives hard links to the
 finished files, published in one atomic flip (codeclm.publish). The key is the dataset's sha256, the base model,
@@ -31,7 +31,7 @@ from codeclm.errors import ConfigError, DatasetError, ModelError
 from codeclm.publish import publishing
 from codeclm.settings import EMBEDDED, FinetuneConfig, Settings
 from codeclm.storage import package_versions, write_json
-from codeclm.training_plan import BaseRef, Dataset, FinetunePlan
+from codeclm.train.training_plan import BaseRef, Dataset, FinetunePlan
 
 INSTALL_HINT = "install the train extra: pip install -e '.[train]' (or make install)"
 TRAIN_MODULES = ("torch", "transformers", "trl", "peft", "datasets", "gguf")
@@ -137,7 +137,7 @@ def resolve_base(cfg: FinetuneConfig) -> BaseRef:
                               "name (e.g. gpt-4o-mini-2024-07-18); set --base or finetune.base_model")
         return BaseRef(name, "remote", name, f"remote:{cfg.remote.provider}:{name}")
     if name == EMBEDDED:
-        from codeclm.embedded import gguf_path
+        from codeclm.llm.embedded import gguf_path
 
         path = gguf_path()
         return BaseRef("embedded SmolLM2-135M-Instruct", "gguf", str(path), f"gguf:{_file_sha(path)}")
@@ -199,7 +199,7 @@ def check_trainer(settings: Settings) -> BaseRef:
         require_train_extra()
     base = resolve_base(cfg)
     if cfg.trainer == "local":
-        from codeclm.trainer_local import count_params
+        from codeclm.train.trainer_local import count_params
 
         check_fits(base, count_params(base), cfg)
     return base
@@ -427,7 +427,7 @@ def _at(result: FinetuneResult, out: Path, cached: bool) -> FinetuneResult:
 
 
 def _train_local(plan: FinetunePlan, settings: Settings, on_progress: Listener) -> FinetuneResult:
-    from codeclm import trainer_local
+    from codeclm.train import trainer_local
 
     outcome = trainer_local.train(plan, settings.finetune, settings.home, on_progress)
     write_log(plan.work / LOG_FILE, outcome.log)
@@ -443,7 +443,7 @@ def _train_local(plan: FinetunePlan, settings: Settings, on_progress: Listener) 
 
 
 def _train_remote(plan: FinetunePlan, settings: Settings, on_progress: Listener) -> FinetuneResult:
-    from codeclm import trainer_remote
+    from codeclm.train import trainer_remote
 
     job = trainer_remote.train(plan, settings.finetune, lambda status, percent: on_progress(percent, 100, None))
     model = f"{settings.finetune.remote.provider}/{job['fine_tuned_model']}"

@@ -32,7 +32,7 @@ def order_winner(target: float, strong: float) -> Winner:
 
 def outcome(target_first: float, strong_second: float, target_second: float, strong_first: float,
             rule: Rule = "codeclm") -> Verdict:
-    """The target's verdict for one question from its two judged orders, named as in codeclm.pairwise: order
+    """The target's verdict for one question from its two judged orders, named as in codeclm.llm.pairwise: order
     target_first (target_first vs strong_second), then order strong_first (target_second vs strong_first)."""
     winners = (order_winner(target_first, strong_second), order_winner(target_second, strong_first))
     target_wins, strong_wins = winners.count("target"), winners.count("strong")
