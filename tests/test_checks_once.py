@@ -5,7 +5,6 @@ with spies on the real functions during real runs on the fake server."""
 
 from __future__ import annotations
 
-import ast
 import json
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ pytestmark = pytest.mark.timeout(300, method="thread")
 
 SMALL = {"n_metadata": 2, "instructions_per_metadata": 1, "n_rubrics": 1, "max_rounds": 1, "budget": 10,
          "batch_size": 10}
-PACKAGE = Path(codeclm.checks.__file__).parent
 
 
 def _spy(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[tuple[Any, ...]]:
@@ -56,17 +54,6 @@ def _seeds(tmp_path: Path) -> Path:
     pd.DataFrame({"instruction": ["Plan a picnic for six.", "Explain tides to a child."]}).to_json(
         path, orient="records", lines=True)
     return path
-
-
-def test_the_package_never_imports_the_task_or_flow_layers_except_the_cli() -> None:
-    """codeclm/ is the ground floor: only its CLI, the top of the house, starts flows; nothing imports tasks."""
-    for module in PACKAGE.glob("*.py"):
-        for node in ast.walk(ast.parse(module.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            for name in names:
-                assert not name.startswith("tasks"), f"{module.name} imports {name}"
-                assert not name.startswith("flows") or module.name == "cli.py", f"{module.name} imports {name}"
 
 
 def test_generate_reads_hashes_and_checks_its_input_once(prefect_harness: None, fake_llm: FakeLLMServer,
