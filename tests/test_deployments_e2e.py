@@ -40,11 +40,11 @@ def _deployments(server: LiveServer) -> dict[str, dict]:
     return {d["name"]: d for d in server.post("/deployments/filter", {})}
 
 
-def test_deploy_creates_the_three_deployments(deployed_generate_run: DeployedRun,
+def test_deploy_creates_every_deployment(deployed_generate_run: DeployedRun,
                                               live_prefect_server: LiveServer) -> None:
     server = live_prefect_server
     deployments = _deployments(server)
-    assert set(deployments) == {"generate", "evaluate", "nightly"}
+    assert set(deployments) == {"generate", "evaluate", "run", "protocol", "nightly"}
     pull = [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
     for d in deployments.values():
         assert d["pull_steps"] == pull, d["name"]
