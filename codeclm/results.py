@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from codeclm.eval.eval_records import LeaderboardRow
+
 
 class Budget(BaseModel):
     """Pairs wanted and published; a shortfall names the stated limit that ended the run."""
@@ -39,27 +41,6 @@ class GenerateResult(DatasetResult):
 
 class BaselineResult(DatasetResult):
     """`baseline`: the dataset of one baseline method (or a Table 3 ablation)."""
-
-
-class LeaderboardRow(BaseModel):
-    """One benchmark x target of an evaluation: `codeclm.eval.eval_records.EvalSummary` without its rule."""
-
-    benchmark: str
-    target: str
-    strong: str
-    judge: str
-    wins: int
-    ties: int
-    losses: int
-    failures: int
-    total: int
-    crr: float
-    ci_low: float
-    ci_high: float
-    flip_rate: float
-    mean_target_length: float
-    mean_strong_length: float
-    judge_is_strong: bool
 
 
 class EvaluateResult(BaseModel):

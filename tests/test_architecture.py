@@ -13,11 +13,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # in the product imports it.
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("codeclm", "codeclm.errors", "codeclm.settings", "codeclm.records", "codeclm.baseline_records",
-     "codeclm.benchmarks", "codeclm.storage", "codeclm.publish", "codeclm.rouge", "codeclm.results"),
+     "codeclm.benchmarks", "codeclm.storage", "codeclm.publish", "codeclm.rouge"),
     ("codeclm.ops",),
     ("codeclm.llm",),
     ("codeclm.eval", "codeclm.train"),
-    ("codeclm.checks",),
+    ("codeclm.checks", "codeclm.results"),
     ("tasks",),
     ("flows",),
     ("codeclm.cli",),

@@ -62,19 +62,24 @@ class EvalQuestionResult(Record):
     judge_output: str | None = None
 
 
-class EvalSummary(Record, CRRSummary):
-    """One leaderboard row: a target against the strong model on one benchmark, its CRR summary (`CRRSummary`)
-    with what was compared.
+class LeaderboardRow(CRRSummary):
+    """One benchmark x target of an evaluation: its CRR summary (`CRRSummary`) with what was compared.
 
     `total` is the number of judged questions (the CRR denominator); `failures` are the questions that could
     not be judged. CRR and its bounds are percentages; lengths are mean answer lengths in characters.
     """
 
-    table: ClassVar[str] = "eval_summary"
     benchmark: str
     target: str
     strong: str
     judge: str
-    rule: str
     failures: int
     judge_is_strong: bool
+
+
+class EvalSummary(Record, LeaderboardRow):
+    """A leaderboard row as `summary.parquet` stores it: with the rule that turned two judged orders into one
+    outcome."""
+
+    table: ClassVar[str] = "eval_summary"
+    rule: str

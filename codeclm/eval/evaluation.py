@@ -15,9 +15,8 @@ from typing import Any, cast
 from codeclm.benchmarks import BenchmarkQuestion, load_benchmark
 from codeclm.errors import BenchmarkError, ConfigError, ModelError
 from codeclm.eval.crr import Rule, summarize
-from codeclm.eval.eval_records import EvalQuestionResult, EvalSummary
+from codeclm.eval.eval_records import EvalQuestionResult, EvalSummary, LeaderboardRow
 from codeclm.llm.prompts import load_prompt
-from codeclm.results import LeaderboardRow
 from codeclm.settings import EMBEDDED, RoleConfig, Settings
 
 DEFAULT_BENCHMARK_ENV = "CODECLM_DEFAULT_BENCHMARK"
