@@ -385,6 +385,7 @@ class Gateway:
         state.clock.start()
         result.attempts += 1
         first = asyncio.ensure_future(self._request(call, ep, limiter, ticket, state.clock.remaining()))
+        first.add_done_callback(_retrieved)
         tasks = [first]
         try:
             hedge_after = None if state.hedged else self._hedge_after(limiter, ep)
@@ -396,7 +397,9 @@ class Gateway:
                     limiter.count_hedge()
                     log.info("%s %s: no answer after %.1fs; sending a second copy", call.stage, call.item_id,
                              hedge_after)
-                    tasks.append(asyncio.ensure_future(self._hedge(call, ep, limiter, state.clock)))
+                    hedge = asyncio.ensure_future(self._hedge(call, ep, limiter, state.clock))
+                    hedge.add_done_callback(_retrieved)
+                    tasks.append(hedge)
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             finished = [t for t in tasks if t.done() and not t.cancelled()]
             errors = [t.exception() for t in finished]  # retrieved, so a losing failure is not reported later
@@ -543,6 +546,13 @@ def _did_not_reach(exc: BaseException) -> bool:
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
     return False
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Mark a request's failure as seen: a losing or abandoned copy (the run stopped, the other copy won) fails
+    quietly instead of asyncio's "Task exception was never retrieved" traceback."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _response_format(output: type[BaseModel], mode: str) -> dict[str, Any] | None:
