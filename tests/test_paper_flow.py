@@ -76,6 +76,7 @@ def _config(path: Path, server: FakeLLMServer, body: str) -> Path:
     return path
 
 
+@pytest.mark.slow  # ~35 s: two CLI runs; CI runs it in make test-slow
 def test_cli_preset_flag_and_config_file_reach_the_manifest(prefect_harness: None, fake_llm: FakeLLMServer,
                                                             tmp_path: Path) -> None:
     from codeclm.cli import app

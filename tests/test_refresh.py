@@ -70,6 +70,7 @@ def _latest_report() -> str:
     return str(artifact.data)
 
 
+@pytest.mark.slow  # ~50 s end to end: CI runs it in make test-slow
 def test_seed_drops_make_versions_and_reruns_make_none(fake_llm: FakeLLMServer, tmp_path: Path) -> None:
     settings = settings_for(fake_llm, tmp_path, **SMALL)
     drops, root, bench = tmp_path / "drops", tmp_path / "root", _benchmark(tmp_path)

@@ -217,6 +217,7 @@ def test_topping_up_stops_when_the_model_writes_nothing_new(prefect_harness: Non
     assert summary.counts["rejected"] == {"duplicate": 1 + 2}  # first pass: 1 of 2; the top-up: both
 
 
+@pytest.mark.slow  # ~15 s
 def test_a_fixed_count_per_metadata_is_not_topped_up_but_the_shortfall_is_reported(
         prefect_harness: None, fake_llm: FakeLLMServer, tmp_path: Path) -> None:
     """`instructions_per_metadata` fixes how many basic instructions are made (the CPU demo relies on it): no
