@@ -301,14 +301,16 @@ class Settings(_Derived, BaseSettings):
                        description="call cache, work files and benchmark downloads live here")
     max_attempts: int = Field(4, ge=1, le=20, description="HTTP attempts per call (1 + retries)")
     parse_attempts: int = Field(3, ge=1, le=10, description="calls when the output does not parse")
-    backoff_base: float = Field(1.0, ge=0, description="first retry delay, seconds; doubles, with jitter")
-    backoff_max: float = Field(30.0, ge=0)
+    backoff_base: float = Field(0.5, ge=0, description="first retry delay, seconds; doubles, with jitter (as the "
+                                "OpenAI SDK: the AIMD limit and Retry-After, not this, hold back an overloaded API)")
+    backoff_max: float = Field(8.0, ge=0)
     retry_after_cap: float = Field(120.0, ge=0, description="a longer Retry-After fails the call at once")
     call_deadline: float = Field(300.0, gt=0, le=86400, description="seconds one call may take in all: every "
                                  "attempt, backoff and parse retry (waits for a free slot or for an unreachable "
                                  "endpoint do not count); past it the call is recorded as failed")
     hedge: bool = Field(True, description="send a second copy of a call in flight far longer than its endpoint's "
-                        "recent latency, take the first answer and cancel the other (at most one per call)")
+                        "recent latency (another when that one also goes unanswered twice as long, at most "
+                        "max_attempts - 1 per call), take the first answer and cancel the others")
     hedge_factor: float = Field(3.0, ge=1, description="hedge after this many times the endpoint's recent 95th "
                                 "percentile latency ...")
     hedge_min_s: float = Field(2.0, gt=0, description="... but never sooner than this many seconds")

@@ -175,6 +175,19 @@ def test_a_hung_request_gets_a_second_copy_and_the_first_answer_wins(fake_llm: F
     assert stats.hedges == 1 and stats.in_flight == 0  # the abandoned request gave its slot back
 
 
+def test_a_copy_that_hangs_too_gets_another_copy_before_the_timeout(fake_llm: FakeLLMServer,
+                                                                    tmp_path: Path) -> None:
+    fake_llm.set_faults([{"kind": "hang", "seconds": 30, "match": "hang twice", "times": 2}])
+    gateway = _gateway(fake_llm, tmp_path, timeout=4.0, hedge_min_s=0.3)  # no latency history: copies at 1 s, 3 s
+    _run_one(gateway, _call("warm-up"))
+    started = time.monotonic()
+    result = _run_one(gateway, _call("hang twice"))
+    assert result.ok and result.attempts == 3  # the hung request, its hung copy and a third copy, no retry
+    sent = [r["t"] - started for r in _logged(fake_llm, 2) if r["fault"] is None][-1]  # hung ones log at stop
+    assert 3.0 <= sent < 4.0  # the third copy went out before the 4 s timeout (then a retry) would have
+    assert gateway.limiter(gateway.endpoint("strong")).snapshot().hedges == 2
+
+
 def test_no_hedge_when_switched_off(fake_llm: FakeLLMServer, tmp_path: Path) -> None:
     fake_llm.set_faults([{"kind": "hang", "seconds": 30, "match": "hang once", "times": 1}])
     gateway = _gateway(fake_llm, tmp_path, timeout=1.0, hedge=False, hedge_min_s=0.1, max_attempts=2)

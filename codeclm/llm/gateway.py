@@ -158,10 +158,10 @@ class _Clock:
 
 @dataclass
 class _Attempts:
-    """Per call: its deadline and whether it has already sent its one hedge."""
+    """Per call: its deadline and how many hedges it has sent (at most max_attempts - 1)."""
 
     clock: _Clock
-    hedged: bool = False
+    hedges: int = 0
 
 
 class Gateway:
@@ -376,8 +376,11 @@ class Gateway:
 
     async def _send(self, call: Call, ep: Endpoint, result: Result, state: _Attempts) -> Any:
         """One attempt: a request, and when it stays in flight far longer than the endpoint's recent
-        latency, a second copy of it (once per call); the first to finish is the attempt's outcome and the
-        other is cancelled. Both hold a slot of the limiter, so hedges count against the adaptive limit."""
+        latency, another copy of it, then another after twice as long... (max_attempts - 1 copies per call:
+        a copy can hang too, and one unanswered copy must not hold the run for the whole timeout); the first
+        to finish is the attempt's outcome (a failed one: retried after backoff, waiting for a hung copy
+        would not be quicker) and the others are cancelled. Every copy holds a slot of the
+        limiter, so hedges count against the adaptive limit."""
         limiter = self.limiter(ep)
         waited = time.monotonic()
         ticket = await limiter.acquire()
@@ -388,18 +391,23 @@ class Gateway:
         first.add_done_callback(_retrieved)
         tasks = [first]
         try:
-            hedge_after = None if state.hedged else self._hedge_after(limiter, ep)
-            if hedge_after is not None and hedge_after < state.clock.remaining():
+            hedge_after = self._hedge_after(limiter, ep)
+            silent = 0.0  # seconds the attempt has gone unanswered
+            while (hedge_after is not None and state.hedges < self.settings.max_attempts - 1
+                   and silent + hedge_after < state.clock.remaining()):
                 done, _ = await asyncio.wait(tasks, timeout=hedge_after)
-                if not done:
-                    state.hedged = True
-                    result.attempts += 1
-                    limiter.count_hedge()
-                    log.info("%s %s: no answer after %.1fs; sending a second copy", call.stage, call.item_id,
-                             hedge_after)
-                    hedge = asyncio.ensure_future(self._hedge(call, ep, limiter, state.clock))
-                    hedge.add_done_callback(_retrieved)
-                    tasks.append(hedge)
+                if done:
+                    break
+                silent += hedge_after
+                state.hedges += 1
+                result.attempts += 1
+                limiter.count_hedge()
+                log.info("%s %s: no answer after %.1fs; sending copy %d", call.stage, call.item_id, silent,
+                         len(tasks) + 1)
+                hedge = asyncio.ensure_future(self._hedge(call, ep, limiter, state.clock))
+                hedge.add_done_callback(_retrieved)
+                tasks.append(hedge)
+                hedge_after *= 2
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             finished = [t for t in tasks if t.done() and not t.cancelled()]
             errors = [t.exception() for t in finished]  # retrieved, so a losing failure is not reported later
