@@ -13,7 +13,8 @@ Settings object or Gateway in this process, asks that endpoint's limiter for a s
   a provider that answers a steady share of requests with 429 whatever the load (other clients on
   the key, a flaky proxy) would otherwise drive the limit to one slot, where it stays, although sending less
   does not make those answers rarer (an overloaded server answers no 429 once the limit is below its capacity,
-  so there every 429 cuts);
+  so there every 429 cuts; and a share above `NOISE_MAX` at the lowest limit seen is overload, not noise: the
+  limit has not yet gone below the server's capacity);
 * a requests- or tokens-per-minute limit, configured or stated by the provider in `x-ratelimit-*` headers,
   paces admissions as a token bucket refilled continuously (as OpenAI describes its limits), and the stated
   `remaining` count corrects ours;
@@ -46,6 +47,7 @@ NOISE_FACTOR = 2.0  # a 429/503 cuts only when the window's share of them is abo
 NOISE_WINDOWS = 8  # the usual share: that of the lowest-limit window among this many recent ones ...
 NOISE_ANSWERS = 10  # ... that had at least this many answers (an overloaded server's 429s come in quick bursts)
 NOISE_MIN = 0.05  # a usual share below this is no noise to tolerate: every 429 cuts (an overloaded server)
+NOISE_MAX = 0.15  # nor is one above this: a server refusing that many is overloaded even at the lowest limit seen
 MIN_WINDOW = 20  # a window's share is over at least this many answers (one early 429 is not a share of 100 %)
 PROBE_WINDOWS = 8  # near the last limit that drew a 429, grow one slot per this many windows of successes
 STRAGGLER_FACTOR = 8.0  # a call in flight this many times the usual latency stops holding a slot ...
@@ -298,7 +300,7 @@ class EndpointLimiter:
             return  # sent before the last cut: already accounted for
         answers, congestions = self._window
         usual = min(self._closed)[1] if self._closed else 0.0
-        usual = usual if usual >= NOISE_MIN else 0.0
+        usual = usual if NOISE_MIN <= usual <= NOISE_MAX else 0.0
         if congestions / max(answers, self.limit, MIN_WINDOW) <= NOISE_FACTOR * usual:
             return  # no more frequent than usual: not caused by our load
         if answers >= NOISE_ANSWERS:
