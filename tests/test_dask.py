@@ -144,7 +144,7 @@ def test_generate_on_local_dask_cluster_matches_threads(live_prefect_server: Liv
     threads, dask = _rows(tmp_path / "threads" / "out"), _rows(tmp_path / "dask" / "out")
     assert len(threads) > 0
     pd.testing.assert_frame_equal(threads, dask)
-    assert results["dask"]["summary"]["counts"] == results["threads"]["summary"]["counts"]
+    assert results["dask"]["summary"].counts == results["threads"]["summary"].counts
     assert results["dask"]["calls"] == results["threads"]["calls"] > 0
     assert results["threads"]["workers"] == set()
     assert len(results["dask"]["workers"]) >= 2  # the batch tasks ran in two spawned worker processes

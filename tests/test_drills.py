@@ -64,11 +64,12 @@ files = lambda: {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdige
                  for p in sorted(out.rglob("*")) if p.is_file()}
 first = run()
 before = files() if first.returncode == 0 else {}
-with open(disk / "filler", "wb") as fh:  # fill the disk, then give back a few blocks: room to start, not to finish
+# fill the disk, then give back a few blocks: room to start, not to finish (unbuffered: nothing is left to flush
+# at close, where a buffered file would raise ENOSPC again)
+with open(disk / "filler", "wb", buffering=0) as fh:
     try:
         while True:
             fh.write(b"\0" * 65536)
-            fh.flush()
     except OSError:
         pass
     fh.truncate(max(0, fh.tell() - 5 * 4096))
