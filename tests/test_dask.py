@@ -135,7 +135,8 @@ def test_generate_on_local_dask_cluster_matches_threads(live_prefect_server: Liv
     with FakeLLMServer() as llm, temporary_settings({PREFECT_API_URL: live_prefect_server.api}):
         for runner in ("threads", "dask"):
             # separate homes: the Dask run must make every call itself, not read the threads run's cache
-            settings = settings_for(llm, tmp_path / runner, task_runner=runner, dask_workers=2, **SMALL)
+            # and no hedged copies: when a slow request gets a second copy depends on timing, not on the runner
+            settings = settings_for(llm, tmp_path / runner, task_runner=runner, dask_workers=2, hedge=False, **SMALL)
             before = len(llm.requests)
             with _WorkerWatch() as watch:
                 summary = generate(str(SEEDS), str(tmp_path / runner / "out"), settings)
