@@ -79,8 +79,8 @@ def test_protocol_makes_table_one_and_a_rerun_is_free(prefect_harness: None, ft_
         assert math.isnan(rows[bench, "self_instruct"].delta)  # the reference has no difference to itself
         codeclm = rows[bench, "codeclm"]
         assert codeclm.delta_low <= codeclm.delta <= codeclm.delta_high
-        assert codeclm.delta == pytest.approx(codeclm.eval.crr - rows[bench, "self_instruct"].crr)
-        assert codeclm.ci_low <= codeclm.eval.crr <= codeclm.ci_high
+        assert codeclm.delta == pytest.approx(codeclm.crr - rows[bench, "self_instruct"].crr)
+        assert codeclm.ci_low <= codeclm.crr <= codeclm.ci_high
     assert ft_server.count("POST /fine_tuning/jobs") == 4  # 2 benchmarks x 2 methods, each trained once
     assert pq.read_metadata(out / "table.parquet").num_rows == 6
     report = (out / "report.md").read_text()
