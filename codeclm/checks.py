@@ -4,7 +4,9 @@ command writes (`check_output`) and what it reads (`check_generate`, `check_eval
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
+import importlib.util
 import json
 import os
 import tempfile
@@ -18,6 +20,7 @@ from codeclm.errors import ConfigError, SeedFileError
 if TYPE_CHECKING:  # `codeclm --help` stays instant: no pyarrow or settings import here
     from codeclm.eval.evaluation import EvalPlan, Target
     from codeclm.records import Seed
+    from codeclm.results import GenerateResult
     from codeclm.settings import Settings
 
 T = TypeVar("T")
@@ -159,6 +162,50 @@ def check_generate(seeds: Path | str, out: Path | str, settings: Settings, roles
         return checked
 
     return _once("generate", request, check) if request["stamp"] is not None else check()
+
+
+RECIPE_PACKAGES = ("codeclm", "tasks", "flows")
+
+
+@functools.cache
+def recipe_digest() -> str:
+    """Hash of the code and prompts that make a dataset (every Python file of codeclm, tasks and flows, every
+    prompt file): a manifest records it, and a published run is only taken as made again by the same recipe."""
+    from codeclm.llm.prompts import PROMPTS_DIR
+
+    folders = [Path(spec.submodule_search_locations[0]) for spec in map(importlib.util.find_spec, RECIPE_PACKAGES)
+               if spec is not None and spec.submodule_search_locations]
+    digest = hashlib.sha256()
+    for folder, pattern in [*((f, "*.py") for f in folders), (PROMPTS_DIR, "*.md")]:
+        for path in sorted(folder.rglob(pattern)):
+            digest.update(f"{path.relative_to(folder.parent)}\0".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def published_run(seeds: SeedCheck, out: Path | str, settings: Settings, method: str = "codeclm"
+                  ) -> GenerateResult | None:
+    """What `out` holds when it is this very run already: made from these seeds (by content) with these settings
+    by the same recipe (code and prompts) and `method`, with no failed call, and every file as the manifest
+    hashed it. A rerun would make no call and publish the same files, so `generate` returns this instead of
+    running its steps again. None when anything differs or cannot be read."""
+    from codeclm.results import GenerateResult
+    from codeclm.storage import file_sha256
+
+    folder = Path(out)
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        same = (manifest.get("recipe") == recipe_digest() and manifest["method"] == method
+                and manifest["run"]["seeds_sha"] == seeds.sha and manifest["totals"]["failed"] == 0
+                and manifest["settings"] == settings.for_stage("export").dump()
+                and all(file_sha256(folder / name) == sha for name, sha in manifest["files"].items()))
+        if not same:
+            return None
+        return GenerateResult(out=str(folder), method=method, train=manifest["counts"]["train"],
+                              budget=manifest["budget"], counts=manifest["counts"], stages=manifest["stages"],
+                              totals=manifest["totals"], concurrency=manifest.get("concurrency", []), reused=True)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def check_evaluate(benchmarks: Sequence[str], out: Path | str, settings: Settings,

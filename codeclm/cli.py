@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
-from codeclm.checks import SeedCheck, check_evaluate, check_generate, check_output, check_run
+from codeclm.checks import check_evaluate, check_generate, check_output, check_run, published_run
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -162,18 +162,6 @@ def _prefect_api_early(calls_expected: bool = True) -> Callable[[], object]:
     return (lambda: None) if api is None else api.ready
 
 
-def _published_already(seeds: SeedCheck, out: Path, settings: Any) -> bool:
-    """OUT holds a run of these seeds with these settings and no failed call: a rerun will find every call cached."""
-    import json
-
-    try:
-        manifest = json.loads((out / "manifest.json").read_text())
-        return (manifest["settings"] == settings.for_stage("export").dump() and manifest["totals"]["failed"] == 0
-                and manifest["run"]["seeds_sha"] == seeds.sha)
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
 def _shortfall_note(summary: DatasetResult) -> str:
     """The exit line's warning when fewer pairs than the budget were published."""
     budget = summary.budget
@@ -219,11 +207,15 @@ def generate(
         ready: list[Callable[[], object]] = []
         # a bad seed file fails in about a second; Prefect's API boots beside litellm's import and the model checks
         check_generate(seeds, out, settings, loaded=lambda checked: ready.append(
-            _prefect_api_early(calls_expected=not _published_already(checked, out, settings))))
+            _prefect_api_early(calls_expected=published_run(checked, out, settings) is None)))
         from flows.generate import generate as generate_flow
 
         ready[0]()
         summary = generate_flow(str(seeds), str(out), settings)
+        if summary.reused:
+            typer.echo(f"{summary.train} training pairs in {summary.out}, unchanged: it already holds this run "
+                       f"(0 calls{_shortfall_note(summary)})")
+            return
         typer.echo(f"{summary.train} training pairs in {summary.out} (cost ${summary.totals['cost_usd']:.4f}, "
                    f"{summary.totals['calls']} calls, {summary.totals['cached']} cached{_shortfall_note(summary)})")
 

@@ -34,9 +34,11 @@ class DatasetResult(BaseModel):
 
 
 class GenerateResult(DatasetResult):
-    """`generate`: the dataset, and the adaptive concurrency seen per endpoint."""
+    """`generate`: the dataset, and the adaptive concurrency seen per endpoint; `reused` when `out` already held
+    this very run (same seeds, settings, recipe, no failed call), so nothing was called or published now."""
 
     concurrency: list[dict[str, Any]]
+    reused: bool = False
 
 
 class BaselineResult(DatasetResult):

@@ -14,7 +14,7 @@ from typing import Any
 from prefect import flow, get_run_logger, unmapped
 from prefect.runtime import flow_run
 
-from codeclm.checks import check_generate, generation_roles
+from codeclm.checks import check_generate, generation_roles, published_run
 from codeclm.llm import concurrency
 from codeclm.llm.embedded import models_ready
 from codeclm.ops.batch_runner import BatchRunner
@@ -159,6 +159,11 @@ def generate(seeds: str, out: str, settings: Settings | None = None, method: str
     it in the manifest (`codeclm`, or a Table 3 ablation the baseline flow asked for)."""
     settings = settings or Settings()
     checked = check_generate(seeds, out, settings)  # already done (and remembered) when the CLI started this flow
+    reused = published_run(checked, out, settings, method)
+    if reused is not None:
+        print(f"{out} already holds this run (same seeds, settings and recipe, no failed call, files intact): "
+              "nothing to call or publish")
+        return reused
     with progress_view("generate-progress", f"generate · {seeds} → {out}"), \
             models_ready(settings, generation_roles(settings)):
         summary = GenerateResult.model_validate(

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import random
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow.parquet as pq
 
+from codeclm.checks import recipe_digest
 from codeclm.errors import DatasetError
 from codeclm.llm.prompts import load_prompt
 from codeclm.publish import publishing
@@ -85,6 +87,11 @@ def _concat(refs: list[Ref], model: type[Record]) -> list[Record]:
 PACKAGES = ("codeclm-factory", "prefect", "litellm", "pyarrow", "pandas", "pydantic")
 
 
+def per_round(rounds: Iterable[int]) -> dict[str, int]:
+    """Counts by round, keyed as JSON keeps them (so a result read back from the manifest equals a fresh one)."""
+    return {str(r): n for r, n in sorted(Counter(rounds).items())}
+
+
 def stage_summary(stats: list[CallStats]) -> list[dict[str, Any]]:
     frame = pd.DataFrame([s.model_dump() for s in stats])
     if frame.empty:
@@ -129,6 +136,7 @@ def export(refs: dict[str, list[Ref]], settings: StageSettings, out: str, run: d
             "method": method,
             "run": run,
             "versions": package_versions(*PACKAGES),
+            "recipe": recipe_digest(),
             "prompts": {p: load_prompt(p).version for p in PROMPTS},
             "preset": settings.preset,
             "settings": settings.dump(),
@@ -137,8 +145,8 @@ def export(refs: dict[str, list[Ref]], settings: StageSettings, out: str, run: d
                 "seeds": len(tables["stages/seeds.parquet"][0]),
                 "metadata": dict(Counter(m.origin for m in tables["stages/metadata.parquet"][0])),  # type: ignore[attr-defined]
                 "basic_instructions": len(basic),
-                "candidates_per_round": dict(sorted(Counter(c.round for c in candidates).items())),
-                "kept_per_round": dict(sorted(Counter(p.round for p in kept_all).items())),
+                "candidates_per_round": per_round(c.round for c in candidates),
+                "kept_per_round": per_round(p.round for p in kept_all),
                 "kept_sources": dict(Counter(p.response_source for p in kept_all)),
                 "train": len(train),
                 "rejected": dict(Counter(r.reason for r in rejected)),

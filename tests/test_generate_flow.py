@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -110,11 +111,19 @@ def test_generate_publishes_a_valid_dataset_and_a_rerun_is_free(prefect_harness:
     assert manifest["run"]["flow_run_id"] and manifest["settings"]["strong"]["api_base"] == fake_llm.url
     assert all(r["status"] == 200 for r in fake_llm.requests)
 
+    version = os.readlink(out)
     again = _generate(seeds, out, settings)  # the same server, so the same api_base and cache keys
     assert len(fake_llm.requests) == requests, "a rerun of a finished run made LLM calls"
+    assert again.reused and not summary.reused and os.readlink(out) == version  # taken as it is, not remade
+    assert again.counts == summary.counts and again.totals == summary.totals
+
+    (out / "train.jsonl").write_text("tampered\n")  # a file no longer as the manifest hashed it: made again
+    remade = _generate(seeds, out, settings)
+    assert not remade.reused and os.readlink(out) != version
+    assert len(fake_llm.requests) == requests, "remaking a finished run's files made LLM calls"
     republished = _check_published(out)
     assert republished["train.parquet"] == published["train.parquet"]
-    assert again.counts == summary.counts
+    assert remade.counts == summary.counts
     _no_leftovers(out)
 
 
