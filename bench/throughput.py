@@ -122,7 +122,8 @@ def run_plain(work: Path, url: str, bodies: list[dict[str, Any]], concurrency: i
     started = time.monotonic()
     done = subprocess.run([PYTHON, __file__, "--plain-client", url, str(path), str(concurrency)], cwd=ROOT,
                           env=_env(), capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1]) | {"process_seconds": time.monotonic() - started}
+    return json.loads(done.stdout.strip().splitlines()[-1]) | {"started": started,
+                                                              "process_seconds": time.monotonic() - started}
 
 
 def plain_client(url: str, bodies_path: Path, concurrency: int) -> None:
@@ -227,6 +228,7 @@ def scenario(name: str, n_seeds: int, latency: float, slots: int, rerun: bool) -
                         "plain_calls_per_s": round(plain["calls"] / plain["seconds"], 1),
                         "plain_process_seconds": round(plain["process_seconds"], 1),
                         "plain_process_calls_per_s": round(plain["calls"] / plain["process_seconds"], 1),
+                        "plain_seconds_to_first_call": round(after["first_t"] - plain["started"], 1),
                         "plain_max_in_flight": after["max_inflight"], "plain_retries": plain["retries"]}
             # whole commands (both start Python and import litellm; ours also Prefect) ...
             figures["ratio"] = round(figures["flow_calls_per_s"] / figures["plain_process_calls_per_s"], 3)

@@ -8,6 +8,9 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from codeclm.eval.eval_records import LeaderboardRow
+from codeclm.eval.loop import LoopRow
+from codeclm.eval.protocol import EvalOn, ProtocolRow
+from codeclm.train.finetune import FinetuneResult
 
 
 class Budget(BaseModel):
@@ -77,3 +80,37 @@ class RefreshResult(BaseModel):
     totals: dict[str, Any] | None = None
     eval: list[dict[str, Any]] = []
     crr_delta: list[CRRDelta] = []
+
+
+class RunResult(BaseModel):
+    """What `codeclm run` made: the dataset summary, the tuned model (None when training is off), the CRR
+    leaderboard rows and the loop's paired comparison per benchmark."""
+
+    out: str
+    dataset: GenerateResult
+    data_sha: str
+    model: FinetuneResult | None
+    evaluation: list[LeaderboardRow]
+    loop: list[LoopRow]
+    report: str
+
+
+class MethodResult(BaseModel):
+    """One method on one benchmark: its published dataset and the target tuned on it."""
+
+    benchmark: str
+    method: str
+    dataset: str
+    pairs: int
+    shortfall: int
+    model: FinetuneResult
+
+
+class ProtocolResult(BaseModel):
+    """`protocol`: the experiment folder, Table 1's rows, every method's dataset and model, the report."""
+
+    out: str
+    eval_on: EvalOn
+    rows: list[ProtocolRow]
+    methods: list[MethodResult]
+    report: str

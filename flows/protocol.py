@@ -13,7 +13,6 @@ from pathlib import Path
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
-from pydantic import BaseModel
 
 from codeclm.checks import check_output
 from codeclm.errors import ConfigError
@@ -34,33 +33,15 @@ from codeclm.eval.protocol import (
 from codeclm.llm.embedded import models_ready
 from codeclm.ops.cancellation import watch_cancellation
 from codeclm.ops.monitor import progress_view, stage_table
+from codeclm.results import MethodResult, ProtocolResult
 from codeclm.settings import Settings
-from codeclm.train.finetune import FinetuneResult, check_trainer
+from codeclm.train.finetune import check_trainer
 from flows.baselines import baseline
 from flows.evaluate import evaluate
 from flows.finetune import finetune
 from flows.generate import generate
 
 ROLES = ("strong", "target", "judge")
-
-
-class MethodResult(BaseModel):
-    """One method on one benchmark: its published dataset and the target tuned on it."""
-
-    benchmark: str
-    method: str
-    dataset: str
-    pairs: int
-    shortfall: int
-    model: FinetuneResult
-
-
-class ProtocolResult(BaseModel):
-    out: str
-    eval_on: EvalOn
-    rows: list[ProtocolRow]
-    methods: list[MethodResult]
-    report: str
 
 
 @flow(name="codeclm-protocol-method", flow_run_name="{benchmark} · {method}", log_prints=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
-from pydantic import BaseModel
 
 from codeclm.checks import check_run
 from codeclm.eval.evaluation import default_benchmark
@@ -19,7 +18,7 @@ from codeclm.eval.loop import LoopRow, compared_targets, loop_markdown, loop_row
 from codeclm.llm.embedded import models_ready
 from codeclm.ops.cancellation import watch_cancellation
 from codeclm.ops.monitor import progress_view
-from codeclm.results import GenerateResult, LeaderboardRow
+from codeclm.results import RunResult
 from codeclm.settings import Settings
 from codeclm.storage import write_json, write_text
 from codeclm.train.finetune import FinetuneResult, load_dataset
@@ -29,19 +28,6 @@ from flows.generate import generate
 
 ROLES = ("strong", "target", "judge")
 DEFAULT_LIMIT = 8
-
-
-class RunResult(BaseModel):
-    """What `codeclm run` made: the dataset summary, the tuned model (None when training is off), the CRR
-    leaderboard rows and the loop's paired comparison per benchmark."""
-
-    out: str
-    dataset: GenerateResult
-    data_sha: str
-    model: FinetuneResult | None
-    evaluation: list[LeaderboardRow]
-    loop: list[LoopRow]
-    report: str
 
 
 @flow(name="codeclm-run", flow_run_name="run · {seeds} → {out}", log_prints=True, on_running=[watch_cancellation])
