@@ -1,5 +1,6 @@
 """Checks that run before the first LLM call, so a run that cannot publish never pays for its calls: where a
-command writes (`check_output`) and what it reads (`check_generate`, `check_evaluate`, `check_run`)."""
+command writes (`check_output`) and what it reads (`check_generate`, `check_evaluate`, `check_run`,
+`check_refresh`)."""
 
 from __future__ import annotations
 
@@ -229,6 +230,25 @@ def check_evaluate(benchmarks: Sequence[str], out: Path | str, settings: Setting
         return plan
 
     return _once("evaluate", request, check)
+
+
+def check_refresh(root: Path | str, settings: Settings, benchmarks: Sequence[str], targets: Sequence[str],
+                  limit: int | None, *, evaluate: bool, train: bool) -> None:
+    """`refresh`, before the night's first generation call: where it writes, the evaluation it will run (its
+    benchmarks and targets, and the strong model, the judge and every named target reachable) and the training
+    setup. The base and tuned targets a training refresh serves itself do not exist yet and are not checked."""
+    check_output(root, "root", replaced=False)
+    if evaluate:
+        from codeclm.eval.evaluation import plan_evaluation
+        from codeclm.llm.endpoints import preflight
+
+        plan = plan_evaluation(benchmarks, settings, list(targets) or None, limit)
+        for endpoint, roles in plan.endpoints():
+            preflight(endpoint, tuple(r for r in roles if not (train and r == "target")))
+    if train:
+        from codeclm.train.finetune import check_trainer
+
+        check_trainer(settings)
 
 
 def check_run(seeds: Path | str, out: Path | str, settings: Settings, benchmarks: Sequence[str],

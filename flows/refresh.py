@@ -15,8 +15,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from codeclm.checks import check_output
-from codeclm.eval.evaluation import default_benchmark, plan_evaluation
+from codeclm.checks import check_output, check_refresh
+from codeclm.eval.evaluation import default_benchmark
 from codeclm.eval.loop import compared_targets
 from codeclm.llm.embedded import models_ready
 from codeclm.ops.cancellation import watch_cancellation
@@ -33,7 +33,7 @@ from codeclm.ops.versions import (
 )
 from codeclm.results import CRRDelta, LeaderboardRow, RefreshResult
 from codeclm.settings import Settings
-from codeclm.train.finetune import FinetuneResult, check_trainer
+from codeclm.train.finetune import FinetuneResult
 from flows.evaluate import evaluate
 from flows.finetune import finetune
 from flows.generate import generate
@@ -121,10 +121,8 @@ def refresh(seeds: str, root: str, settings: Settings | None = None, benchmarks:
         bench = benchmarks or [default_benchmark()]
         # named targets are models tuned elsewhere; otherwise the version trains its own (unless training is off)
         train = run_eval and not specs and settings.finetune.trainer != "off"
-        if run_eval:  # a bad benchmark, target or training setup fails now, before any generation call
-            plan_evaluation(bench, settings, list(specs) or None, eval_limit)
-        if train:
-            check_trainer(settings)
+        # a bad benchmark, target, unreachable judge or training setup fails now, before any generation call
+        check_refresh(root, settings, bench, list(specs), eval_limit, evaluate=run_eval, train=train)
         staging = store.stage(version)
         seeds_file = store.write_seeds(staging, new)
         logger.info("building %s from %d new seeds in %s", version, len(new), staging)

@@ -191,3 +191,17 @@ def test_a_second_refresh_of_the_same_root_is_refused(tmp_path: Path) -> None:
         pass
     with store.lock():  # released again once the holder is done
         assert store.latest() is None
+
+
+def test_an_unreachable_judge_stops_the_refresh_before_any_generation_call(fake_llm: FakeLLMServer,
+                                                                           tmp_path: Path) -> None:
+    from codeclm.errors import ModelError
+    from codeclm.ops.processes import free_port
+
+    settings = settings_for(fake_llm, tmp_path, **SMALL)
+    settings.judge.api_base = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    _drop(tmp_path / "drops", "d1.parquet", DROP_1)
+    with pytest.raises(ModelError, match="judge"):
+        _refresh(tmp_path / "drops", tmp_path / "root", settings, _benchmark(tmp_path), "2026-11-30T02:00")
+    assert fake_llm.requests == []  # the night's data was not paid for a version that could not be evaluated
+    assert VersionStore(tmp_path / "root").latest() is None
