@@ -37,24 +37,45 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of `pid`, from /proc (children that left the process group included)."""
-    children: dict[int, list[int]] = {}
+def _live_processes() -> Iterator[tuple[int, list[str]]]:
+    """(pid, the stat fields after the command name) of every live process, from /proc."""
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                yield int(entry.name), fields
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid` (children that left the process group included)."""
+    children: dict[int, list[int]] = {}
+    for child, fields in _live_processes():
+        children.setdefault(int(fields[1]), []).append(child)
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):
             found.append(child)
             todo.append(child)
     return found
+
+
+def alive(pids: list[int]) -> list[int]:
+    """Those of `pids` still running (zombies are not)."""
+    wanted = set(pids)
+    return [pid for pid, _ in _live_processes() if pid in wanted]
+
+
+def in_group(pgid: int) -> list[int]:
+    """Live processes of a process group."""
+    return [pid for pid, fields in _live_processes() if int(fields[2]) == pgid]
+
+
+def in_session(sid: int) -> list[int]:
+    """Live processes of a session (an orphaned child server stays in its session)."""
+    return [pid for pid, fields in _live_processes() if int(fields[3]) == sid]
 
 
 def kill_tree(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:

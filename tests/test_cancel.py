@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from live_server import descendants
+from live_server import alive, descendants, in_group
 
 from codeclm.ops.interrupt import RESUME
 from codeclm.testing.fake_llm import FakeLLMServer
@@ -88,32 +88,6 @@ def _start(seeds: Path, config: Path, out: Path, env: dict[str, str], log: Path)
             [sys.executable, "-m", "codeclm.cli", "generate", str(seeds), "--out", str(out), "-c", str(config)],
             cwd=seeds.parent, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-
-
-def _alive(pids: list[int]) -> list[int]:
-    alive = []
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            alive.append(pid)
-    return alive
-
-
-def _in_group(pgid: int) -> list[int]:
-    """Live processes of a process group, from /proc."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                found.append(int(entry.name))
-    return found
 
 
 def _wait_for(condition: Any, proc: subprocess.Popen[bytes], log: Path, timeout: float = 180) -> None:
@@ -185,7 +159,7 @@ def _signal_during_hangs(tmp_path: Path, llm: FakeLLMServer, signum: int, api: s
     assert took <= 10.0, f"took {took:.1f} s to exit:\n{text[-3000:]}"
     assert text.strip().splitlines()[-1] == RESUME  # the last line says how to resume
     time.sleep(0.5)
-    assert _alive(children) == [] and _in_group(proc.pid) == []  # its servers went with it
+    assert alive(children) == [] and in_group(proc.pid) == []  # its servers went with it
     assert not out.exists()  # nothing published
     answered = [e for e in llm.requests if e["status"] == 200]
     settled = {_identity(e) for e in answered if e["t_end"] < sent - SETTLED}
@@ -236,9 +210,9 @@ def test_kill_9_of_codeclm_leaves_no_process_behind(tmp_path: Path, llm: FakeLLM
     proc.kill()
     assert proc.wait(timeout=10) == -signal.SIGKILL
     deadline = time.monotonic() + 10
-    while _alive(children) and time.monotonic() < deadline:
+    while alive(children) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _alive(children) == [], f"outlived codeclm: {_alive(children)}"
+    assert alive(children) == [], f"outlived codeclm: {alive(children)}"
 
 
 KILLS = 10
@@ -272,7 +246,7 @@ def test_kill_9_at_ten_points_then_rerun_makes_the_clean_dataset(tmp_path: Path,
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
             kills.append(len(llm.requests) - start)
-        assert _in_group(proc.pid) == []
+        assert in_group(proc.pid) == []
         assert not out.exists() or (out / "manifest.json").exists()  # never half-published
     log = tmp_path / "rerun.log"
     rerun = _start(seeds, config, out, _env(home, api), log)

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 import pytest
 from conftest import settings_for
-from live_server import REPO, LiveServer, descendants, live_prefect_server
+from live_server import REPO, LiveServer, descendants, in_session, live_prefect_server
 
 from codeclm.errors import ConfigError
 from codeclm.ops.scaleout import dask_runner
@@ -69,7 +69,7 @@ def test_cli_says_why_dask_needs_a_server_and_leaves_no_process(fake_llm: FakeLL
     try:
         _, stderr = child.communicate(timeout=240)
     finally:
-        leftovers = [pid for pid in _session_members(child.pid) if pid != child.pid]
+        leftovers = [pid for pid in in_session(child.pid) if pid != child.pid]
         for pid in leftovers:
             os.kill(pid, 9)
     assert child.returncode == 2, stderr[-3000:]
@@ -77,20 +77,6 @@ def test_cli_says_why_dask_needs_a_server_and_leaves_no_process(fake_llm: FakeLL
     assert "Server process did not start" not in stderr
     assert leftovers == []
     assert not (tmp_path / "out").exists()
-
-
-def _session_members(sid: int) -> list[int]:
-    """Processes still in the child's session (its ephemeral server would be one, had it been orphaned)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":
-                members.append(int(entry.name))
-    return members
 
 
 class _WorkerWatch:
