@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +131,18 @@ def _same_dataset(out: Path, clean: Path) -> None:
         pd.testing.assert_frame_equal(got[name], want[name], obj=name)
 
 
+def _exit_after(proc: subprocess.Popen[bytes], stop: Callable[[], object]) -> tuple[int, float]:
+    """Stop the run with `stop()`; its exit code and the seconds it took to exit (the group is killed after 30 s)."""
+    sent = time.monotonic()
+    stop()
+    try:
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return code, time.monotonic() - sent
+
+
 def _signal_during_hangs(tmp_path: Path, llm: FakeLLMServer, signum: int, api: str | None = None) -> dict[str, Any]:
     """Run with every target call hanging; signal once calls hang; check how the run ended. Without `api`, the run
     starts its own temporary Prefect server, which must be gone with it."""
@@ -144,14 +156,8 @@ def _signal_during_hangs(tmp_path: Path, llm: FakeLLMServer, signum: int, api: s
     time.sleep(SETTLED + 0.5)  # the hung calls are on their first attempt; the strong calls before them settle
     children = descendants(proc.pid)
     assert children or api, "codeclm started no temporary Prefect server"
-    sent = time.monotonic()
-    proc.send_signal(signum)
-    try:
-        code = proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    took = time.monotonic() - sent
+    sent = time.monotonic()  # calls that ended SETTLED s before this were complete, and must be kept
+    code, took = _exit_after(proc, lambda: proc.send_signal(signum))
     text = log.read_text()
     print(f"signal {signal.Signals(signum).name}: exit {code} after {took:.1f} s; {len(llm.requests)} requests "
           f"answered, {llm.in_flight} hanging")
@@ -276,14 +282,8 @@ def test_prefect_cancel_stops_a_run_started_without_a_worker(tmp_path: Path, llm
     with get_client(sync_client=True) as client:
         top = FlowRunFilter(parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True))
         run = next(r for r in client.read_flow_runs(flow_run_filter=top) if r.parameters.get("out") == str(out))
-        sent = time.monotonic()
-        client.set_flow_run_state(run.id, Cancelling(message="cancelled by the drill"))
-        try:
-            code = proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-        took = time.monotonic() - sent
+        code, took = _exit_after(proc, lambda: client.set_flow_run_state(
+            run.id, Cancelling(message="cancelled by the drill")))
         print(f"cancel: exit {code} after {took:.1f} s")
         assert code == 143 and took <= 10.0, log.read_text()[-3000:]
         family = [run, *client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id={"any_": [run.id]}))]
