@@ -5,6 +5,7 @@ the rounds from its cache; after a [finetune] or [baselines] change, every step 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -115,8 +116,9 @@ def _generate(seeds: Path, out: Path, settings: Settings) -> dict[str, set[str]]
 
 
 @pytest.mark.slow  # three generate runs, ~13 s each on the test harness (Prefect's tag concurrency calls)
-def test_changing_theta_reruns_the_rounds_and_export_only(prefect_harness: None, fake_llm: FakeLLMServer,
-                                                          tmp_path: Path) -> None:
+def test_theta_reruns_the_rounds_and_export_only_and_later_settings_nothing(prefect_harness: None,
+                                                                          fake_llm: FakeLLMServer,
+                                                                          tmp_path: Path) -> None:
     seeds = tmp_path / "seeds.jsonl"
     pd.DataFrame({"instruction": ["Plan a picnic for six.", "Explain tides to a child."]}).to_json(
         seeds, orient="records", lines=True)
@@ -134,7 +136,7 @@ def test_changing_theta_reruns_the_rounds_and_export_only(prefect_harness: None,
 
     later = settings.model_copy(update={"threshold": 1.0, "finetune": FinetuneConfig(epochs=1.0, trainer="off"),
                                         "baselines": settings.baselines.model_copy(update={"evol_rounds": 2})})
+    version = os.readlink(tmp_path / "out")
     steps = _generate(seeds, tmp_path / "out", later)
-    # only the export runs again: its input names the flow run it publishes
-    assert {step: s for step, s in steps.items() if step != "export"} == {
-        step: {"Cached"} for step in GENERATE_STEPS if step != "export"}, steps
+    # generation reads neither, so OUT already holds this very run: taken as it is, no step runs, nothing published
+    assert steps == {} and os.readlink(tmp_path / "out") == version, steps
