@@ -191,15 +191,13 @@ def published_run(seeds: SeedCheck, out: Path | str, settings: Settings, method:
     hashed it. A rerun would make no call and publish the same files, so `generate` returns this instead of
     running its steps again. None when anything differs or cannot be read."""
     from codeclm.results import GenerateResult
-    from codeclm.storage import file_sha256
 
     folder = Path(out)
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
         same = (manifest.get("recipe") == recipe_digest() and manifest["method"] == method
                 and manifest["run"]["seeds_sha"] == seeds.sha and manifest["totals"]["failed"] == 0
-                and manifest["settings"] == settings.for_stage("export").dump()
-                and all(file_sha256(folder / name) == sha for name, sha in manifest["files"].items()))
+                and manifest["settings"] == settings.for_stage("export").dump() and _intact(folder, manifest["files"]))
         if not same:
             return None
         return GenerateResult(out=str(folder), method=method, train=manifest["counts"]["train"],
@@ -209,16 +207,27 @@ def published_run(seeds: SeedCheck, out: Path | str, settings: Settings, method:
         return None
 
 
-def check_evaluate(benchmarks: Sequence[str], out: Path | str, settings: Settings,
+def _intact(folder: Path, files: dict[str, str]) -> bool:
+    """Every file as the manifest hashed it; hashed once per process while the files stay as they are (the CLI
+    asks before Prefect starts, the flow it starts asks again)."""
+    from codeclm.storage import file_sha256
+
+    request = {"folder": str(folder.resolve()), "files": files, "stamps": [_stamp(folder / name) for name in files]}
+    return _once("intact", request, lambda: all(file_sha256(folder / name) == sha for name, sha in files.items()))
+
+
+def check_evaluate(benchmarks: Sequence[str], out: Path | str | None, settings: Settings,
                    targets: Sequence[Target] | None = None, limit: int | None = None, rule: str | None = None,
                    prompt_column: str | None = None) -> EvalPlan:
-    """Everything `evaluate` can check before a call: the output folder, the request and its benchmarks (each
-    loaded once per process), and every model it calls that is not embedded (preflight)."""
+    """Everything `evaluate` can check before a call: the output folder (unless None: a caller that has not
+    made it yet), the request and its benchmarks (each loaded once per process), and every model it calls that
+    is not embedded (preflight)."""
     request = {"benchmarks": list(benchmarks), "settings": settings.model_dump(mode="json"),
                "targets": [t if isinstance(t, str) else t.model_dump(mode="json") for t in targets or []],
                "limit": limit, "rule": rule, "prompt_column": prompt_column}
 
-    check_output(out, "--out")
+    if out is not None:
+        check_output(out, "--out")
 
     def check() -> EvalPlan:
         from codeclm.eval.evaluation import plan_evaluation
@@ -232,19 +241,12 @@ def check_evaluate(benchmarks: Sequence[str], out: Path | str, settings: Setting
     return _once("evaluate", request, check)
 
 
-def check_refresh(root: Path | str, settings: Settings, benchmarks: Sequence[str], targets: Sequence[str],
-                  limit: int | None, *, evaluate: bool, train: bool) -> None:
-    """`refresh`, before the night's first generation call: where it writes, the evaluation it will run (its
-    benchmarks and targets, and the strong model, the judge and every named target reachable) and the training
-    setup. The base and tuned targets a training refresh serves itself do not exist yet and are not checked."""
-    check_output(root, "root", replaced=False)
+def check_refresh(settings: Settings, benchmarks: Sequence[str], targets: Sequence[str], limit: int | None, *,
+                  evaluate: bool, train: bool) -> None:
+    """`refresh`, before the night's first generation call: the evaluation it will run (`check_evaluate`: its
+    benchmarks and targets, the strong model and the judge reachable) and the training setup."""
     if evaluate:
-        from codeclm.eval.evaluation import plan_evaluation
-        from codeclm.llm.endpoints import preflight
-
-        plan = plan_evaluation(benchmarks, settings, list(targets) or None, limit)
-        for endpoint, roles in plan.endpoints():
-            preflight(endpoint, tuple(r for r in roles if not (train and r == "target")))
+        check_evaluate(benchmarks, None, settings, list(targets) or None, limit)  # the version's eval/ is made later
     if train:
         from codeclm.train.finetune import check_trainer
 

@@ -122,7 +122,7 @@ def refresh(seeds: str, root: str, settings: Settings | None = None, benchmarks:
         # named targets are models tuned elsewhere; otherwise the version trains its own (unless training is off)
         train = run_eval and not specs and settings.finetune.trainer != "off"
         # a bad benchmark, target, unreachable judge or training setup fails now, before any generation call
-        check_refresh(root, settings, bench, list(specs), eval_limit, evaluate=run_eval, train=train)
+        check_refresh(settings, bench, list(specs), eval_limit, evaluate=run_eval, train=train)
         staging = store.stage(version)
         seeds_file = store.write_seeds(staging, new)
         logger.info("building %s from %d new seeds in %s", version, len(new), staging)
