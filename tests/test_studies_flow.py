@@ -18,7 +18,7 @@ from test_studies import bench_file
 from test_topup_ablations import Model
 
 from codeclm.eval.protocol import BASE_ROW
-from codeclm.records import TrainingPair
+from codeclm.records import Metadata, TrainingPair
 from codeclm.settings import Settings
 from codeclm.storage import read_records
 from codeclm.testing.fake_finetune import FakeFineTuneServer
@@ -138,16 +138,19 @@ def test_metadata_study_holds_the_budget_with_fewer_metadata(prefect_harness: No
                                                              tmp_path: Path) -> None:
     from flows.protocol import protocol
 
-    bench = [str(bench_file(tmp_path, "vicuna", 5))]
-    settings = small(ft_server, tmp_path, studies={"metadata_fractions": [0.5, 1.0]})
+    bench = [str(bench_file(tmp_path, "vicuna", 10))]  # 2 seeds, so augmentation has use cases to mix
+    settings = small(ft_server, tmp_path, n_metadata=4, studies={"metadata_fractions": [0.5, 1.0]})
     out = tmp_path / "protocol"
     protocol(bench, str(out), settings, ["codeclm"], "whole", studies=["metadata"])
-    full = read_records(out / "datasets" / "vicuna" / "codeclm" / "train.parquet", TrainingPair)
-    half = read_records(out / "studies" / "metadata" / "datasets" / "vicuna" / "metadata-050" / "train.parquet",
-                        TrainingPair)
+    full_dir = out / "datasets" / "vicuna" / "codeclm"
+    half_dir = out / "studies" / "metadata" / "datasets" / "vicuna" / "metadata-050"
+    full, half = (read_records(d / "train.parquet", TrainingPair) for d in (full_dir, half_dir))
     assert len(full) == len(half) == 3  # the budget is held
-    assert len({p.metadata_id for p in full}) == 2 and len({p.metadata_id for p in half}) == 1
-    assert {p.metadata_id for p in half} < {p.metadata_id for p in full}  # a share of the same augmented metadata
+    used = [{m.metadata_id for m in read_records(d / "stages" / "metadata.parquet", Metadata)}
+            for d in (full_dir, half_dir)]
+    assert len(used[0]) >= 2 and len(used[1]) == round(len(used[0]) / 2)
+    assert used[1] < used[0]  # a share of the same augmented metadata, each decoded for more instructions
+    assert {p.metadata_id for p in half} <= used[1]
     manifest = json.loads((out / "studies" / "metadata" / "datasets" / "vicuna" / "metadata-050" /
                            "manifest.json").read_text())
     assert manifest["settings"]["metadata_fraction"] == 0.5
