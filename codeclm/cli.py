@@ -376,7 +376,12 @@ def protocol(
     config: ConfigOpt = None,
     strong: StrongOpt = None,
     target: TargetOpt = None,
-    judge: JudgeOpt = None,
+    judge: Annotated[list[str] | None, typer.Option(
+        help="judge model (litellm string); repeat for Table 6: every tuned target judged by each (default: the "
+             "embedded SmolLM2)")] = None,
+    study: Annotated[list[str] | None, typer.Option(
+        help="also run a study of the paper: rounds (Fig. 3), metadata (Fig. 4), budget (Fig. 5); repeat; "
+             "points in [studies]")] = None,
     budget: BudgetOpt = None,
     preset: PresetOpt = None,
     trainer: Annotated[Literal["local", "remote"] | None, typer.Option(
@@ -390,10 +395,12 @@ def protocol(
 
     def go() -> None:
         from codeclm.eval.protocol import check_methods, plan_calls, plan_markdown, plan_protocol
+        from codeclm.eval.studies import check_judges, check_studies, studies_plan, studies_plan_markdown
 
         settings = _with_judge(_settings(config, strong=strong, target=target, budget=budget, preset=preset),
-                               judge).with_finetune(config, base_model=base, trainer=trainer)
+                               (judge or [None])[0]).with_finetune(config, base_model=base, trainer=trainer)
         methods = check_methods(method) if method else None
+        judges, studies = check_judges((judge or [])[1:], settings), check_studies(study or [], settings)
         root = check_output(out, replaced=False)
         plans = plan_protocol(benchmark, root, settings, eval_on, limit, seed_fraction, write=not dry_run)
         if dry_run:
@@ -403,6 +410,9 @@ def protocol(
                 typer.echo(f"{p.label}: {len(p.split.seed_ids)} seed questions, {len(p.split.heldout_ids)} held "
                            f"out (split seed {p.split.seed}); evaluating on {eval_on}")
             typer.echo(plan_markdown(rows, settings, {p.label: p.eval_questions for p in plans}))
+            further = {p.label: studies_plan(studies, judges, settings, methods or _all_methods(),
+                                             len(p.split.seed_ids), p.eval_questions) for p in plans}
+            typer.echo(studies_plan_markdown(further))  # Table 6, Figs. 3-5
             return
         from codeclm.train.finetune import check_trainer
 
@@ -411,7 +421,7 @@ def protocol(
         from flows.protocol import protocol as protocol_flow
 
         api_ready()
-        result = protocol_flow(benchmark, str(out), settings, methods, eval_on, limit, seed_fraction)
+        result = protocol_flow(benchmark, str(out), settings, methods, eval_on, limit, seed_fraction, judges, studies)
         for r in result.rows:
             delta = "" if r.delta != r.delta else f", {r.delta:+.1f} pp vs self_instruct [{r.delta_low:+.1f}, " \
                                                   f"{r.delta_high:+.1f}]"

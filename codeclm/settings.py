@@ -208,6 +208,33 @@ class BaselineSettings(BaseModel):
     answer_topups: int = Field(3, ge=0, le=20, description="extra generate/answer passes to replace failed answers")
 
 
+class StudySettings(BaseModel):
+    """`[studies]`: the points of the paper's metadata (Fig. 4) and budget (Fig. 5) sweeps under `codeclm protocol
+    --study`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metadata_fractions: list[float] = Field([0.2, 0.4, 0.6, 0.8, 1.0], min_length=1, description="shares of the "
+                                            "metadata kept at the same budget (Fig. 4)")
+    budgets: list[int] = Field([500, 1000, 2000, 4000, 8000], min_length=1, description="data sizes (Fig. 5)")
+    budget_methods: list[str] = Field(["codeclm", "wizardlm_plus"], min_length=1, description="methods swept over "
+                                      "`budgets` (Fig. 5: CodecLM and WizardLM+)")
+
+    @field_validator("metadata_fractions")
+    @classmethod
+    def _shares(cls, value: list[float]) -> list[float]:
+        if any(not 0 < f <= 1 for f in value):
+            raise ValueError("each fraction must be in (0, 1]")
+        return sorted(set(value))
+
+    @field_validator("budgets")
+    @classmethod
+    def _sizes(cls, value: list[int]) -> list[int]:
+        if any(b < 1 for b in value):
+            raise ValueError("each budget must be at least 1")
+        return sorted(set(value))
+
+
 class _Derived:
     """What follows from settings, the same for the whole `Settings` and for one step's `StageSettings`."""
 
@@ -273,6 +300,8 @@ class Settings(_Derived, BaseSettings):
     drop_seed_overlap: bool = Field(True, description="reject generated instructions equal to a seed")
     drop_duplicates: bool = Field(True, description="reject basic instructions repeating an earlier one, across "
                                   "all batches (the paper describes no duplicate removal)")
+    metadata_fraction: float = Field(1.0, gt=0, le=1, description="decode from a reproducible random sample of "
+                                     "this share of the augmented metadata (Fig. 4's mismatch study; 1: all)")
     contrastive_filtering: bool = Field(True, description="score strong against target answers and keep only "
                                         "clear gaps; false (Table 3's ablations): every final instruction gets "
                                         "the strong model's answer, no target answers, no scores")
@@ -288,6 +317,9 @@ class Settings(_Derived, BaseSettings):
 
     # Baselines (Self-Instruct, Evol-Instruct, WizardLM+, Alpagasus)
     baselines: BaselineSettings = Field(default_factory=BaselineSettings)
+
+    # The paper's further studies in `codeclm protocol` (Figs. 4, 5; codeclm.eval.studies); no step reads them
+    studies: StudySettings = Field(default_factory=StudySettings)
 
     # Runner
     batch_size: int = Field(200, ge=1, le=10000, description="seeds per batch task")
@@ -405,7 +437,7 @@ CALLS = ("home", "max_attempts", "parse_attempts", "backoff_base", "backoff_max"
          "breaker_failures", "breaker_probe_s", "breaker_stop_after", "call_deadline", "hedge", "hedge_factor",
          "hedge_min_s")
 # What generation wrote into a manifest: every setting except the later steps' sections.
-_GENERATION = tuple(name for name in Settings.model_fields if name not in ("finetune", "baselines"))
+_GENERATION = tuple(name for name in Settings.model_fields if name not in ("finetune", "baselines", "studies"))
 
 # Every step's settings: what it reads, so that only these enter its Prefect cache key (INPUTS), its work folder
 # and its gateway. A step reading anything else fails with AttributeError (see `StageSettings`).
@@ -413,7 +445,7 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
     "seeds": ("home", "batch_size", "seed_sample", "seed"),
     "encode": ("strong", "max_skills", *CALLS),
     "augment": ("home", "n_metadata", "augment_max_skills", "seed", "budget", "oversample",
-                "instructions_per_metadata"),
+                "instructions_per_metadata", "metadata_fraction"),
     "rubrics": ("strong", "n_rubrics", *CALLS),
     "decode": ("strong", "drop_seed_overlap", *CALLS),
     "dedup": ("home",),

@@ -30,6 +30,7 @@ from codeclm.eval.protocol import (
     table_rows,
     write_table,
 )
+from codeclm.eval.studies import check_judges, check_studies
 from codeclm.llm.embedded import models_ready
 from codeclm.ops.cancellation import watch_cancellation
 from codeclm.ops.monitor import progress_view, stage_table
@@ -40,6 +41,7 @@ from flows.baselines import baseline
 from flows.evaluate import evaluate
 from flows.finetune import finetune
 from flows.generate import generate
+from flows.studies import run_studies, second_judges
 
 ROLES = ("strong", "target", "judge")
 
@@ -57,12 +59,14 @@ def method_run(method: str, benchmark: str, seeds: str, root: str, settings: Set
 
 @flow(name="codeclm-protocol-benchmark", flow_run_name="protocol · {label}", log_prints=True)
 def benchmark_run(label: str, plan: BenchmarkPlan, methods: list[str], root: str, settings: Settings,
-                  limit: int | None) -> tuple[list[MethodResult], list[ProtocolRow]]:
+                  limit: int | None, judges: list[str] | None = None) -> tuple[list[MethodResult], list[ProtocolRow]]:
     """Every method on one benchmark, then base and tuned targets answered and judged on the same questions."""
     made = [method_run(m, plan.label, plan.seeds, root, settings) for m in methods]
     eval_dir = Path(root) / "eval" / plan.label
     with served_targets({m.method: m.model for m in made}, settings) as (base, tuned):
         evaluate([plan.eval_spec], str(eval_dir), targets=[base, *tuned.values()], settings=settings, limit=limit)
+        # Table 6 (flows.studies): the same answers judged by each further judge
+        second_judges(plan.label, plan.eval_spec, [base, *tuned.values()], root, settings, judges or [], limit)
     models = {BASE_ROW: base.model, **{m: role.model for m, role in tuned.items()}}
     datasets = {m.method: (m.pairs, m.shortfall) for m in made}
     return made, table_rows(plan.label, read_questions(eval_dir), models, datasets)
@@ -71,7 +75,8 @@ def benchmark_run(label: str, plan: BenchmarkPlan, methods: list[str], root: str
 @flow(name="codeclm-protocol", flow_run_name="protocol · {out}", log_prints=True,
       on_running=[watch_cancellation])
 def protocol(benchmarks: list[str], out: str, settings: Settings | None = None, methods: list[str] | None = None,
-             eval_on: EvalOn = "whole", limit: int | None = None, seed_fraction: float = 0.2) -> ProtocolResult:
+             eval_on: EvalOn = "whole", limit: int | None = None, seed_fraction: float = 0.2,
+             judges: list[str] | None = None, studies: list[str] | None = None) -> ProtocolResult:
     """Table 1: every method's data, trained and evaluated per benchmark; bad input fails before any call."""
     settings = settings or Settings()
     methods = check_methods(methods or list(METHODS))
@@ -79,14 +84,16 @@ def protocol(benchmarks: list[str], out: str, settings: Settings | None = None, 
         raise ConfigError("the protocol compares data by training on it; finetune.trainer = 'off' cannot")
     check_trainer(settings)
     root = check_output(out, replaced=False)
+    judges, studies = check_judges(judges or [], settings), check_studies(studies or [], settings)  # studies
     plans = plan_protocol(benchmarks, root, settings, eval_on, limit, seed_fraction)
     made: list[MethodResult] = []
     rows: list[ProtocolRow] = []
     with progress_view("protocol-progress", f"protocol · {out}"), models_ready(settings, ROLES):
         for plan in plans:
-            bench_made, bench_rows = benchmark_run(plan.label, plan, methods, str(root), settings, limit)
+            bench_made, bench_rows = benchmark_run(plan.label, plan, methods, str(root), settings, limit, judges)
             made += bench_made
             rows += bench_rows
+        further = run_studies(studies, judges, plans, rows, str(root), settings, limit)  # Table 6, Figs. 3-5
     meta = {"benchmarks": {p.label: p.split.model_dump() for p in plans}, "methods": methods, "eval_on": eval_on,
             "limit": limit, "seed_fraction": seed_fraction, "budget": settings.budget, "preset": settings.preset,
             "strong": settings.strong.model, "judge": settings.judge.model, "trainer": settings.finetune.trainer,
@@ -94,8 +101,9 @@ def protocol(benchmarks: list[str], out: str, settings: Settings | None = None, 
             "trainings": [{"benchmark": m.benchmark, "method": m.method, "pairs": m.pairs, "shortfall": m.shortfall,
                            "trained": not m.model.cached, "steps": m.model.steps, "model": m.model.out}
                           for m in made]}
+    meta.update(further.meta)  # studies: every judge, and each study's folder
     svg = chart_svg(rows)
-    write_table(root, rows, meta, svg, report_markdown(rows, meta, "crr.svg"))
+    write_table(root, rows, meta, svg, report_markdown(rows, meta, "crr.svg") + further.markdown)
     create_markdown_artifact(report_markdown(rows, meta, data_uri(svg)), key="protocol-report",
                              description="Table 1: CRR per method and benchmark, difference to Self-Instruct")
     stage_table("protocol-table", [r.model_dump() for r in rows], "CRR per method and benchmark (Table 1)")

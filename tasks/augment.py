@@ -70,6 +70,16 @@ def mix_and_match(originals: list[Metadata], target: int, max_skills: int, seed:
     return list(merged.values())
 
 
+def metadata_share(pool: list[Metadata], fraction: float, seed: int) -> list[Metadata]:
+    """A reproducible random sample of round(fraction x n) metadata (at least one): Fig. 4 simulates a mismatch
+    between metadata and use by decoding the same budget from a random part of M (so more instructions each)."""
+    if fraction >= 1:
+        return pool
+    keep = max(1, round(fraction * len(pool)))
+    chosen = set(random.Random(f"{seed}:share").sample(range(len(pool)), keep))
+    return [m for i, m in enumerate(pool) if i in chosen]
+
+
 def for_budget(pool: list[Metadata], keep: int, seed: int) -> list[Metadata]:
     """The metadata that get basic instructions: all, or a reproducible random sample of `keep` when the budget
     asks for fewer instructions than there are metadata (so none is decoded just to be sampled out later)."""
@@ -85,11 +95,13 @@ def augment(metadata: list[Ref], settings: StageSettings, n_batches: int) -> lis
     originals = [m for ref in metadata for m in read(ref, Metadata)]
     pool = mix_and_match(originals, settings.n_metadata, settings.augment_max_skills, settings.seed)
     pool.sort(key=lambda m: (m.origin != "seed", m.metadata_id))
+    pool = metadata_share(pool, settings.metadata_fraction, settings.seed)
     pool = for_budget(pool, settings.metadata_to_decode(len(pool)), settings.seed)
     size = max(1, math.ceil(len(pool) / n_batches))
     digest = hashlib.sha256(json.dumps([[r["sha"] for r in metadata], settings.n_metadata,
                                         settings.augment_max_skills, settings.seed, n_batches,
-                                        settings.metadata_to_decode(settings.n_metadata)]).encode())
+                                        settings.metadata_to_decode(settings.n_metadata),
+                                        settings.metadata_fraction]).encode())
     out = settings.work_dir / "augment" / digest.hexdigest()[:20]
     return [ref_to(write_records(out / f"metadata-{i:04d}.parquet",
                                  pool[i * size:(i + 1) * size], Metadata)) for i in range(n_batches)]
