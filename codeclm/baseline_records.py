@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 BaselineMethod = Literal["self_instruct", "evol_instruct", "wizardlm_plus", "alpagasus", "tree_instruct"]
 METHODS: tuple[str, ...] = ("self_instruct", "evol_instruct", "wizardlm_plus", "alpagasus", "tree_instruct")
+MAX_LINEAGES = 6  # Evol-Instruct: chains per root at most, one per evolution method (tasks.evol.METHODS)
 ALPAGASUS_RATER = "judge"  # CodecLM A.2: a ChatGPT evaluator "closely following" Alpagasus, not the strong model
 # Table 3's ablations: the CodecLM flow with these settings (docs/baselines.md). Nothing is filtered, so the
 # budget needs no oversampling; top-up passes replace what failed or repeated.
@@ -69,6 +70,22 @@ class Rating(Record):
     rating: float
     kept: bool
     model: str = ""
+
+
+def lineages(roots: int, want: int, rounds: int) -> int:
+    """Evol-Instruct chains per root: the smallest of 1..6 whose roots x chains x rounds evolutions reach `want`
+    (tasks.evol states the rule); 6 at most, one per evolution method."""
+    if roots == 0:
+        return 1
+    return max(1, min(MAX_LINEAGES, math.ceil(want / (roots * rounds))))
+
+
+def evolution_calls(roots: int, settings: Settings) -> int:
+    """Evolution calls Evol-Instruct or WizardLM+ makes from `roots` seeds or basic instructions when none is
+    eliminated: every root, its lineages, every round (a plan's upper bound; eliminations end lineages early)."""
+    cfg = settings.baselines
+    want = math.ceil(settings.budget * cfg.evol_oversample)
+    return roots * lineages(roots, want, cfg.evol_rounds) * cfg.evol_rounds
 
 
 def baseline_roles(method: str) -> tuple[str, ...]:

@@ -20,13 +20,12 @@ lineages (every method once) is the most; a pool still short of the budget is a 
 
 from __future__ import annotations
 
-import math
 import random
 import re
 
 from pydantic import BaseModel, Field
 
-from codeclm.baseline_records import BaselineRejected, BaselineRejectReason, PoolInstruction
+from codeclm.baseline_records import BaselineRejected, BaselineRejectReason, PoolInstruction, lineages
 from codeclm.llm.gateway import Call, Reply
 from codeclm.llm.parsing import parse_improved_instruction
 from codeclm.llm.prompts import load_prompt
@@ -47,13 +46,6 @@ class Evolved(BaseModel):
 
 def _from_text(text: str) -> Evolved:
     return Evolved(instruction=parse_improved_instruction(text))
-
-
-def lineages(roots: int, want: int, rounds: int) -> int:
-    """Chains per root: the smallest of 1..6 whose roots x chains x rounds evolutions reach `want`; 6 at most."""
-    if roots == 0:
-        return 1
-    return max(1, min(len(METHODS), math.ceil(want / (roots * rounds))))
 
 
 def pick_methods(instruction_id: str, round: int, fanout: int, settings: StageSettings) -> list[str]:

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 from conftest import settings_for
 
-from codeclm.baseline_records import BaselineRejected, PoolInstruction, Rating
+from codeclm.baseline_records import MAX_LINEAGES, BaselineRejected, PoolInstruction, Rating, lineages
 from codeclm.errors import ParseError
 from codeclm.records import Candidate, FailedCall, Seed, TrainingPair
 from codeclm.rouge import RougePool, lcs_length, rouge_l, tokens
@@ -26,7 +26,7 @@ from codeclm.settings import Settings
 from codeclm.storage import read_records
 from codeclm.testing.fake_llm import FakeLLMServer
 from tasks.alpagasus import kept, parse_rating
-from tasks.evol import METHODS, lineages, pick_methods
+from tasks.evol import METHODS, pick_methods
 from tasks.pairs import failed_answer
 from tasks.respond import answer_messages
 
@@ -111,7 +111,7 @@ def test_evol_lineages_methods_and_answer_check() -> None:
     assert lineages(roots=100, want=10, rounds=4) == 1  # every root is evolved, however many
     assert lineages(roots=3, want=10, rounds=2) == 2  # two chains per root: 3 x 2 x 2 = 12
     assert lineages(roots=44, want=2500, rounds=4) == 6  # 44 x 6 x 4 = 1,056: the cap, then a shortfall
-    assert lineages(roots=1, want=10_000, rounds=2) == len(METHODS)
+    assert lineages(roots=1, want=10_000, rounds=2) == MAX_LINEAGES == len(METHODS)  # one per evolution method
     settings = Settings()
     draws = [pick_methods(f"i{n}", 1, 3, settings) for n in range(300)]
     assert all(len(set(d)) == 3 and set(d) <= set(METHODS) for d in draws)

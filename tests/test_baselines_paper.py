@@ -14,13 +14,12 @@ import pytest
 from conftest import settings_for
 from test_baselines import _INSTRUCTION, SEEDS, _cli, _evol_model, _published, _seed_file, _self_instruct_model, _user
 
-from codeclm.baseline_records import METHODS, Rating, baseline_roles, seeds_needed
+from codeclm.baseline_records import METHODS, Rating, baseline_roles, evolution_calls, lineages, seeds_needed
 from codeclm.errors import ConfigError, DatasetError
 from codeclm.records import Candidate
 from codeclm.settings import Settings
 from codeclm.storage import read_records
 from codeclm.testing.fake_llm import FakeLLMServer
-from tasks.evol import lineages
 from tasks.respond import answer_messages
 
 pytestmark = pytest.mark.timeout(300, method="thread")
@@ -64,6 +63,8 @@ def test_seeds_needed_by_each_methods_own_recipe() -> None:
     # that many seeds is exactly one lineage per seed, as WizardLM evolves them
     cfg = settings.baselines
     assert lineages(625, math.ceil(2000 * cfg.evol_oversample), cfg.evol_rounds) == 1
+    assert evolution_calls(625, settings) == 625 * 4
+    assert evolution_calls(16, Settings(budget=100)) == 16 * 2 * 4  # 125 wanted: two lineages per seed
     with pytest.raises(ConfigError, match="unknown method 'orca'"):
         seeds_needed("orca", settings)
     assert baseline_roles("alpagasus") == ("strong", "judge") and baseline_roles("tree_instruct") == ("strong",)
