@@ -224,26 +224,36 @@ def generate(
 
 @app.command()
 def baseline(
-    method: Annotated[Literal["self_instruct", "evol_instruct", "wizardlm_plus", "alpagasus", "metadata_only",
-                              "no_contrastive_filtering"], typer.Argument(
-        help="self_instruct, evol_instruct, wizardlm_plus (Evol from CodecLM's basic instructions), alpagasus "
-             "(Self-Instruct pairs rated by the strong model), or Table 3's ablations metadata_only and "
-             "no_contrastive_filtering; see docs/baselines.md")],
+    method: Annotated[Literal["self_instruct", "evol_instruct", "wizardlm_plus", "alpagasus", "tree_instruct",
+                              "metadata_only", "no_contrastive_filtering"], typer.Argument(
+        help="self_instruct, evol_instruct (WizardLM), wizardlm_plus (WizardLM from CodecLM's basic instructions), "
+             "alpagasus (Self-Instruct pairs rated by the judge), tree_instruct, or Table 3's ablations "
+             "metadata_only and no_contrastive_filtering; see docs/baselines.md")],
     seeds: Annotated[Path, typer.Argument(help="seed instructions: Parquet file or directory, JSONL or CSV")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output directory (replaced atomically when done)")],
     config: ConfigOpt = None,
     strong: StrongOpt = None,
     budget: BudgetOpt = None,
     preset: PresetOpt = None,
+    basic: Annotated[Path | None, typer.Option(
+        "--basic", help="wizardlm_plus only: a CodecLM dataset folder (what `codeclm generate` wrote) whose basic "
+                        "instructions to evolve, instead of decoding its own")] = None,
 ) -> None:
     """Make a baseline dataset (same layout as `generate`) from SEEDS into --out, at the same budget."""
 
     def go() -> None:
+        from codeclm.baseline_records import baseline_roles, basic_instructions_file
+        from codeclm.errors import ConfigError
+
+        if basic is not None:
+            if method != "wizardlm_plus":
+                raise ConfigError(f"--basic is for wizardlm_plus only, not {method}")
+            basic_instructions_file(basic)
         settings = _settings(config, strong=strong, budget=budget, preset=preset)
-        check_generate(seeds, out, settings, ("strong",))
+        check_generate(seeds, out, settings, baseline_roles(method))
         from flows.baselines import baseline as baseline_flow
 
-        summary = baseline_flow(method, str(seeds), str(out), settings)
+        summary = baseline_flow(method, str(seeds), str(out), settings, str(basic) if basic is not None else None)
         typer.echo(f"{summary.train} {method} pairs in {summary.out} (cost ${summary.totals['cost_usd']:.4f}, "
                    f"{summary.totals['calls']} calls, {summary.totals['cached']} cached{_shortfall_note(summary)})")
 

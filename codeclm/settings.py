@@ -200,12 +200,15 @@ class BaselineSettings(BaseModel):
                                        "the five in-depth methods weighs 1")
     evol_oversample: float = Field(1.25, ge=1, le=20, description="evolved instructions made per wanted pair "
                                    "(elimination and answer checks drop some)")
-    alpagasus_threshold: float = Field(4.5, ge=1, le=5, description="Alpagasus keeps pairs rated at least this")
+    alpagasus_threshold: float = Field(4.5, ge=0, le=5, description="Alpagasus keeps pairs the judge rates at least "
+                                       "this, on the original filter's 0-5 accuracy scale")
     alpagasus_oversample: float = Field(2.0, ge=1, le=50, description="Self-Instruct pairs rated per wanted pair "
                                         "at first; topped up while fewer than the budget pass")
     alpagasus_max_oversample: float = Field(6.0, ge=1, le=100, description="stated limit: at most budget x this "
                                             "pairs are rated; reaching it ends with a reported shortfall")
     answer_topups: int = Field(3, ge=0, le=20, description="extra generate/answer passes to replace failed answers")
+    tree_nodes: int = Field(10, ge=1, le=50, description="Tree-Instruct: nodes added to each instruction's semantic "
+                            "tree (paper A.2: 10)")
 
 
 class StudySettings(BaseModel):
@@ -315,7 +318,7 @@ class Settings(_Derived, BaseSettings):
     rule: Literal["codeclm", "alpagasus"] = Field("codeclm", description="how two judged orders become one "
                                                   "verdict: codeclm (wins twice) or alpagasus (win + draw)")
 
-    # Baselines (Self-Instruct, Evol-Instruct, WizardLM+, Alpagasus)
+    # Baselines (Self-Instruct, Evol-Instruct, WizardLM+, Alpagasus, Tree-Instruct)
     baselines: BaselineSettings = Field(default_factory=BaselineSettings)
 
     # The paper's further studies in `codeclm protocol` (Figs. 4, 5; codeclm.eval.studies); no step reads them
@@ -458,8 +461,10 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
     "finetune": ("home", "finetune"),
     "self_instruct": ("strong", "seed", "baselines", *CALLS),
     "evol": ("strong", "seed", "baselines", *CALLS),
+    "basic": ("home",),
+    "tree_instruct": ("strong", "seed", "baselines", *CALLS),
     "pairs": ("strong", "target", "seed", *CALLS),
-    "alpagasus": ("strong", "score_temperature", "baselines", *CALLS),
+    "alpagasus": ("judge", "baselines", *CALLS),
     "publish_baseline": (*_GENERATION, "baselines"),
 }
 

@@ -2,9 +2,11 @@
 budgets and output layout as `generate`. Orchestration only; every step is a batch task:
 
 self_instruct: self_instruct -> pairs, topped up while answers fail
-evol_instruct: evol (from the seeds) -> pairs
-wizardlm_plus: encode -> augment -> decode (-> dedup) -> evol (from the basic instructions) -> pairs
-alpagasus:     self_instruct -> pairs -> alpagasus, topped up while fewer than the budget pass
+evol_instruct: evol (every seed) -> pairs
+wizardlm_plus: encode -> augment -> decode (-> dedup) -> evol (every basic instruction) -> pairs, or with `basic`
+               (a published CodecLM dataset): basic (its round-1 candidates, no call) -> evol -> pairs
+alpagasus:     self_instruct -> pairs -> alpagasus (the judge rates), topped up while fewer than the budget pass
+tree_instruct: tree_instruct (one rewrite per seed) -> pairs
 then publish_baseline.
 """
 
@@ -16,7 +18,7 @@ from collections import defaultdict
 from prefect import flow, unmapped
 from prefect.runtime import flow_run
 
-from codeclm.baseline_records import ABLATIONS, METHODS
+from codeclm.baseline_records import ABLATIONS, METHODS, baseline_roles, basic_instructions_file
 from codeclm.checks import check_generate
 from codeclm.errors import ConfigError
 from codeclm.llm.embedded import models_ready
@@ -25,13 +27,13 @@ from codeclm.ops.cancellation import watch_cancellation
 from codeclm.ops.monitor import stage_table
 from codeclm.results import BaselineResult
 from codeclm.settings import Settings
-from tasks._base import Outputs, Ref
+from tasks._base import Outputs, Ref, ref_to
 from tasks.alpagasus import alpagasus
 from tasks.augment import augment
 from tasks.decode import decode
 from tasks.dedup import dedup
 from tasks.encode import encode
-from tasks.evol import evol
+from tasks.evol import evol, published_basic
 from tasks.pairs import answer_pairs
 from tasks.publish_baseline import publish_baseline
 from tasks.seeds import prepare_seeds
@@ -116,11 +118,17 @@ def _basic_instructions(seeds: list[Ref], settings: Settings, roots: int, refs: 
     return basic
 
 
-def _evol_pairs(method: str, seeds: list[Ref], settings: Settings, refs: Refs) -> str | None:
+def _evol_pairs(method: str, seeds: list[Ref], settings: Settings, refs: Refs, basic_file: Ref | None
+                ) -> str | None:
+    """Evolve every root (seeds; WizardLM+: CodecLM's basic instructions, its own or a published dataset's)."""
     cfg = settings.baselines
     want = math.ceil(settings.budget * cfg.evol_oversample)
-    basic = _basic_instructions(seeds, settings, math.ceil(want / cfg.evol_rounds), refs) \
-        if method == "wizardlm_plus" else []
+    basic: list[Ref] = []
+    if basic_file is not None:
+        basic = [published_basic(basic_file, settings.for_stage("basic"), method)["candidates"]]
+        refs["candidates"] += basic
+    elif method == "wizardlm_plus":
+        basic = _basic_instructions(seeds, settings, math.ceil(want / cfg.evol_rounds), refs)
     made = evol(seeds, basic, settings.for_stage("evol"), want, method)
     answered = answer_pairs(made["instructions"], settings.for_stage("pairs"), settings.budget, method,
                            check=True)
@@ -132,6 +140,21 @@ def _evol_pairs(method: str, seeds: list[Ref], settings: Settings, refs: Refs) -
             f"evol_oversample={cfg.evol_oversample}) ran out")
 
 
+def _tree_pairs(seeds: list[Ref], settings: Settings, refs: Refs) -> str | None:
+    """One Tree-Instruct rewrite per pair wanted (`tasks.tree_instruct` states the seed rule), then answers."""
+    from tasks.tree_instruct import tree_instruct
+
+    made = tree_instruct(seeds, settings.for_stage("tree_instruct"), settings.budget)
+    answered = answer_pairs(made["instructions"], settings.for_stage("pairs"), settings.budget, "tree_instruct",
+                           check=False)
+    _add(refs, made)
+    _add(refs, answered)
+    if answered["pairs"]["rows"] >= settings.budget:
+        return None
+    return (f"the Tree-Instruct pool ({made['instructions']['rows']} instructions, each seed rewritten at most "
+            f"ceil(budget / seeds) times) ran out")
+
+
 def ablation_settings(settings: Settings, method: str) -> Settings:
     """The settings of one of Table 3's ablations: the CodecLM flow with `ABLATIONS[method]` on top."""
     return settings.model_copy(update=ABLATIONS[method])
@@ -139,19 +162,25 @@ def ablation_settings(settings: Settings, method: str) -> Settings:
 
 @flow(name="codeclm-baseline", flow_run_name="baseline {method} · {seeds} → {out}", log_prints=True,
       task_runner=BatchRunner(), on_running=[watch_cancellation])
-def baseline(method: str, seeds: str, out: str, settings: Settings | None = None) -> BaselineResult:
+def baseline(method: str, seeds: str, out: str, settings: Settings | None = None, basic: str | None = None
+             ) -> BaselineResult:
     """Make a baseline dataset (`METHODS`, or a Table 3 ablation: `ABLATIONS`, made by `generate`) from a
-    seed file into `out`, at the settings' budget."""
+    seed file into `out`, at the settings' budget. `basic`: a published CodecLM dataset folder whose basic
+    instructions WizardLM+ evolves (no encode or decode call then)."""
     settings = settings or Settings()
     if method not in (*METHODS, *ABLATIONS):
         raise ConfigError(f"unknown baseline {method!r}; choose one of {', '.join((*METHODS, *ABLATIONS))}")
+    if basic is not None and method != "wizardlm_plus":
+        raise ConfigError(f"--basic is for wizardlm_plus only, not {method}")
+    basic_file = ref_to(basic_instructions_file(basic)) if basic is not None else None
     if method in ABLATIONS:
         from flows.generate import generate
 
         return BaselineResult.model_validate(
             generate(seeds, out, ablation_settings(settings, method), method=method).model_dump())
-    checked = check_generate(seeds, out, settings, ("strong",))  # already done when the CLI started this flow
-    with models_ready(settings, ("strong",)):
+    roles = baseline_roles(method)
+    checked = check_generate(seeds, out, settings, roles)  # already done when the CLI started this flow
+    with models_ready(settings, roles):
         seed_refs = prepare_seeds(seeds, checked.sha, settings.for_stage("seeds"))
         refs: Refs = defaultdict(list)
         refs["seeds"] = seed_refs
@@ -159,9 +188,13 @@ def baseline(method: str, seeds: str, out: str, settings: Settings | None = None
             limit = _self_instruct_pairs(seed_refs, settings, refs)
         elif method == "alpagasus":
             limit = _alpagasus_pairs(seed_refs, settings, refs)
+        elif method == "tree_instruct":
+            limit = _tree_pairs(seed_refs, settings, refs)
         else:
-            limit = _evol_pairs(method, seed_refs, settings, refs)
+            limit = _evol_pairs(method, seed_refs, settings, refs, basic_file)
         run = {"flow_run_id": str(flow_run.get_id() or ""), "seeds": seeds, "seeds_sha": checked.sha}
+        if basic_file is not None:
+            run |= {"basic": str(basic), "basic_candidates_sha": basic_file["sha"]}
         summary = BaselineResult.model_validate(
             publish_baseline(method, dict(refs), settings.for_stage("publish_baseline"), out, run, limit))
     stage_table("baseline-stages", summary.stages, f"calls, tokens, cost and seconds per {method} step")

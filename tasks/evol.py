@@ -1,25 +1,31 @@
-"""Evol-Instruct baseline (Xu et al. 2023; CodecLM §5.1) and WizardLM+ (the same rounds from CodecLM's basic
-instructions): each round rewrites every instruction of the previous generation with one or more evolution
-methods (five in-depth, one in-breadth, drawn at random), and eliminates evolutions that failed.
+"""Evol-Instruct baseline (Xu et al. 2023; CodecLM §5.1, A.2: "WizardLM") and WizardLM+ (the same rounds from
+CodecLM's basic instructions): every root (every seed, or every basic instruction) is evolved for `evol_rounds`
+rounds; each round rewrites every instruction of the previous generation with one evolution method (five
+in-depth, one in-breadth, drawn at random), and eliminates evolutions that failed.
 
 Elimination (at this step; answers are checked in `tasks.pairs`): an evolution whose text equals its parent's
 (case and spacing aside) is `unchanged`; one that talks about the rewriting itself ("given instruction",
 "rewritten instruction", a leftover tag) is `prompt_leak`; one repeating an instruction already made, a root
 or a seed is `duplicate`. An eliminated evolution has no children.
 
-Size: `fanout` (evolutions per instruction per round, distinct methods) is the smallest of 1..6 for which the
-roots can yield `want` evolutions over the rounds, and only as many roots are used as that needs.
+The pool is every surviving evolution of every round (generations 1..R; the roots themselves are not in it: they
+are the seeds, not evolved data). Draw (stated): `tasks.pairs` answers the pool in a seeded uniform shuffle until
+the budget is met, so the budget is a uniform sample of the pool, whose generations are about equally large.
+
+Too few roots (stated): when roots x rounds cannot give `want` evolutions, each root starts `lineages` chains,
+the smallest of 1..6 that can: its k lineages take k distinct methods in round 1 (distinct prompts, so distinct
+calls) and then evolve once per round each, as WizardLM does, so every generation stays the same size. Six
+lineages (every method once) is the most; a pool still short of the budget is a reported shortfall.
 """
 
 from __future__ import annotations
 
-import math
 import random
 import re
 
 from pydantic import BaseModel, Field
 
-from codeclm.baseline_records import BaselineRejected, BaselineRejectReason, PoolInstruction
+from codeclm.baseline_records import BaselineRejected, BaselineRejectReason, PoolInstruction, lineages
 from codeclm.llm.gateway import Call, Reply
 from codeclm.llm.parsing import parse_improved_instruction
 from codeclm.llm.prompts import load_prompt
@@ -40,16 +46,6 @@ class Evolved(BaseModel):
 
 def _from_text(text: str) -> Evolved:
     return Evolved(instruction=parse_improved_instruction(text))
-
-
-def plan(roots: int, want: int, rounds: int) -> tuple[int, int]:
-    """(fanout, roots used): the smallest fanout whose tree of `rounds` generations reaches `want` evolutions,
-    and the fewest roots that do; at fanout 6 (every method once) all roots, whatever they yield."""
-    for fanout in range(1, len(METHODS) + 1):
-        per_root = sum(fanout ** r for r in range(1, rounds + 1))
-        if roots * per_root >= want:
-            return fanout, min(roots, math.ceil(want / per_root))
-    return len(METHODS), roots
 
 
 def pick_methods(instruction_id: str, round: int, fanout: int, settings: StageSettings) -> list[str]:
@@ -78,21 +74,33 @@ def eliminated(parent: str, child: str) -> BaselineRejectReason | None:
 
 
 def roots_of(seeds: list[Seed], basic: list[Candidate], method: str) -> list[PoolInstruction]:
-    """Evol-Instruct evolves the seeds; WizardLM+ evolves CodecLM's basic instructions (with their metadata)."""
+    """Evol-Instruct evolves the seeds; WizardLM+ evolves CodecLM's basic instructions (round 1, with their
+    metadata)."""
     if basic:
         return [PoolInstruction(instruction_id=c.instruction_id, instruction=c.instruction, method=method, round=0,
                                 root_instruction=c.instruction, evolutions=[], seed_ids=c.seed_ids,
                                 metadata_id=c.metadata_id, use_case=c.use_case, skills=c.skills)
-                for c in sorted(basic, key=lambda c: c.instruction_id)]
+                for c in sorted(basic, key=lambda c: c.instruction_id) if c.round == 1]
     return [PoolInstruction(instruction_id=content_id("root", s.seed_id, s.instruction), instruction=s.instruction,
                             method=method, round=0, root_instruction=s.instruction, evolutions=[],
                             seed_ids=[s.seed_id])
             for s in seeds]
 
 
+@codec_task("basic", run_name="{name} · {method}")
+def published_basic(candidates: Ref, settings: StageSettings, method: str) -> Outputs:
+    """The basic (round-1) instructions of a published CodecLM dataset's candidates table, as WizardLM+'s roots;
+    no call is made."""
+    step = Step("basic", method, settings, candidates=candidates["sha"])
+    if (done := step.done()) is not None:
+        return done
+    step.write("candidates", [c for c in read(candidates, Candidate) if c.round == 1], Candidate)
+    return step.finish()
+
+
 @codec_task("evol", run_name="{name} · {method}", tags=["role:strong"])
 def evol(seeds: list[Ref], basic: list[Ref], settings: StageSettings, want: int, method: str) -> Outputs:
-    """Evolve the roots for `evol_rounds` rounds; every surviving evolution of every round joins the pool."""
+    """Evolve every root for `evol_rounds` rounds; every surviving evolution of every round joins the pool."""
     step = Step("evol", method, settings, seeds=[s["sha"] for s in seeds], basic=[b["sha"] for b in basic],
                 want=want)
     if (done := step.done()) is not None:
@@ -100,14 +108,14 @@ def evol(seeds: list[Ref], basic: list[Ref], settings: StageSettings, want: int,
     seed_rows = [s for ref in seeds for s in read(ref, Seed)]
     roots = roots_of(seed_rows, [c for ref in basic for c in read(ref, Candidate)], method)
     rounds = settings.baselines.evol_rounds
-    fanout, used = plan(len(roots), want, rounds)
+    chains = lineages(len(roots), want, rounds)
     seen = {normal_text(t) for t in [*(s.instruction for s in seed_rows), *(r.instruction for r in roots)]}
-    generation, pool = roots[:used], []
+    generation, pool = roots, []
     rejected: list[BaselineRejected] = []
-    print(f"{method}: {used} of {len(roots)} roots, {fanout} evolution(s) per instruction per round, {rounds} rounds")
+    print(f"{method}: all {len(roots)} roots, {chains} lineage(s) each, {rounds} rounds")
     for round in range(1, rounds + 1):
         jobs = [(parent, m) for parent in generation
-                for m in pick_methods(parent.instruction_id, round, fanout, settings)]
+                for m in pick_methods(parent.instruction_id, round, chains if round == 1 else 1, settings)]
         calls = []
         for parent, m in jobs:
             prompt = load_prompt(f"evol_{m}")

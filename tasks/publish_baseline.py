@@ -29,6 +29,7 @@ PROMPTS: dict[str, tuple[str, ...]] = {
     "evol_instruct": (*(f"evol_{m}" for m in EVOL_METHODS), "respond"),
     "wizardlm_plus": ("encode", "decode", "decode_more", *(f"evol_{m}" for m in EVOL_METHODS), "respond"),
     "alpagasus": ("self_instruct", "respond", "alpagasus"),
+    "tree_instruct": ("tree_instruct", "respond"),
 }
 
 

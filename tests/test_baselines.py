@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 from conftest import settings_for
 
-from codeclm.baseline_records import BaselineRejected, PoolInstruction, Rating
+from codeclm.baseline_records import MAX_LINEAGES, BaselineRejected, PoolInstruction, Rating, lineages
 from codeclm.errors import ParseError
 from codeclm.records import Candidate, FailedCall, Seed, TrainingPair
 from codeclm.rouge import RougePool, lcs_length, rouge_l, tokens
@@ -26,7 +26,7 @@ from codeclm.settings import Settings
 from codeclm.storage import read_records
 from codeclm.testing.fake_llm import FakeLLMServer
 from tasks.alpagasus import kept, parse_rating
-from tasks.evol import METHODS, pick_methods, plan
+from tasks.evol import METHODS, pick_methods
 from tasks.pairs import failed_answer
 from tasks.respond import answer_messages
 
@@ -92,17 +92,26 @@ def test_alpagasus_threshold_and_rating_parse() -> None:
     assert kept(4.5, settings) and kept(5, settings) and not kept(4.4, settings) and not kept(4, settings)
     assert parse_rating("Rating: 4.5\nbecause ...").rating == 4.5
     assert parse_rating("**Rating:** 5").rating == 5 and parse_rating("3").rating == 3
+    # the original filter's format: the score alone on the first line, the explanation after it; 0 is on the scale
+    rated = parse_rating("4.5\nThe answer is accurate and complete.")
+    assert rated.rating == 4.5 and rated.explanation == "The answer is accurate and complete."
+    assert parse_rating("0\nWrong.").rating == 0
+    assert parse_rating("Score: 4/5").rating == 4 and parse_rating("4.5 out of 5").rating == 4.5
+    assert parse_rating("Assistant 1: 2").rating == 2  # a label's number is not the score
+    assert parse_rating('{"rating": 4.5, "explanation": "cut sh').rating == 4.5  # JSON cut in its explanation
+    assert parse_rating("\n\n5 - accurate\n").rating == 5
     with pytest.raises(ParseError):
-        parse_rating("The answer is good.")
+        parse_rating("The answer is good.\n5")  # only the first line counts
     with pytest.raises(ValueError):
-        parse_rating("Rating: 7")  # outside 1-5
+        parse_rating("Rating: 7")  # outside 0-5
 
 
-def test_evol_plan_methods_and_answer_check() -> None:
-    assert plan(roots=4, want=8, rounds=2) == (1, 4)  # 4 roots x 2 rounds
-    assert plan(roots=100, want=10, rounds=4) == (1, 3)  # only the roots needed
-    assert plan(roots=3, want=10, rounds=2) == (2, 2)  # fan out: 2 + 4 per root
-    assert plan(roots=1, want=10_000, rounds=2) == (len(METHODS), 1)  # cannot reach: everything, shortfall
+def test_evol_lineages_methods_and_answer_check() -> None:
+    assert lineages(roots=4, want=8, rounds=2) == 1  # 4 roots x 2 rounds
+    assert lineages(roots=100, want=10, rounds=4) == 1  # every root is evolved, however many
+    assert lineages(roots=3, want=10, rounds=2) == 2  # two chains per root: 3 x 2 x 2 = 12
+    assert lineages(roots=44, want=2500, rounds=4) == 6  # 44 x 6 x 4 = 1,056: the cap, then a shortfall
+    assert lineages(roots=1, want=10_000, rounds=2) == MAX_LINEAGES == len(METHODS)  # one per evolution method
     settings = Settings()
     draws = [pick_methods(f"i{n}", 1, 3, settings) for n in range(300)]
     assert all(len(set(d)) == 3 and set(d) <= set(METHODS) for d in draws)
@@ -163,7 +172,7 @@ def _self_instruct_model(body: dict[str, Any]) -> str | None:
         new = [f"Plan task {tag} {i} with " + " ".join(map(str, random.Random(tag + str(i)).sample(range(99), 6)))
                for i in range(3)]
         return json.dumps({"instructions": [copy.group(1), *new]})
-    if "Rate the answer" in user:
+    if "rate the accuracy" in user:
         inst = _INSTRUCTION.search(user)
         assert inst is not None
         even = int(hashlib.sha256(inst.group(1).encode()).hexdigest(), 16) % 2 == 0
@@ -271,7 +280,7 @@ def test_evol_shortfall_when_the_pool_runs_out(prefect_harness: None, fake_llm: 
     settings = settings_for(fake_llm, tmp_path, budget=6, baselines={"evol_rounds": 2, "evol_oversample": 1.0})
     _baseline("evol_instruct", tmp_path, settings)
     budget = _published(tmp_path / "out")["manifest"]["budget"]
-    # 3 roots used (6 / 2 rounds); the moon lineage dies and both SQL evolutions fail at answering
+    # every root evolved once per round: 3 + 3 (the moon lineage dies); both SQL evolutions fail at answering
     assert budget["published"] < 6 and budget["shortfall"] == 6 - budget["published"]
     assert "ran out" in budget["limit"]
 
@@ -347,5 +356,5 @@ def test_cli_reports_a_shortfall_on_its_last_line_and_bad_input_in_one(fake_llm:
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'missing.jsonl'}: no such file or directory; pass a Parquet, JSONL or CSV file of seeds"]
     assert not (tmp_path / "out2").exists()
-    unknown = _cli(tmp_path, "tree_instruct", str(_seed_file(tmp_path)), "--out", str(tmp_path / "out3"))
-    assert unknown.returncode == 2 and "tree_instruct" in unknown.stderr
+    unknown = _cli(tmp_path, "orca", str(_seed_file(tmp_path)), "--out", str(tmp_path / "out3"))
+    assert unknown.returncode == 2 and "orca" in unknown.stderr

@@ -102,8 +102,8 @@ def test_protocol_input_errors_are_one_line_before_any_call(tmp_path: Path) -> N
 
     bench = subset(tmp_path, "vicuna_80.jsonl", "vicuna", 10)
     settings = Settings(home=tmp_path / "home")
-    with pytest.raises(ConfigError, match="unknown method tree_instruct; choose from codeclm, self_instruct"):
-        check_methods(["codeclm", "tree_instruct"])
+    with pytest.raises(ConfigError, match="unknown method orca; choose from codeclm, self_instruct"):
+        check_methods(["codeclm", "orca"])
     with pytest.raises(ConfigError, match="--limit 9 is more than the 8 heldout questions of vicuna"):
         plan_protocol([str(bench)], tmp_path / "out", settings, "heldout", 9, 0.2, write=False)
     plans = plan_protocol([str(bench)], tmp_path / "out", settings, "whole", 9, 0.2)
