@@ -139,9 +139,11 @@ def ablation_settings(settings: Settings, method: str) -> Settings:
 
 @flow(name="codeclm-baseline", flow_run_name="baseline {method} · {seeds} → {out}", log_prints=True,
       task_runner=BatchRunner(), on_running=[watch_cancellation])
-def baseline(method: str, seeds: str, out: str, settings: Settings | None = None) -> BaselineResult:
+def baseline(method: str, seeds: str, out: str, settings: Settings | None = None, basic: str | None = None
+             ) -> BaselineResult:
     """Make a baseline dataset (`METHODS`, or a Table 3 ablation: `ABLATIONS`, made by `generate`) from a
-    seed file into `out`, at the settings' budget."""
+    seed file into `out`, at the settings' budget. `basic` (a codeclm dataset whose basic instructions
+    WizardLM+ evolves) is the agreed interface; the baselines branch implements it, here it is unused."""
     settings = settings or Settings()
     if method not in (*METHODS, *ABLATIONS):
         raise ConfigError(f"unknown baseline {method!r}; choose one of {', '.join((*METHODS, *ABLATIONS))}")
