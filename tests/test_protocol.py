@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ from codeclm.eval.protocol import BASE_ROW, plan_calls, split_questions
 from codeclm.settings import Settings
 from codeclm.testing.fake_finetune import FakeFineTuneServer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
+# the shared benchmark files beside the repository; CODECLM_TEST_BENCHMARKS points elsewhere (a git worktree)
+SHARED = Path(os.environ.get("CODECLM_TEST_BENCHMARKS", Path(__file__).resolve().parents[2] / "shared" / "benchmarks"))
 
 
 def subset(tmp_path: Path, source: str, name: str, n: int) -> Path:

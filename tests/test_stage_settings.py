@@ -36,7 +36,8 @@ CHANGED: dict[str, Any] = {
     "breaker_probe_s": 1.0, "breaker_stop_after": 9.0, "call_deadline": 9.0, "hedge": False, "hedge_factor": 2.0,
     "hedge_min_s": 1.0,
     "strong": {"model": "openai/other"}, "target": {"model": "openai/other"}, "judge": {"model": "openai/other"},
-    "finetune": {"epochs": 1.0}, "baselines": {"evol_rounds": 2},
+    "finetune": {"epochs": 1.0}, "baselines": {"evol_rounds": 2}, "judge_template": "judge_fig12",
+    "eval_overlap": "vicuna", "protocol": {"alpaca_seeds": 9},
 }
 
 
