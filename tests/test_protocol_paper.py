@@ -177,9 +177,9 @@ def test_leak_guard_rejects_evolved_test_questions_before_the_budget(prefect_har
     assert leaked and all(guard.match(r.instruction) for r in leaked) and all(r.detail for r in leaked)
     assert not any(guard.match(p.instruction) for p in train)
     assert manifest["counts"]["eval_overlap"] == len(leaked) == manifest["counts"]["rejected"]["eval_overlap"]
-    # rejected before the budget: the clean pairs fill it (4 of 8 evolved pairs are clean, the budget is 3)
-    assert len(train) == 3 and manifest["budget"]["shortfall"] == 0
-    assert manifest["counts"]["rejected"].get("over_budget") == 1
+    # Evol's answer step answers exactly the budget's instructions, so here the leaked pairs become a shortfall,
+    # stated in the manifest (the codeclm test below shows the budget met from the rest)
+    assert len(train) + manifest["budget"]["shortfall"] == 3 and manifest["budget"]["shortfall"] > 0
 
 
 def test_leak_guard_in_codeclm_export(prefect_harness: None, fake_llm: FakeLLMServer, tmp_path: Path) -> None:
@@ -190,15 +190,18 @@ def test_leak_guard_in_codeclm_export(prefect_harness: None, fake_llm: FakeLLMSe
     codec = Model(gap=8)
     fake_llm.responder = codec
     questions = tmp_path / "eval.jsonl"
-    questions.write_text(json.dumps({"question_id": 1, "prompt": "distinct task number 2"}) + "\n")
+    questions.write_text(json.dumps({"question_id": 1, "prompt": "Please solve distinct task number 2 today"}) + "\n")
     settings = settings_for(fake_llm, tmp_path, budget=2, n_metadata=1, n_rubrics=1, max_rounds=1, oversample=1.0,
-                            instructions_per_metadata=2, max_topups=0, eval_overlap=str(questions))
+                            instructions_per_metadata=3, max_topups=0, eval_overlap=str(questions))
     generate(str(_seeds(tmp_path, SEED_TEXTS[:1])), str(tmp_path / "out"), settings)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     rejected = read_records(tmp_path / "out" / "rejected.parquet", RejectedCandidate)
-    # both "Distinct task number N." share 3 of 4 tokens with the question (ROUGE-L 0.75): both rejected
-    assert {r.reason for r in rejected} == {"eval_overlap"} and len(rejected) == 2
-    assert manifest["counts"]["eval_overlap"] == 2 and manifest["budget"]["shortfall"] == 2
+    # "Distinct task number 2." has ROUGE-L 8/11 = 0.73 with the question, numbers 1 and 3 have 6/11 = 0.55: one
+    # pair is rejected before the budget, and the other two meet it (nothing over budget, no shortfall)
+    assert [(r.reason, r.instruction) for r in rejected] == [("eval_overlap", "Distinct task number 2.")]
+    assert manifest["counts"]["eval_overlap"] == 1 and manifest["budget"]["shortfall"] == 0
+    train = read_records(tmp_path / "out" / "train.parquet", TrainingPair)
+    assert sorted(p.instruction for p in train) == ["Distinct task number 1.", "Distinct task number 3."]
 
 
 # --- the judge --------------------------------------------------------------------------------------------------
@@ -262,7 +265,8 @@ def test_judge_check_refuses_a_position_judge_and_passes_a_quality_judge(prefect
     assert skipped.skipped and not skipped.passed and skipped.figure == 0.5
     assert "overridden by --skip-judge-check" in skipped.line()
 
-    fake_llm.responder = _judge("quality")
+    fake_llm.responder = _judge("quality")  # another judge model (the caches rightly keep the first one's verdicts)
+    settings = settings.model_copy(update={"judge": settings.judge.model_copy(update={"model": "openai/fair"})})
     requests = len(fake_llm.requests)
     check = check_judge(plan, settings, skip=False)
     assert check.passed and check.figure == 1.0 and check.pairs == 10 and check.mode == "text"
