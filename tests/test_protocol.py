@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,11 @@ def ft_server(monkeypatch: pytest.MonkeyPatch) -> Any:
 
         def model(body: dict[str, Any]) -> str | None:
             user = str(body["messages"][-1]["content"])
+            if "Assistant 1's Answer" in user and "[Question]" in user:  # the Fig. 12 judge: reads the answers
+                question = user.split("[Question]\n", 1)[1].split("\n\n[The Start", 1)[0][:40]
+                one, two = re.findall(r"Answer\]\s*(.*?)\s*\[The End", user, re.S)
+                first = (question in one, len(one)) > (question in two, len(two))  # on topic, then longer
+                return "8 4\nfirst is better" if first else "4 8\nsecond is better"
             return _self_instruct_model(body) if "example instructions" in user else codec(body)
 
         server.responder = model
@@ -64,6 +70,15 @@ def test_protocol_makes_table_one_and_a_rerun_is_free(prefect_harness: None, ft_
     benchmarks = [str(subset(tmp_path, "vicuna_80.jsonl", "vicuna", 10)),
                   str(subset(tmp_path, "koala_180.jsonl", "koala", 10))]
     settings = small(ft_server, tmp_path)
+    alpaca = tmp_path / "alpaca_small.json"  # Alpaca's layout, written for the test
+    alpaca.write_text(json.dumps([{"instruction": f"Plan a trip to city {i} with {i % 4 + 2} stops.",
+                                   "input": "" if i % 2 else f"budget {i}", "output": "-"} for i in range(30)]))
+    settings = settings.model_copy(update={
+        "judge_template": "judge_fig12",  # the paper's judge, in plain text whatever output_mode says
+        "target": settings.target.model_copy(update={"model": "openai/gpt-4o-mini-2024-07-18"}),  # = the base
+        "protocol": settings.protocol.model_copy(update={
+            "alpaca": str(alpaca), "alpaca_seeds": 6, "judge_check_questions": 3,
+            "seed_sources": {"self_instruct": "alpaca"}})})
     out = tmp_path / "protocol"
     result = protocol(benchmarks, str(out), settings, ["codeclm", "self_instruct"], "heldout")
 
@@ -88,7 +103,30 @@ def test_protocol_makes_table_one_and_a_rerun_is_free(prefect_harness: None, ft_
     report = (out / "report.md").read_text()
     assert "| method | vicuna | koala |" in report and "**held-out** 80 %" in report
     assert (out / "crr.svg").read_text().startswith("<svg")
-    assert json.loads((out / "protocol.json").read_text())["eval_on"] == "heldout"
+    meta = json.loads((out / "protocol.json").read_text())
+    assert meta["eval_on"] == "heldout"
+    # issue 18: seeds per method, leak guard, judge and its check, recipe, filtering target, Table 5
+    sample = json.loads((out / "splits" / "alpaca" / "sample-6.json").read_text())
+    assert meta["seed_sources"]["self_instruct"]["sample"]["ids"] == sample["ids"] and len(sample["ids"]) == 6
+    assert meta["seed_sources"]["codeclm"]["source"] == "benchmark"
+    si = next(r for r in meta["statements"] if r["method"] == "self_instruct")
+    assert si["seed_source"] == "alpaca" and "Alpaca sample of 6" in si["seeds"]
+    assert all(r["judge_template"] == "judge_fig12" and r["judge_mode"] == "text" for r in meta["statements"])
+    assert meta["judge_check"]["passed"] and meta["judge_check"]["figure"] >= 0.9
+    assert meta["judge_check"]["template"] == "judge_fig12" and meta["judge_check"]["mode"] == "text"
+    assert any("untuned base" in w for w in meta["warnings"])  # the target answering in filtering = the base
+    assert all("eval_overlap" in t for t in meta["trainings"])
+    for name in ("vicuna", "koala"):
+        assert (out / "splits" / name / "eval-heldout.jsonl").read_text().count("\n") == 8
+    manifest = json.loads((out / "datasets" / "vicuna" / "self_instruct" / "manifest.json").read_text())
+    assert manifest["settings"]["eval_overlap"].endswith("splits/vicuna/eval-heldout.jsonl")
+    seeds = pq.read_table(out / "datasets" / "vicuna" / "self_instruct" / "stages" / "seeds.parquet")
+    assert len(seeds) == 6 and all(t.startswith("Plan a trip to city") for t in seeds.column("instruction")
+                                   .to_pylist())
+    assert all(r.wins + r.ties + r.losses == r.questions for r in rows.values())
+    assert "## Table 5: wins, ties and losses" in report and "## How each method was made" in report
+    assert "judge check passed" in report and "untuned base" in report and "judge_fig12.md" in report
+    assert result.judge_check is not None and result.judge_check.passed
 
     # a rerun: every dataset, model and verdict is found again, no LLM request, no training
     jobs = ft_server.count("POST /fine_tuning/jobs")
