@@ -281,7 +281,8 @@ def test_judge_check_catches_the_embedded_smollm2(prefect_harness: None, tmp_pat
     from codeclm.llm.embedded import models_ready
     from flows.protocol import check_judge
 
-    settings = Settings(home=tmp_path / "home", protocol={"judge_check_questions": 3})
+    settings = Settings(home=tmp_path / "home", protocol={"judge_check_questions": 3},
+                        strong={"max_tokens": 128}, judge={"max_tokens": 64})
     plan = plan_protocol([str(bench_file(tmp_path))], tmp_path / "out", settings, "whole", None, 0.2)[0]
     with models_ready(settings, ("strong", "judge")), pytest.raises(ConfigError, match="judge check FAILED"):
         check_judge(plan, settings, skip=False)
