@@ -277,6 +277,7 @@ def test_judge_check_refuses_a_position_judge_and_passes_a_quality_judge(prefect
 
 
 @pytest.mark.embedded
+@pytest.mark.timeout(1200, method="thread")  # SmolLM2 on a CPU: 3 answers and up to 12 verdicts
 def test_judge_check_catches_the_embedded_smollm2(prefect_harness: None, tmp_path: Path) -> None:
     from codeclm.llm.embedded import models_ready
     from flows.protocol import check_judge
