@@ -47,7 +47,7 @@ class PoolInstruction(Record):
 
 
 BaselineRejectReason = Literal["rouge_overlap", "empty", "unchanged", "prompt_leak", "duplicate", "seed_overlap",
-                               "failed_answer", "low_rating", "over_budget"]
+                               "failed_answer", "low_rating", "over_budget", "eval_overlap"]
 
 
 class BaselineRejected(Record):

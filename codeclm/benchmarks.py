@@ -142,6 +142,46 @@ def load_benchmark(
     return questions[:limit]
 
 
+# Alpaca's instructions (Taori et al. 2023; CC BY-NC 4.0): the seed pool the paper (A.2) samples for Self-Instruct,
+# Tree-Instruct, WizardLM and Alpagasus. A JSON list of {instruction, input, output}; only the first two are read.
+ALPACA_URL = f"{_RAW}/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
+ALPACA_COUNT = 52002
+ALPACA = RowFormat("alpaca", frozenset({"instruction", "input", "output"}), lambda row: alpaca_prompt(row), None)
+
+
+def alpaca_prompt(row: Row) -> object:
+    """One stated rule, Self-Instruct's: the instruction, then " Input: {input}" when the input is not empty."""
+    instruction, given = row.get("instruction"), row.get("input")
+    if isinstance(given, str) and given.strip() and isinstance(instruction, str):
+        return f"{instruction} Input: {given}"
+    return instruction
+
+
+def load_alpaca(spec: str, *, cache_dir: Path, fetch: Callable[[str], bytes] | None = None
+                ) -> list[BenchmarkQuestion]:
+    """Alpaca's instructions as questions named `alpaca`, ids their row numbers (1-based): `spec` 'alpaca' reads
+    the copy downloaded once into `cache_dir` (a bad download is never cached), else a local file in its layout."""
+    if spec.strip().lower() == "alpaca":
+        cache = cache_dir / "alpaca_data.json"
+        if cache.is_file():
+            rows, where = _read_rows(cache), str(cache)
+        else:
+            data = _fetch("alpaca", ALPACA_URL, fetch or _download)
+            rows, where = _parse_json(_decode(data, ALPACA_URL), ALPACA_URL), ALPACA_URL
+            if len(rows) != ALPACA_COUNT:
+                raise BenchmarkError(f"{ALPACA_URL} has {len(rows)} rows, Alpaca has {ALPACA_COUNT}; pass a local "
+                                     "path to alpaca_data.json instead.")
+            _write_atomic(cache, data)
+    else:
+        path = _existing_file(spec)
+        rows, where = _read_rows(path), str(path)
+    missing = ALPACA.keys - set(_columns(rows, where))
+    if missing:
+        raise BenchmarkError(f"{where} is not in Alpaca's layout (instruction, input, output; missing: "
+                             f"{', '.join(sorted(missing))}).")
+    return _questions(rows, "alpaca", ALPACA, where)
+
+
 def _load_known(
     name: str,
     source: BenchmarkSource,

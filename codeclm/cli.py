@@ -376,9 +376,8 @@ def protocol(
     benchmark: Annotated[list[str], typer.Option("--benchmark", "-b", help=BenchmarkHelp)],
     out: Annotated[Path, typer.Option("--out", "-o", help="writes OUT/report.md, OUT/table.parquet, OUT/crr.svg, "
                                       "OUT/splits, OUT/datasets, OUT/models, OUT/eval")],
-    method: Annotated[list[str] | None, typer.Option(help="method to compare; repeat (default: all: codeclm, "
-                                                      "self_instruct, evol_instruct, wizardlm_plus, alpagasus, "
-                                                      "metadata_only, no_contrastive_filtering)")] = None,
+    method: Annotated[list[str] | None, typer.Option(help="method to compare; repeat (default: all: codeclm, the "
+                                                      "baselines and Table 3's ablations)")] = None,
     eval_on: Annotated[Literal["whole", "heldout"], typer.Option(
         help="whole: every benchmark question, as the paper reports; heldout: the 80 % not used as seeds")] = "whole",
     seed_fraction: Annotated[float, typer.Option(help="share of each benchmark used as seeds")] = 0.2,
@@ -397,28 +396,58 @@ def protocol(
     trainer: Annotated[Literal["local", "remote"] | None, typer.Option(
         help="local: TRL + LoRA on this machine (default); remote: an OpenAI-style fine-tuning job")] = None,
     base: BaseOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the splits and the calls per method; "
-                                          "run nothing")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the splits, what each method is seeded, "
+                                          "rated, judged and trained with, and the calls; run nothing")] = False,
+    skip_judge_check: Annotated[bool, typer.Option(
+        "--skip-judge-check", help="go on when the judge check fails (it still runs; the report says so)")] = False,
 ) -> None:
     """The paper's experiment (Table 1): per benchmark a recorded seed split, every method's dataset at the same
     budget, the target tuned on each, CRR of each against the strong model and the difference to Self-Instruct."""
 
     def go() -> None:
-        from codeclm.eval.protocol import check_methods, plan_calls, plan_markdown, plan_protocol
+        from codeclm.eval.protocol import (
+            check_leak_risk,
+            check_methods,
+            filtering_warning,
+            plan_calls,
+            plan_markdown,
+            plan_protocol,
+            plan_seeds,
+            statements,
+            statements_markdown,
+        )
         from codeclm.eval.studies import check_judges, check_studies, studies_plan, studies_plan_markdown
 
         settings = _with_judge(_settings(config, strong=strong, target=target, budget=budget, preset=preset),
                                (judge or [None])[0]).with_finetune(config, base_model=base, trainer=trainer)
         methods = check_methods(method) if method else None
         judges, studies = check_judges((judge or [])[1:], settings), check_studies(study or [], settings)
+        check_leak_risk(methods or _all_methods(), settings, eval_on)
         root = check_output(out, replaced=False)
         plans = plan_protocol(benchmark, root, settings, eval_on, limit, seed_fraction, write=not dry_run)
+        seeds = plan_seeds(methods or _all_methods(), root, settings, write=not dry_run)
+        warning = filtering_warning(settings, methods or _all_methods())
+        if warning:
+            typer.echo(f"WARNING: {warning}", err=True)
         if dry_run:
             rows = {p.label: plan_calls(settings, methods or _all_methods(), len(p.split.seed_ids),
                                         p.eval_questions) for p in plans}
             for p in plans:
                 typer.echo(f"{p.label}: {len(p.split.seed_ids)} seed questions, {len(p.split.heldout_ids)} held "
-                           f"out (split seed {p.split.seed}); evaluating on {eval_on}")
+                           f"out (split seed {p.split.seed}); evaluating on {eval_on}; leak guard against its "
+                           f"{len(p.split.heldout_ids) if eval_on == 'heldout' else p.split.questions} evaluation "
+                           "questions")
+            for m, sp in seeds.items():
+                if sp.sample is not None:
+                    typer.echo(f"{m}: {sp.sample.size} of {sp.sample.available} Alpaca instructions "
+                               f"({sp.sample.source}, sample seed {sp.sample.seed})")
+            check = settings.protocol
+            typer.echo(f"judge check first: {plans[0].label}'s first {len(plans[0].check_questions)} questions, the "
+                       f"strong answer against its first sentence and another question's answer, both orders; "
+                       f"refused below {check.judge_check_min:.0%}" + (" (--skip-judge-check: reported, not "
+                                                                        "refused)" if skip_judge_check else ""))
+            typer.echo(statements_markdown(statements(methods or _all_methods(), settings,
+                                                      {p.label: len(p.split.seed_ids) for p in plans})))
             typer.echo(plan_markdown(rows, settings, {p.label: p.eval_questions for p in plans}))
             further = {p.label: studies_plan(studies, judges, settings, methods or _all_methods(),
                                              len(p.split.seed_ids), p.eval_questions) for p in plans}
@@ -431,7 +460,12 @@ def protocol(
         from flows.protocol import protocol as protocol_flow
 
         api_ready()
-        result = protocol_flow(benchmark, str(out), settings, methods, eval_on, limit, seed_fraction, judges, studies)
+        result = protocol_flow(benchmark, str(out), settings, methods, eval_on, limit, seed_fraction,
+                               skip_judge_check, judges, studies)
+        if result.judge_check is not None:
+            typer.echo(result.judge_check.line())
+        for e in result.empty:
+            typer.echo(f"{e['benchmark']} · {e['method']}: NO PAIRS ({e['reason']})")
         for r in result.rows:
             delta = "" if r.delta != r.delta else f", {r.delta:+.1f} pp vs self_instruct [{r.delta_low:+.1f}, " \
                                                   f"{r.delta_high:+.1f}]"

@@ -160,8 +160,10 @@ class TrainingPair(Record):
     decision: Decision
 
 
-# target_better: the target's answer won by more than theta in the last round, but keep_target_when_better is off
-RejectReason = Literal["below_threshold", "target_better", "over_budget", "seed_overlap", "duplicate"]
+# target_better: the target's answer won by more than theta in the last round, but keep_target_when_better is off;
+# eval_overlap: the instruction repeats an evaluation question (the leak guard, setting `eval_overlap`)
+RejectReason = Literal["below_threshold", "target_better", "over_budget", "seed_overlap", "duplicate",
+                       "eval_overlap"]
 
 
 class RejectedCandidate(Record):

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from codeclm.eval.eval_records import LeaderboardRow
+from codeclm.eval.judge_check import JudgeCheck
 from codeclm.eval.loop import LoopRow
 from codeclm.eval.protocol import EvalOn, ProtocolRow
 from codeclm.train.finetune import FinetuneResult
@@ -103,6 +104,7 @@ class MethodResult(BaseModel):
     dataset: str
     pairs: int
     shortfall: int
+    eval_overlap: int = 0  # pairs the leak guard rejected (they repeat an evaluation question)
     model: FinetuneResult
 
 
@@ -114,3 +116,5 @@ class ProtocolResult(BaseModel):
     rows: list[ProtocolRow]
     methods: list[MethodResult]
     report: str
+    judge_check: JudgeCheck | None = None
+    empty: list[dict[str, str]] = []  # methods that published no pair: benchmark, method, reason

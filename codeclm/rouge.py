@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Iterable
 
 _TOKEN = re.compile(r"[a-z0-9]+")
 
@@ -75,3 +76,36 @@ class RougePool:
         """Whether `text` is new enough (score below the threshold, and not empty), and its score."""
         score = self.max_score(text)
         return bool(tokens(text)) and score < self.threshold, score
+
+
+LEAK_ROUGE = 0.7  # the paper's own similarity filter (Self-Instruct's ROUGE-L threshold)
+
+
+def normalised(text: str) -> str:
+    """The text as its lower-cased word tokens joined by one space: what the exact-match leak test compares."""
+    return " ".join(tokens(text))
+
+
+class EvalOverlap:
+    """The evaluation questions a training instruction must not repeat: a normalised exact match, or ROUGE-L
+    >= 0.7 with any of them (light rewrites of a test question pass an exact test, rarely this one)."""
+
+    def __init__(self, questions: Iterable[str], threshold: float = LEAK_ROUGE) -> None:
+        self._exact = {normalised(q) for q in questions}
+        self._exact.discard("")
+        self._pool = RougePool(threshold)
+        for q in self._exact:
+            self._pool.add(q)
+
+    def __len__(self) -> int:
+        return len(self._exact)
+
+    def match(self, instruction: str) -> str | None:
+        """Why `instruction` overlaps the evaluation questions ('exact' or 'rouge-l 0.83'), or None."""
+        text = normalised(instruction)
+        if not text:
+            return None
+        if text in self._exact:
+            return "exact"
+        score = self._pool.max_score(text)
+        return f"rouge-l {score:.2f}" if score >= self._pool.threshold else None

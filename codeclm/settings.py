@@ -19,6 +19,18 @@ from codeclm.errors import ConfigError
 
 OutputMode = Literal["auto", "json_schema", "json_object", "text"]
 Preset = Literal["default", "paper"]
+SeedSource = Literal["benchmark", "alpaca"]
+# The final judge's prompt file: `judge` (this project's wording, JSON or text by `output_mode`) or `judge_fig12`
+# (the paper's Fig. 12, the Vicuna/Alpagasus pairwise template word for word; it has no JSON form, so it is
+# always answered in plain text).
+JudgeTemplate = Literal["judge", "judge_fig12"]
+# Paper A.2: CodecLM and its ablations start from the benchmark's seeds; Self-Instruct, Tree-Instruct, WizardLM
+# and Alpagasus (Self-Instruct's pairs) from a random Alpaca subsample; WizardLM+ from CodecLM's basic
+# instructions (it takes the benchmark seeds only when it has to encode them itself).
+PAPER_SEED_SOURCES: dict[str, str] = {
+    "codeclm": "benchmark", "metadata_only": "benchmark", "no_contrastive_filtering": "benchmark",
+    "wizardlm_plus": "benchmark", "self_instruct": "alpaca", "evol_instruct": "alpaca", "tree_instruct": "alpaca",
+    "alpagasus": "alpaca"}
 EMBEDDED = "embedded"
 ROLES = ("strong", "target", "judge")
 DECODE_MAX_PER_CALL = 50  # instructions one decode call may ask for; larger counts are split over calls
@@ -34,10 +46,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "threshold": 3.0, "budget": 2000, "oversample": 2.0, "instructions_per_metadata": None,
         "action_sampling": "without_replacement", "keep_target_when_better": True, "drop_seed_overlap": True,
         "drop_duplicates": False, "scorer": "strong", "score_temperature": 0.0, "seed_sample": None,
-        "rule": "codeclm",
+        "rule": "codeclm", "judge_template": "judge_fig12",
+        "protocol": {"seed_sources": PAPER_SEED_SOURCES},
         "strong": {"temperature": 0.7, "max_tokens": 2048},
         "target": {"temperature": 0.7, "max_tokens": 2048},
-        "judge": {"temperature": 0.0},
+        "judge": {"temperature": 0.0, "output_mode": "text"},
     },
 }
 
@@ -238,6 +251,27 @@ class StudySettings(BaseModel):
         return sorted(set(value))
 
 
+class ProtocolSettings(BaseModel):
+    """The `[protocol]` section: where each method's seeds come from and the judge check (docs/protocol.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alpaca: str = Field("alpaca", description="Alpaca's 52k instructions (CC BY-NC 4.0): 'alpaca' downloads the "
+                        "public alpaca_data.json once into home; or a local file in its layout")
+    alpaca_seeds: int = Field(175, ge=1, description="Alpaca instructions sampled as seeds for a method whose "
+                              "recipe states no number (Self-Instruct's 175 seed tasks)")
+    seed_sources: dict[str, SeedSource] = Field(default_factory=dict, description="method -> 'benchmark' (the "
+                                                "recorded 20 % split) or 'alpaca' (a seeded Alpaca sample); a "
+                                                "method not named takes the benchmark's")
+    judge_check_questions: int = Field(5, ge=1, le=100, description="questions the judge check builds its pairs "
+                                       "from (two pairs each, both orders)")
+    judge_check_min: float = Field(0.9, ge=0, le=1, description="share of orders in which the judge must prefer "
+                                   "the intact answer; a lower one is refused before any data is made")
+
+    def source(self, method: str) -> SeedSource:
+        return self.seed_sources.get(method, "benchmark")
+
+
 class _Derived:
     """What follows from settings, the same for the whole `Settings` and for one step's `StageSettings`."""
 
@@ -317,9 +351,16 @@ class Settings(_Derived, BaseSettings):
     # CRR evaluation
     rule: Literal["codeclm", "alpagasus"] = Field("codeclm", description="how two judged orders become one "
                                                   "verdict: codeclm (wins twice) or alpagasus (win + draw)")
+    judge_template: JudgeTemplate = Field("judge", description="the final judge's prompt file: judge (JSON or text "
+                                          "by output_mode) or judge_fig12 (the paper's Fig. 12 wording, plain text)")
+    eval_overlap: str | None = Field(None, description="a JSONL of evaluation questions (the protocol writes it): "
+                                     "training pairs whose instruction matches one (normalised exact match or "
+                                     "ROUGE-L >= 0.7) are rejected as eval_overlap before the budget is applied")
 
     # Baselines (Self-Instruct, Evol-Instruct, WizardLM+, Alpagasus, Tree-Instruct)
     baselines: BaselineSettings = Field(default_factory=BaselineSettings)
+    # The paper's experiment (`codeclm protocol`)
+    protocol: ProtocolSettings = Field(default_factory=ProtocolSettings)
 
     # The paper's further studies in `codeclm protocol` (Figs. 4, 5; codeclm.eval.studies); no step reads them
     studies: StudySettings = Field(default_factory=StudySettings)
@@ -367,10 +408,14 @@ class Settings(_Derived, BaseSettings):
             return data  # `default`, or an unknown name that field validation reports
         data = dict(data)
         for key, value in values.items():
+            given = data.get(key)
+            if isinstance(value, dict) and key not in ROLES:  # a section: the preset fills its unset fields
+                section = given.model_dump(exclude_unset=True) if isinstance(given, BaseModel) else dict(given or {})
+                data[key] = {**value, **section}
+                continue
             if key not in ROLES:
                 data.setdefault(key, value)
                 continue
-            given = data.get(key)
             role = given.model_dump(exclude_unset=True) if isinstance(given, RoleConfig) else dict(given or {})
             data[key] = {**value, **role}
         return data
@@ -440,7 +485,8 @@ CALLS = ("home", "max_attempts", "parse_attempts", "backoff_base", "backoff_max"
          "breaker_failures", "breaker_probe_s", "breaker_stop_after", "call_deadline", "hedge", "hedge_factor",
          "hedge_min_s")
 # What generation wrote into a manifest: every setting except the later steps' sections.
-_GENERATION = tuple(name for name in Settings.model_fields if name not in ("finetune", "baselines", "studies"))
+_GENERATION = tuple(name for name in Settings.model_fields
+                    if name not in ("finetune", "baselines", "studies", "protocol"))
 
 # Every step's settings: what it reads, so that only these enter its Prefect cache key (INPUTS), its work folder
 # and its gateway. A step reading anything else fails with AttributeError (see `StageSettings`).
@@ -457,7 +503,8 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
                "max_rounds", "action_sampling", "seed", "contrastive_filtering", *CALLS),
     "export": _GENERATION,
     "answer": CALLS,  # plus the role answering (`for_stage("answer", role)`)
-    "judge": ("judge", *CALLS),
+    "judge": ("judge", "judge_template", *CALLS),
+    "judge_check": ("judge", "strong", "judge_template", *CALLS),
     "finetune": ("home", "finetune"),
     "self_instruct": ("strong", "seed", "baselines", *CALLS),
     "evol": ("strong", "seed", "baselines", *CALLS),

@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 
+from codeclm.benchmarks import load_benchmark
 from codeclm.checks import recipe_digest
 from codeclm.errors import DatasetError
 from codeclm.llm.prompts import load_prompt
@@ -29,6 +30,7 @@ from codeclm.records import (
     Seed,
     TrainingPair,
 )
+from codeclm.rouge import EvalOverlap
 from codeclm.settings import StageSettings
 from codeclm.storage import check_schema, file_sha256, package_versions, write_json, write_jsonl, write_records
 from tasks._base import Ref, codec_task, read
@@ -52,6 +54,16 @@ def apply_budget(kept: list[TrainingPair], budget: int, seed: int
                               round=p.round, instruction=p.instruction, reason="over_budget", gap=p.gap)
             for i, p in enumerate(ordered) if i not in chosen]
     return [p for i, p in enumerate(ordered) if i in chosen], over
+
+
+def eval_overlaps(instructions: Iterable[tuple[str, str]], settings: StageSettings) -> dict[str, str]:
+    """The leak guard: which training instructions (id, text) repeat an evaluation question of the setting
+    `eval_overlap` (a benchmark name or file), id -> why ('exact' or 'rouge-l 0.83'); none when it is unset."""
+    if not settings.eval_overlap:
+        return {}
+    questions = load_benchmark(settings.eval_overlap, cache_dir=settings.home / "benchmarks")
+    guard = EvalOverlap(q.prompt for q in questions)
+    return {i: why for i, text in instructions if (why := guard.match(text)) is not None}
 
 
 def check_lineage(basic: set[str], kept: list[TrainingPair], rejected: list[RejectedCandidate],
@@ -111,8 +123,13 @@ def export(refs: dict[str, list[Ref]], settings: StageSettings, out: str, run: d
     topup = run.pop("topup", {"passes": 0, "limit": None})
     method = run.pop("method", "codeclm")
     kept_all = _concat(refs.get("kept", []), TrainingPair)
-    train, over_budget = apply_budget(kept_all, settings.budget, settings.seed)
-    rejected = _concat(refs.get("rejected", []), RejectedCandidate) + over_budget
+    leaked = eval_overlaps(((p.instruction_id, p.instruction) for p in kept_all), settings)
+    overlap = [RejectedCandidate(instruction_id=p.instruction_id, candidate_id=p.candidate_id,
+                                 metadata_id=p.metadata_id, round=p.round, instruction=p.instruction,
+                                 reason="eval_overlap", gap=p.gap) for p in kept_all if p.instruction_id in leaked]
+    train, over_budget = apply_budget([p for p in kept_all if p.instruction_id not in leaked], settings.budget,
+                                      settings.seed)
+    rejected = _concat(refs.get("rejected", []), RejectedCandidate) + overlap + over_budget
     failed = _concat(refs.get("failed", []), FailedCall)
     candidates = _concat(refs.get("candidates", []), Candidate)
     basic = {c.instruction_id for c in candidates if c.round == 1} | {
@@ -149,6 +166,7 @@ def export(refs: dict[str, list[Ref]], settings: StageSettings, out: str, run: d
                 "kept_per_round": per_round(p.round for p in kept_all),
                 "kept_sources": dict(Counter(p.response_source for p in kept_all)),
                 "train": len(train),
+                "eval_overlap": len(overlap),
                 "rejected": dict(Counter(r.reason for r in rejected)),
                 "failed_calls": dict(Counter(f.stage for f in failed)),
                 "failed_instructions": len({f.instruction_id for f in failed if f.instruction_id}),

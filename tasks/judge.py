@@ -18,6 +18,7 @@ from codeclm.eval.eval_records import EvalAnswer, EvalQuestion, EvalQuestionResu
 from codeclm.llm.gateway import Call, Reply, Result
 from codeclm.llm.pairwise import ORDERS, pair_calls, pair_scores
 from codeclm.llm.parsing import parse_two_scores
+from codeclm.llm.prompts import load_prompt
 from codeclm.settings import StageSettings
 from tasks._base import Outputs, Ref, Step, codec_task, read
 from tasks.answer import item_id
@@ -50,11 +51,16 @@ def verdict_from_text(text: str) -> Verdict:
     return Verdict(score_1=first, score_2=second, explanation=explanation.strip())
 
 
-def verdict_calls(question: str, item: str, target: str, strong: str, structured: bool) -> list[Call]:
-    """Both orders (codeclm.llm.pairwise.ORDERS) at the judge role's own temperature."""
-    return pair_calls("judge", question=question, strong=strong, target=target, item_id=item, role="judge",
-                      stage="judge", structured=structured, output=Verdict, text_parser=verdict_from_text,
-                      reply=Reply.STRUCTURED_CUT_OK)  # the scores come first; a cut explanation is fine
+def verdict_calls(question: str, item: str, target: str, strong: str, structured: bool, template: str = "judge"
+                  ) -> list[Call]:
+    """Both orders (codeclm.llm.pairwise.ORDERS) at the judge role's own temperature, with the prompt file
+    `template` (setting `judge_template`). A template without a JSON form (the paper's Fig. 12) is answered in
+    plain text whatever the role's `output_mode` says: no schema is sent, the first line is read."""
+    has_json = "format:json" in load_prompt(template).sections
+    return pair_calls(template, question=question, strong=strong, target=target, item_id=item, role="judge",
+                      stage="judge", structured=structured and has_json, output=Verdict,
+                      text_parser=verdict_from_text,  # the scores come first; a cut explanation is fine
+                      reply=Reply.STRUCTURED_CUT_OK if has_json else Reply.FREE_TEXT)
 
 
 def question_result(question: EvalQuestion, target: EvalAnswer, strong: EvalAnswer, orders: Sequence[Result],
@@ -98,7 +104,8 @@ def judge(questions: Ref, strong_answers: Ref, target_answers: Ref, settings: St
     judged = [(q, t, s) for q, t, s in pairs if t.text is not None and s.text is not None]
     structured = step.structured("judge")
     results = step.call([call for q, t, s in judged for call in verdict_calls(
-        q.prompt, item_id(q.benchmark, q.question_id), t.text or "", s.text or "", structured)])
+        q.prompt, item_id(q.benchmark, q.question_id), t.text or "", s.text or "", structured,
+        settings.judge_template)])
     orders = {_key(q): results[2 * i:2 * i + 2] for i, (q, _, _) in enumerate(judged)}
     step.write("results", [question_result(q, t, s, orders.get(_key(q), []), settings, rule) for q, t, s in pairs],
                EvalQuestionResult)

@@ -18,7 +18,7 @@ from codeclm.settings import StageSettings
 from codeclm.storage import file_sha256, package_versions, write_json
 from tasks._base import Ref, codec_task, read
 from tasks.evol import METHODS as EVOL_METHODS
-from tasks.export import PACKAGES, stage_summary, totals, write_dataset
+from tasks.export import PACKAGES, eval_overlaps, stage_summary, totals, write_dataset
 
 STAGE_TABLES: dict[str, type[Record]] = {
     "seeds": Seed, "metadata": Metadata, "candidates": Candidate, "instructions": PoolInstruction,
@@ -55,8 +55,12 @@ def publish_baseline(method: str, refs: dict[str, list[Ref]], settings: StageSet
     """Write aside, validate, publish as `out`; `limit` names the stated limit a shortfall comes from."""
     target = Path(out)
     budget = settings.budget
-    train, over = apply_budget(_concat(refs.get("pairs", []), TrainingPair), budget, settings.seed)
-    rejected = _concat(refs.get("rejected", []), BaselineRejected) + over
+    pairs = _concat(refs.get("pairs", []), TrainingPair)
+    leaked = eval_overlaps(((p.pair_id, p.instruction) for p in pairs), settings)
+    overlap = [BaselineRejected(instruction_id=p.instruction_id, instruction=p.instruction, stage="publish",
+                                reason="eval_overlap", detail=leaked[p.pair_id]) for p in pairs if p.pair_id in leaked]
+    train, over = apply_budget([p for p in pairs if p.pair_id not in leaked], budget, settings.seed)
+    rejected = _concat(refs.get("rejected", []), BaselineRejected) + overlap + over
     failed = _concat(refs.get("failed", []), FailedCall)
     if not train:
         by_stage = ", ".join(f"{s} {n}" for s, n in Counter(f.stage for f in failed).items()) or "none"
@@ -81,6 +85,7 @@ def publish_baseline(method: str, refs: dict[str, list[Ref]], settings: StageSet
                 "instructions": len(instructions),
                 "instructions_per_round": dict(sorted(Counter(i.round for i in instructions).items())),
                 "pairs_before_budget": len(train) + len(over),
+                "eval_overlap": len(overlap),
                 "train": len(train),
                 "rejected": dict(Counter(r.reason for r in rejected)),
                 "failed_calls": dict(Counter(f.stage for f in failed)),

@@ -37,7 +37,8 @@ CHANGED: dict[str, Any] = {
     "hedge_min_s": 1.0,
     "strong": {"model": "openai/other"}, "target": {"model": "openai/other"}, "judge": {"model": "openai/other"},
     "finetune": {"epochs": 1.0}, "baselines": {"evol_rounds": 2}, "metadata_fraction": 0.5,
-    "studies": {"budgets": [100]},
+    "studies": {"budgets": [100]}, "judge_template": "judge_fig12", "eval_overlap": "vicuna",
+    "protocol": {"alpaca_seeds": 9},
 }
 
 

@@ -175,7 +175,7 @@ def test_study_rows_count_each_point_and_the_round_share(tmp_path: Path) -> None
 def _table_row(method: str, crr: float, delta: float) -> ProtocolRow:
     return ProtocolRow(benchmark="evol", method=method, model=method, pairs=10, shortfall=0, questions=20,
                        failures=0, crr=crr, ci_low=crr - 5, ci_high=crr + 5, delta=delta, delta_low=delta - 3,
-                       delta_high=delta + 3)
+                       delta_high=delta + 3, wins=2, ties=round(crr / 5) - 2, losses=20 - round(crr / 5))
 
 
 def test_table_six_gaps_and_whether_the_judges_agree() -> None:

@@ -156,7 +156,8 @@ def report_meta(plan: EvalPlan, limit: int | None, flow_run_id: str) -> dict[str
             "limit": limit, "targets": [t.target.model for t in plan.targets], "strong": plan.settings.strong.model,
             "judge": plan.settings.judge.model, "judge_temperature": plan.settings.judge.temperature,
             "rule": plan.rule, "preset": plan.settings.preset, "warnings": plan.warnings,
-            "prompts": {name: load_prompt(name).version for name in ("respond", "judge")}}
+            "judge_template": plan.settings.judge_template,
+            "prompts": {name: load_prompt(name).version for name in ("respond", plan.settings.judge_template)}}
 
 
 def results_of(summaries: Sequence[EvalSummary]) -> list[LeaderboardRow]:

@@ -1,9 +1,11 @@
-"""The paper's experiment (§5, Table 1) without Prefect: the recorded seed split of each benchmark, the methods
-compared, the Table-1 rows (CRR with its interval, and the paired difference to Self-Instruct), the report and
-the call plan a `--dry-run` prints.
+"""The paper's experiment (§5, Table 1) without Prefect: the recorded seed split of each benchmark, each
+method's seed source (the benchmark's 20 % or an Alpaca sample, paper A.2), the leak guard's evaluation
+questions, what each method is built, rated, judged and trained with (`statements`), the Table-1 rows (CRR with
+its interval, wins/ties/losses, and the paired difference to Self-Instruct), the report and the call plan a
+`--dry-run` prints.
 
-Every method gets the same seeds (the benchmark's 20 %), the same budget, the same training and the same
-questions, so a row differs from another only by its data.
+Every method gets the same budget, the same training and the same questions; under `--preset paper` each method
+starts from the seeds the paper gave it (`[protocol] seed_sources`), so a row differs by its data and its recipe.
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel
 
+from codeclm import baseline_records
 from codeclm.baseline_records import ABLATIONS
 from codeclm.baseline_records import METHODS as BASELINES
 from codeclm.benchmarks import BenchmarkQuestion
 from codeclm.errors import ConfigError
 from codeclm.eval.crr import bootstrap_ci, paired_difference
 from codeclm.eval.eval_records import EvalQuestionResult
+from codeclm.eval.judge_check import JudgeCheck
+from codeclm.llm.prompts import load_prompt
 from codeclm.records import Record
-from codeclm.settings import DECODE_MAX_PER_CALL, Settings
+from codeclm.settings import DECODE_MAX_PER_CALL, EMBEDDED, Settings
 from codeclm.storage import write_json, write_jsonl
 
 METHODS: tuple[str, ...] = ("codeclm", *BASELINES, *ABLATIONS)
@@ -31,6 +36,10 @@ REFERENCE = "self_instruct"  # Table 1's differences are to Self-Instruct
 BASE_ROW = "base (untuned)"
 EvalOn = Literal["whole", "heldout"]
 SPLIT_FILE, SEEDS_FILE = "split.json", "seeds.jsonl"
+# Methods that rewrite their seeds: seeded from the benchmark and evaluated on all of it, they would train on
+# light rewrites of test questions, which pass any similarity filter (issue 18, item 2).
+REWRITERS = ("evol_instruct", "tree_instruct")
+ALPACA_DIR = "alpaca"
 
 
 class Split(BaseModel):
@@ -90,6 +99,156 @@ def heldout_file(folder: Path, questions: Sequence[BenchmarkQuestion], split: Sp
                         for q in questions if q.question_id in keep])
 
 
+class AlpacaSample(BaseModel):
+    """A recorded Alpaca seed sample: which rows (1-based ids) seed the methods that start from Alpaca."""
+
+    source: str
+    seed: int
+    size: int
+    available: int
+    ids: list[str]
+
+
+def alpaca_sample(questions: Sequence[BenchmarkQuestion], source: str, seed: int, size: int) -> AlpacaSample:
+    """A reproducible uniform sample of `size` Alpaca instructions (seeded by the run's `seed`)."""
+    if size > len(questions):
+        raise ConfigError(f"{source}: {len(questions)} Alpaca instructions, fewer than the {size} seeds asked for")
+    chosen = sorted(random.Random(f"{seed}:alpaca").sample(range(len(questions)), size))
+    return AlpacaSample(source=source, seed=seed, size=size, available=len(questions),
+                        ids=[questions[i].question_id for i in chosen])
+
+
+def record_alpaca(root: Path, questions: Sequence[BenchmarkQuestion], sample: AlpacaSample) -> Path:
+    """OUT/splits/alpaca/sample-N.json and its seed file; a different sample already recorded is refused."""
+    folder = root / "splits" / ALPACA_DIR
+    recorded = folder / f"sample-{sample.size}.json"
+    if recorded.is_file() and AlpacaSample.model_validate_json(recorded.read_text()) != sample:
+        raise ConfigError(f"{recorded}: a different Alpaca sample is recorded there; use a new --out")
+    by_id = {q.question_id: q for q in questions}
+    seeds = write_jsonl(folder / f"seeds-{sample.size}.jsonl",
+                        [{"seed_id": f"alpaca-{i}", "instruction": by_id[i].prompt} for i in sample.ids])
+    if not recorded.is_file():
+        write_json(recorded, sample.model_dump())
+    return seeds
+
+
+def seeds_for(method: str, settings: Settings) -> int:
+    """Alpaca seeds a method needs: its recipe's number (`baseline_records.seeds_needed`, when the recipe
+    states one), else `[protocol] alpaca_seeds` (Self-Instruct's 175)."""
+    count = baseline_records.seeds_needed(method, settings)
+    return count if count else settings.protocol.alpaca_seeds
+
+
+def seed_source(method: str, settings: Settings) -> str:
+    """'benchmark' or 'alpaca' for a method that seeds; WizardLM+ takes CodecLM's basic instructions."""
+    return settings.protocol.source(method)
+
+
+def check_leak_risk(methods: Sequence[str], settings: Settings, eval_on: str) -> None:
+    """Refuse, before any call, a method that rewrites benchmark seeds while the whole benchmark is evaluated."""
+    risky = [m for m in methods if m in REWRITERS and seed_source(m, settings) == "benchmark"]
+    if risky and eval_on == "whole":
+        raise ConfigError(f"{', '.join(risky)} would rewrite the benchmark's seed questions and be evaluated on "
+                          "the whole benchmark (light rewrites of test questions pass any similarity filter); use "
+                          "--eval-on heldout, or seed it from Alpaca ([protocol] seed_sources, as --preset paper "
+                          "does)")
+
+
+def same_model(target: str, base: str) -> bool:
+    """Whether the filtering target and the tuned base name one model (a provider prefix aside)."""
+    if target == base:
+        return True
+    return target.endswith("/" + base) or base.endswith("/" + target) if EMBEDDED not in (target, base) else False
+
+
+def filtering_warning(settings: Settings, methods: Sequence[str]) -> str | None:
+    """Paper A.3: for LLaMA, Contrastive Filtering's target answers with the instruction-tuned counterpart
+    (Alpaca-7B), not the raw base it tunes; warn when they are the same untuned base."""
+    if "codeclm" not in methods or not same_model(settings.target.model, settings.finetune.base_model):
+        return None
+    return (f"the model answering in Contrastive Filtering ([target] {settings.target.model}) is the untuned base "
+            f"that is tuned ([finetune] base_model {settings.finetune.base_model}); the paper answers with its "
+            "instruction-tuned counterpart (Alpaca-7B for LLaMA-7B, A.3): set [target] to one")
+
+
+def judge_mode(settings: Settings) -> str:
+    """How the final judge answers: 'text' under a template without a JSON form (Fig. 12), else its
+    `output_mode` (auto: JSON where the model supports it)."""
+    template = load_prompt(settings.judge_template)
+    return settings.judge.output_mode if "format:json" in template.sections else "text"
+
+
+def judge_statement(settings: Settings) -> str:
+    template = load_prompt(settings.judge_template)
+    return f"`{settings.judge.model}`, prompts/{template.name}.md (version {template.version}), {judge_mode(settings)}"
+
+
+def training_statement(settings: Settings) -> str:
+    ft = settings.finetune
+    if ft.trainer == "remote":
+        return f"remote fine-tuning job on `{ft.base_model}` (the provider's recipe)"
+    h = ft.hyper()
+    return (f"`{ft.base_model}`, {ft.trainer} trainer, [finetune] preset {ft.preset}: {h.method}, {h.epochs:g} epochs"
+            f"{f' (max {h.max_steps} steps)' if h.max_steps else ''}, lr {h.learning_rate:g}, batch {h.batch_size}, "
+            f"length {h.max_length}")
+
+
+def statements(methods: Sequence[str], settings: Settings, seed_counts: Mapping[str, int]) -> list[dict[str, Any]]:
+    """Per method: where its seeds and basic instructions come from, who rates its data, who judges, how it is
+    trained and who answers in filtering. `seed_counts`: benchmark -> its number of seed questions."""
+    bench = ", ".join(f"{b} {n}" for b, n in seed_counts.items()) or "-"
+    cfg = settings.baselines
+    rows = []
+    for m in methods:
+        source = seed_source(m, settings)
+        seeds = (f"Alpaca sample of {seeds_for(m, settings)} (seed {settings.seed})" if source == "alpaca"
+                 else f"benchmark 20 % split ({bench})")
+        if m == "wizardlm_plus":
+            basic = ("the codeclm method's basic instructions (datasets/BENCH/codeclm)" if "codeclm" in methods
+                     else "decoded by its own CodecLM encode/decode from the benchmark seeds (codeclm not compared)")
+            seeds = f"{basic.split(' (')[0]}" + ("" if "codeclm" in methods else f"; its seeds: {seeds}")
+        elif m == "codeclm" or m in ABLATIONS:
+            basic = "decoded by CodecLM from the seeds' metadata"
+        elif m == "self_instruct" or m == "alpagasus":
+            basic = "none: bootstrapped from the seeds (Self-Instruct)"
+        else:
+            basic = "none: the seeds are evolved"
+        if m == "codeclm":
+            scorer = settings.role(settings.scorer).model
+            rater = (f"Contrastive Filtering: {settings.scorer} `{scorer}`, both orders, 1-10, gap > "
+                     f"{settings.threshold:g}")
+        elif m == "alpagasus":
+            rater = (f"Alpagasus filter: judge `{settings.judge.model}`, 0-5 accuracy rating, keeps >= "
+                     f"{cfg.alpagasus_threshold:g}")
+        elif m == "self_instruct":
+            rater = f"none (ROUGE-L < {cfg.rouge_threshold:g} pool filter)"
+        elif m in ABLATIONS:
+            rater = "none (no Contrastive Filtering: strong answers)"
+        else:
+            rater = "none (evolution's elimination checks)"
+        target = f"[target] `{settings.target.model}`" if m == "codeclm" else "none (no target answers)"
+        rows.append({"method": m, "seed_source": "codeclm basic instructions" if m == "wizardlm_plus" and
+                     "codeclm" in methods else source, "seeds": seeds, "basic_instructions": basic, "rater": rater,
+                     "judge": judge_statement(settings), "judge_template": settings.judge_template,
+                     "judge_mode": judge_mode(settings), "training": training_statement(settings),
+                     "filtering_target": target})
+    return rows
+
+
+def statements_markdown(rows: Sequence[Mapping[str, Any]], leaks: Mapping[str, int] | None = None,
+                        check: JudgeCheck | None = None) -> str:
+    """The statements as a table; with the run's leak counts (method -> pairs rejected as eval_overlap, summed
+    over benchmarks) and the judge check's figure when the run has them."""
+    lines = ["| method | seeds | basic instructions | rated by | judged by (template, mode) | trained | "
+             "filtering target | eval_overlap rejected | judge check |", "|---|---|---|---|---|---|---|---:|---|"]
+    fig = f"{check.figure:.0%} of {check.orders}" if check else "runs first"
+    for r in rows:
+        leak = str(leaks.get(r["method"], 0)) if leaks is not None else "checked at publish"
+        lines.append(f"| {r['method']} | {r['seeds']} | {r['basic_instructions']} | {r['rater']} | {r['judge']} | "
+                     f"{r['training']} | {r['filtering_target']} | {leak} | {fig} |")
+    return "\n".join(lines)
+
+
 class ProtocolRow(Record):
     """One cell of the Table-1-style report: a method's tuned target on one benchmark, CRR with its bootstrap
     interval, and the paired difference to Self-Instruct's (NaN when Self-Instruct is not compared)."""
@@ -102,6 +261,9 @@ class ProtocolRow(Record):
     shortfall: int
     questions: int
     failures: int
+    wins: int
+    ties: int
+    losses: int
     crr: float
     ci_low: float
     ci_high: float
@@ -148,6 +310,8 @@ def table_rows(benchmark: str, results: Sequence[EvalQuestionResult], models: Ma
         pairs, shortfall = datasets.get(method, (0, 0))
         rows.append(ProtocolRow(benchmark=benchmark, method=method, model=model, pairs=pairs, shortfall=shortfall,
                                 questions=len(outcomes), failures=failures.get(model, 0),
+                                wins=outcomes.count("win"), ties=outcomes.count("tie"),
+                                losses=outcomes.count("loss"),
                                 crr=100.0 * sum(o != "loss" for o in outcomes) / len(outcomes), ci_low=low,
                                 ci_high=high, delta=delta, delta_low=d_low, delta_high=d_high))
     return rows
@@ -162,6 +326,10 @@ def _cell(row: ProtocolRow | None) -> str:
     return text + (f" ⚠ {row.shortfall} short" if row.shortfall else "")
 
 
+def _wtl(row: ProtocolRow | None) -> str:
+    return "–" if row is None else f"{row.wins} / {row.ties} / {row.losses}"
+
+
 def report_markdown(rows: Sequence[ProtocolRow], meta: Mapping[str, Any], chart: str) -> str:
     """Table 1 as the paper lays it out: methods down, benchmarks across; each cell CRR % [95 % interval] and,
     below, the paired difference to Self-Instruct in points [95 % paired interval]."""
@@ -171,21 +339,42 @@ def report_markdown(rows: Sequence[ProtocolRow], meta: Mapping[str, Any], chart:
     eval_on = ("the **whole** benchmark (as the paper reports; the seed questions are among them)"
                if meta["eval_on"] == "whole" else "the **held-out** 80 % (the seed questions are left out)")
     lines = ["# CodecLM protocol: Table 1", "",
-             f"Every method made {meta['budget']} pairs from the same seeds (a recorded {meta['seed_fraction']:.0%} "
-             f"split of each benchmark, `splits/`), the target `{meta['base_model']}` was tuned on each dataset "
-             f"({meta['trainer']} trainer), and each tuned model was judged against the strong model "
-             f"`{meta['strong']}` by `{meta['judge']}` on {eval_on}"
-             + (f", first {meta['limit']} questions" if meta.get("limit") else "") + ".", "",
-             "Each cell: CRR % [95 % bootstrap interval]; below it, the difference to Self-Instruct in percentage "
-             "points [95 % paired bootstrap interval over the same questions]. An interval that contains 0 is no "
-             "evidence either way.", "",
-             "| method | " + " | ".join(benchmarks) + " |", "|---|" + "---:|" * len(benchmarks)]
+             f"Every method made {meta['budget']} pairs from its seeds (below: a recorded {meta['seed_fraction']:.0%} "
+             f"split of each benchmark or a recorded Alpaca sample, `splits/`), the target `{meta['base_model']}` "
+             f"was tuned on each dataset ({meta['trainer']} trainer), and each tuned model was judged against the "
+             f"strong model `{meta['strong']}` by `{meta['judge']}` on {eval_on}"
+             + (f", first {meta['limit']} questions" if meta.get("limit") else "") + ".", ""]
+    check = meta.get("judge_check")
+    if check:
+        lines += [f"**{JudgeCheck.model_validate(check).line()}.**", ""]
+    lines += [f"**Warning:** {w}" for w in meta.get("warnings", [])] + ([""] if meta.get("warnings") else [])
+    lines += ["Each cell: CRR % [95 % bootstrap interval]; below it, the difference to Self-Instruct in percentage "
+              "points [95 % paired bootstrap interval over the same questions]. An interval that contains 0 is no "
+              "evidence either way.", "",
+              "| method | " + " | ".join(benchmarks) + " |", "|---|" + "---:|" * len(benchmarks)]
     lines += [f"| {m} | " + " | ".join(_cell(at.get((m, b))) for b in benchmarks) + " |" for m in methods]
     short = [r for r in rows if r.shortfall]
     if short:
         lines += ["", "**Shortfall:** " + "; ".join(f"{r.method} on {r.benchmark} published {r.pairs} of "
                                                      f"{r.pairs + r.shortfall} pairs" for r in short)
                   + " (see each dataset's manifest for the limit reached)."]
+    empty = meta.get("empty", [])
+    if empty:
+        lines += ["", "**No pairs:** " + "; ".join(f"{e['method']} on {e['benchmark']} published no pair "
+                                                   f"({e['reason']}); it was not trained or evaluated" for e in empty)
+                  + "."]
+    lines += ["", "## Table 5: wins, ties and losses against the strong model", "",
+              "| method | " + " | ".join(benchmarks) + " |", "|---|" + "---:|" * len(benchmarks)]
+    lines += [f"| {m} | " + " | ".join(_wtl(at.get((m, b))) for b in benchmarks) + " |" for m in methods]
+    if meta.get("statements"):
+        leaks: dict[str, int] = {}
+        for t in meta.get("trainings", []):
+            leaks[t["method"]] = leaks.get(t["method"], 0) + t.get("eval_overlap", 0)
+        lines += ["", "## How each method was made", "",
+                  "Seeds, basic instructions, the rater of its data, the final judge, the training recipe, the model "
+                  "answering in Contrastive Filtering, and the pairs the leak guard rejected (normalised exact match "
+                  "or ROUGE-L >= 0.7 with an evaluation question, before the budget; summed over benchmarks).", "",
+                  statements_markdown(meta["statements"], leaks, JudgeCheck.model_validate(check) if check else None)]
     lines += ["", f"![CRR per method and benchmark]({chart})", "",
               "Files: `table.parquet` (these rows), `datasets/BENCH/METHOD`, `models/BENCH/METHOD`, `eval/BENCH` "
               "(every verdict), `splits/BENCH/split.json`.", ""]
@@ -241,14 +430,23 @@ def plan_calls(settings: Settings, methods: Sequence[str], seeds: int, questions
             low = gen + 2 * pool
             high = math.ceil(most / cfg.new_per_call) * 3 + 2 * most
             note = f"{pool} to {most} Self-Instruct pairs, each answered and rated; keeps >= {cfg.alpagasus_threshold}"
-        else:  # evol_instruct, wizardlm_plus
-            evolved = math.ceil(b * cfg.evol_oversample)
-            low = high = evolved + b
-            note = f"{evolved} evolutions + {b} answers"
-            if method == "wizardlm_plus":
-                fixed, _ = front(math.ceil(evolved / cfg.evol_rounds), 1.0)
-                low, high = low + fixed, high + fixed
-                note += f" + encode/decode of {math.ceil(evolved / cfg.evol_rounds)} basic instructions"
+        elif method == "tree_instruct":
+            low = high = 2 * b
+            note = f"{b} Tree-Instruct rewrites ({cfg.tree_nodes} nodes added) + {b} answers"
+        else:  # evol_instruct, wizardlm_plus: every root evolved each round (baseline_records.evolution_calls)
+            fixed = 0
+            if method == "evol_instruct":
+                roots = seeds_for(method, settings) if seed_source(method, settings) == "alpaca" else seeds
+                source = f"{roots} seeds"
+            elif "codeclm" in methods:
+                roots = front(b, settings.oversample)[1]
+                source = f"codeclm's {roots} basic instructions"
+            else:
+                fixed, roots = front(math.ceil(b * cfg.evol_oversample / cfg.evol_rounds), 1.0)
+                source = f"{roots} basic instructions of its own encode/decode"
+            evolved = baseline_records.evolution_calls(roots, settings)
+            low = high = fixed + evolved + b
+            note = f"{evolved} evolutions of {source} ({cfg.evol_rounds} rounds) + {b} answers"
         rows.append({"method": method, "generation_calls_low": low, "generation_calls_high": high,
                      "training_runs": 1, "eval_calls": 3 * questions, "note": note})
     return rows
@@ -285,6 +483,8 @@ class BenchmarkPlan(BaseModel):
     seeds: str
     eval_spec: str
     eval_questions: int
+    eval_overlap: str  # the evaluation questions as a file: the leak guard's setting `eval_overlap`
+    check_questions: list[tuple[str, str]]  # (item id, prompt) of the first evaluation questions: the judge check
 
 
 def plan_protocol(benchmarks: Sequence[str], root: Path, settings: Settings, eval_on: EvalOn, limit: int | None,
@@ -308,11 +508,49 @@ def plan_protocol(benchmarks: Sequence[str], root: Path, settings: Settings, eva
             seeds = record_split(folder, questions, split)
             if eval_on == "heldout":
                 eval_spec = str(heldout_file(folder, questions, split))
+        heldout = set(split.heldout_ids)
+        evaluated = [q for q in questions if eval_on == "whole" or q.question_id in heldout]
+        overlap = folder / f"eval-{eval_on}.jsonl"
+        if write:
+            overlap = write_jsonl(folder / f"eval-{eval_on}.jsonl",
+                                  [{"question_id": q.question_id, "prompt": q.prompt} for q in evaluated])
         n_eval = len(split.heldout_ids) if eval_on == "heldout" else len(questions)
         if limit is not None and limit > n_eval:
             raise ConfigError(f"--limit {limit} is more than the {n_eval} {eval_on} questions of {split.benchmark}")
         if write:
             plan_evaluation([eval_spec], settings, limit=limit)
+        n_check = settings.protocol.judge_check_questions
         plans.append(BenchmarkPlan(label=split.benchmark, split=split, seeds=str(seeds), eval_spec=eval_spec,
-                                   eval_questions=min(n_eval, limit or n_eval)))
+                                   eval_questions=min(n_eval, limit or n_eval), eval_overlap=str(overlap),
+                                   check_questions=[(f"{split.benchmark}/{q.question_id}", q.prompt)
+                                                    for q in evaluated[:n_check]]))
+    return plans
+
+
+class SeedPlan(BaseModel):
+    """Where one method's seeds come from in a protocol run (the benchmark's split file is per benchmark)."""
+
+    method: str
+    source: str
+    file: str | None = None  # the Alpaca seed file; None: each benchmark's split seeds
+    sample: AlpacaSample | None = None
+
+
+def plan_seeds(methods: Sequence[str], root: Path, settings: Settings, write: bool = True) -> dict[str, SeedPlan]:
+    """Each method's seed source; Alpaca is loaded (downloaded once into home) and each needed sample size is
+    drawn and, when `write`, recorded under OUT/splits/alpaca, before any model starts."""
+    from codeclm.benchmarks import load_alpaca
+
+    plans = {m: SeedPlan(method=m, source=seed_source(m, settings)) for m in methods}
+    wanted = [m for m, p in plans.items() if p.source == "alpaca"]
+    if not wanted:
+        return plans
+    source = settings.protocol.alpaca
+    questions = load_alpaca(source, cache_dir=settings.home / "benchmarks")
+    for m in wanted:
+        sample = alpaca_sample(questions, source, settings.seed, seeds_for(m, settings))
+        seeds = root / "splits" / ALPACA_DIR / f"seeds-{sample.size}.jsonl"
+        if write:
+            seeds = record_alpaca(root, questions, sample)
+        plans[m] = SeedPlan(method=m, source="alpaca", file=str(seeds), sample=sample)
     return plans
