@@ -333,7 +333,8 @@ def test_dry_run_with_the_paper_preset_states_every_method_before_any_call(tmp_p
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert "untuned base" in done.stderr  # embedded target and embedded base: the warning
-    assert "175 of 2000 Alpaca instructions" in out and "625 of 2000" in out and "2000 of 2000" in out and "judge check first" in out and "refused below 90%" in out
+    assert "175 of 2000 Alpaca instructions" in out and "625 of 2000" in out and "2000 of 2000" in out
+    assert "judge check first" in out and "refused below 90%" in out
     for method in ("codeclm", "self_instruct", "evol_instruct", "wizardlm_plus", "alpagasus", "metadata_only"):
         assert re.search(rf"^\| {method} \| .*judge_fig12\.md .* text \|", out, re.M), method
     assert "leak guard against its 10 evaluation questions" in out
