@@ -25,7 +25,7 @@ from codeclm.llm.embedded import models_ready
 from codeclm.ops.batch_runner import BatchRunner
 from codeclm.ops.cancellation import watch_cancellation
 from codeclm.ops.monitor import stage_table
-from codeclm.results import BaselineResult
+from codeclm.results import BaselineResult, DatasetResult
 from codeclm.settings import Settings
 from tasks._base import Outputs, Ref, ref_to
 from tasks.alpagasus import alpagasus
@@ -204,3 +204,14 @@ def baseline(method: str, seeds: str, out: str, settings: Settings | None = None
               f"{budget.shortfall}): {budget.limit}")
     print(f"published {summary.train} {method} pairs to {summary.out}")
     return summary
+
+
+def method_dataset(method: str, seeds: str, out: str, settings: Settings, basic: str | None = None
+                   ) -> DatasetResult:
+    """Any compared method's dataset: CodecLM by `generate`, a baseline or ablation by `baseline` (WizardLM+
+    evolves `basic`, a codeclm dataset's basic instructions, when given)."""
+    if method == "codeclm":
+        from flows.generate import generate
+
+        return generate(seeds, out, settings)
+    return baseline(method, seeds, out, settings, basic=basic if method == "wizardlm_plus" else None)

@@ -48,10 +48,9 @@ from codeclm.ops.monitor import progress_view, stage_table
 from codeclm.results import MethodResult, ProtocolResult
 from codeclm.settings import Settings
 from codeclm.train.finetune import check_trainer
-from flows.baselines import baseline
+from flows.baselines import method_dataset
 from flows.evaluate import evaluate
 from flows.finetune import finetune
-from flows.generate import generate
 from flows.studies import run_studies, second_judges
 from tasks._base import read
 from tasks.judge_check import judge_check
@@ -65,12 +64,7 @@ def method_run(method: str, benchmark: str, seeds: str, root: str, settings: Set
     """A method's dataset from its seeds (WizardLM+: from `basic`, a codeclm dataset's basic instructions, when
     given), and the target tuned on it."""
     data = Path(root) / "datasets" / benchmark / method
-    if method == "codeclm":
-        make = generate(seeds, str(data), settings)
-    elif method == "wizardlm_plus" and basic is not None:
-        make = baseline(method, seeds, str(data), settings, basic=basic)
-    else:
-        make = baseline(method, seeds, str(data), settings)
+    make = method_dataset(method, seeds, str(data), settings, basic)
     tuned = finetune(str(data), str(Path(root) / "models" / benchmark / method), settings)
     return MethodResult(benchmark=benchmark, method=method, dataset=str(data), pairs=make.train,
                         shortfall=make.budget.shortfall, eval_overlap=int(make.counts.get("eval_overlap", 0)),
@@ -84,13 +78,13 @@ def benchmark_run(label: str, plan: BenchmarkPlan, methods: list[str], seeds: di
     """Every method on one benchmark (codeclm first: WizardLM+ evolves its basic instructions), the leak guard
     on every training set; then base and tuned targets answered and judged on the same questions. A method
     that publishes no pair is reported and left out; the others go on."""
-    guarded = settings.model_copy(update={"eval_overlap": plan.eval_overlap})
+    guarded = plan.guarded(settings)
     made: dict[str, MethodResult] = {}
     empty: list[dict[str, str]] = []
     for m in sorted(methods, key=lambda m: m != "codeclm"):
         basic = made["codeclm"].dataset if m == "wizardlm_plus" and "codeclm" in made else None
         try:
-            made[m] = method_run(m, plan.label, seeds[m].file or plan.seeds, root, guarded, basic)
+            made[m] = method_run(m, plan.label, plan.seed_file(seeds[m]), root, guarded, basic)
         except DatasetError as exc:
             print(f"WARNING: {m} on {plan.label} published no pair: {exc}")
             empty.append({"benchmark": plan.label, "method": m, "reason": str(exc)})
@@ -154,7 +148,7 @@ def protocol(benchmarks: list[str], out: str, settings: Settings | None = None, 
             made += bench_made
             rows += bench_rows
             empty += bench_empty
-        further = run_studies(studies, judges, plans, rows, str(root), settings, limit)  # Table 6, Figs. 3-5
+        further = run_studies(studies, judges, plans, seeds, rows, str(root), settings, limit)  # Table 6, Figs. 3-5
     meta = {"benchmarks": {p.label: p.split.model_dump() for p in plans}, "methods": methods, "eval_on": eval_on,
             "limit": limit, "seed_fraction": seed_fraction, "budget": settings.budget, "preset": settings.preset,
             "strong": settings.strong.model, "judge": settings.judge.model, "trainer": settings.finetune.trainer,

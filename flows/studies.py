@@ -1,8 +1,8 @@
 """The protocol's further studies as subflows (Table 6, Figs. 3-5; plans, rows and reports in
-codeclm.eval.studies): each study's datasets (generate or baseline), trainings (finetune) and one evaluation per
-benchmark of its tuned targets (served_targets + evaluate), then OUT/studies/STUDY and a Prefect artifact. A
-point equal to a Table-1 cell uses the cell's folders, so the step, training and call caches make it free, and
-a rerun of a whole study pays nothing.
+codeclm.eval.studies): each study's datasets (made as Table 1 makes them: `flows.baselines.method_dataset`),
+trainings (finetune) and one evaluation per benchmark of its tuned targets (served_targets + evaluate), then
+OUT/studies/STUDY and a Prefect artifact. A point equal to a Table-1 cell uses the cell's folders, so the step,
+training and call caches make it free, and a rerun of a whole study pays nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from codeclm.eval.eval_report import data_uri
 from codeclm.eval.loop import read_questions, served_targets
-from codeclm.eval.protocol import BenchmarkPlan, ProtocolRow, table_rows
+from codeclm.eval.protocol import BenchmarkPlan, ProtocolRow, SeedPlan, plan_seeds, table_rows
 from codeclm.eval.studies import (
     FIGURE,
     TITLE,
@@ -37,10 +37,9 @@ from codeclm.eval.studies import (
 from codeclm.settings import RoleConfig, Settings
 from codeclm.storage import write_json, write_records, write_text
 from codeclm.train.finetune import FinetuneResult
-from flows.baselines import baseline
+from flows.baselines import method_dataset
 from flows.evaluate import evaluate
 from flows.finetune import finetune
-from flows.generate import generate
 
 
 class StudiesResult(BaseModel):
@@ -64,30 +63,32 @@ def second_judges(label: str, eval_spec: str, targets: list[RoleConfig], root: s
                  settings=with_judge(settings, judge), limit=limit)
 
 
-def _dataset(method: str, seeds: str, out: str, settings: Settings) -> None:
-    """A method's dataset at a study point (as the protocol makes its Table-1 datasets)."""
-    if method == "codeclm":
-        generate(seeds, out, settings)
-    else:
-        baseline(method, seeds, out, settings)
-
-
 @flow(name="codeclm-protocol-study", flow_run_name="{study} · {plan.label}", log_prints=True)
-def study_benchmark(study: str, plan: BenchmarkPlan, root: str, settings: Settings, limit: int | None
-                    ) -> list[StudyRow]:
-    """One study on one benchmark: each point's data, its training, then one evaluation of all its models."""
+def study_benchmark(study: str, plan: BenchmarkPlan, seeds: dict[str, SeedPlan], root: str, settings: Settings,
+                    limit: int | None) -> list[StudyRow]:
+    """One study on one benchmark: each point's data (made as Table 1 makes its datasets: each method's seeds,
+    the leak guard; WizardLM+ from the codeclm dataset of the same point), its training, then one evaluation
+    of all its models."""
     out = Path(root)
+    guarded = plan.guarded(settings)
     shares: dict[int, int] | None = None
     if study == "rounds":
         codeclm_data = out / "datasets" / plan.label / "codeclm"
-        generate(plan.seeds, str(codeclm_data), settings)  # Table 1's codeclm dataset, found again when made
+        # Table 1's codeclm dataset, found again
+        method_dataset("codeclm", plan.seed_file(seeds["codeclm"]), str(codeclm_data), guarded)
         points, shares = round_points(codeclm_data, plan.label, out)
     else:
         points = study_points(study, plan.label, out, settings)
     tuned: dict[str, FinetuneResult] = {}
-    for p in points:
+    codeclm_at: dict[float, str] = {}
+    for p in sorted(points, key=lambda p: p.method != "codeclm"):
         if study != "rounds":
-            _dataset(p.method, plan.seeds, p.dataset, _at(settings, p))
+            at = _at(guarded, p)
+            source = plan_seeds([p.method], out, at)[p.method]  # an Alpaca sample sized for this point's budget
+            basic = codeclm_at.get(p.x) if p.method == "wizardlm_plus" else None
+            method_dataset(p.method, plan.seed_file(source), p.dataset, at, basic)
+            if p.method == "codeclm":
+                codeclm_at[p.x] = p.dataset
         tuned[p.label] = finetune(p.dataset, p.model, settings)
     eval_dir = out / "studies" / study / "eval" / plan.label
     with served_targets(tuned, settings) as (_base, roles):
@@ -129,8 +130,8 @@ def _judges_table(judges: list[str], plans: list[BenchmarkPlan], rows: list[Prot
 
 
 @flow(name="codeclm-protocol-studies", flow_run_name="studies · {root}", log_prints=True)
-def run_studies(studies: list[str], judges: list[str], plans: list[BenchmarkPlan], rows: list[ProtocolRow],
-                root: str, settings: Settings, limit: int | None) -> StudiesResult:
+def run_studies(studies: list[str], judges: list[str], plans: list[BenchmarkPlan], seeds: dict[str, SeedPlan],
+                rows: list[ProtocolRow], root: str, settings: Settings, limit: int | None) -> StudiesResult:
     """Every study asked for, after Table 1: Table 6 from the judges' verdicts, then Figs. 3-5 per benchmark."""
     sections: list[str] = []
     meta: dict[str, object] = {"judges": [settings.judge.model, *judges]}
@@ -138,7 +139,7 @@ def run_studies(studies: list[str], judges: list[str], plans: list[BenchmarkPlan
         sections.append(_judges_table(judges, plans, rows, root, settings))
     done: dict[str, object] = {}
     for study in studies:
-        study_table = [r for plan in plans for r in study_benchmark(study, plan, root, settings, limit)]
+        study_table = [r for plan in plans for r in study_benchmark(study, plan, seeds, root, settings, limit)]
         folder = Path(root) / "studies" / study
         svg = line_svg(study, study_table)
         write_study(folder, study, study_table, study_markdown(study, study_table, settings, "chart.svg"), svg,

@@ -486,6 +486,14 @@ class BenchmarkPlan(BaseModel):
     eval_overlap: str  # the evaluation questions as a file: the leak guard's setting `eval_overlap`
     check_questions: list[tuple[str, str]]  # (item id, prompt) of the first evaluation questions: the judge check
 
+    def guarded(self, settings: Settings) -> Settings:
+        """The settings every dataset of this benchmark is made with: the leak guard on its evaluation questions."""
+        return settings.model_copy(update={"eval_overlap": self.eval_overlap})
+
+    def seed_file(self, seeds: SeedPlan) -> str:
+        """A method's seeds on this benchmark: its Alpaca sample, else the benchmark's split."""
+        return seeds.file or self.seeds
+
 
 def plan_protocol(benchmarks: Sequence[str], root: Path, settings: Settings, eval_on: EvalOn, limit: int | None,
                   seed_fraction: float, write: bool = True) -> list[BenchmarkPlan]:
