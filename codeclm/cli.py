@@ -492,6 +492,53 @@ def refresh(
     _run(go)
 
 
+def _shown(path: Path) -> tuple[Path, str, list[str]]:
+    """The dataset folder behind DIR (a dataset, a refresh version or a refresh root: its latest version), a
+    title, and the changes the version recorded against the one before."""
+    import json
+
+    from codeclm.errors import DatasetError
+
+    if (path / "registry.json").exists():
+        latest = json.loads((path / "registry.json").read_text()).get("latest")
+        if not latest:
+            raise DatasetError(f"{path}: this refresh root has no version yet")
+        return _shown(path / "versions" / latest)
+    if (path / "version.json").exists() and (path / "dataset" / "manifest.json").exists():
+        from codeclm.profile import diff_lines
+
+        entry = json.loads((path / "version.json").read_text())
+        return path / "dataset", f"{entry['version']} · {path}", diff_lines(entry.get("changes"))
+    if (path / "manifest.json").exists() and (path / "train.parquet").exists():
+        return path, str(path), []
+    raise DatasetError(f"{path}: not a dataset, a refresh version or a refresh root (no manifest.json, version.json "
+                       "or registry.json)")
+
+
+@app.command()
+def show(
+    path: Annotated[Path, typer.Argument(help="a dataset (generate, baseline), a refresh root or one of its versions")],
+    samples: Annotated[int, typer.Option("--samples", "-n", min=0, help="sample pairs to print with lineage")] = 3,
+) -> None:
+    """Print what a dataset holds: its profile (use cases, skills, lengths, rounds, gaps, cost per pair) and
+    sample pairs with their lineage (seed -> metadata -> basic instruction -> actions -> pair)."""
+
+    def go() -> None:
+        import shutil
+
+        from rich.console import Console
+
+        from codeclm.profile_show import WIDTH
+        from codeclm.profile_show import show as show_profile
+
+        folder, title, changes = _shown(path)
+        width = min(WIDTH, shutil.get_terminal_size((WIDTH, 24)).columns)
+        show_profile(folder, samples, Console(width=width, highlight=False), title, changes)
+
+    with _user_errors():
+        go()
+
+
 def main() -> None:
     global _STANDALONE
     _STANDALONE = True

@@ -19,7 +19,7 @@ from codeclm.llm import concurrency
 from codeclm.llm.embedded import models_ready
 from codeclm.ops.batch_runner import BatchRunner
 from codeclm.ops.cancellation import watch_cancellation
-from codeclm.ops.monitor import progress_view, stage_table, wait_rounds, wait_stage
+from codeclm.ops.monitor import profile_artifact, progress_view, stage_table, wait_rounds, wait_stage
 from codeclm.results import GenerateResult
 from codeclm.settings import Settings
 from tasks._base import Outputs, Ref
@@ -163,6 +163,7 @@ def generate(seeds: str, out: str, settings: Settings | None = None, method: str
     if reused is not None:
         print(f"{out} already holds this run (same seeds, settings and recipe, no failed call, files intact): "
               "nothing to call or publish")
+        profile_artifact(out, method)
         return reused
     with progress_view("generate-progress", f"generate · {seeds} → {out}"), \
             models_ready(settings, generation_roles(settings)):
@@ -171,6 +172,7 @@ def generate(seeds: str, out: str, settings: Settings | None = None, method: str
     stage_table("generate-stages", summary.stages, "calls, tokens, cost and seconds per CodecLM stage")
     stage_table("generate-concurrency", summary.concurrency, "adaptive requests in flight per endpoint: limit "
                 "now, lowest and highest, in-flight peak, 429/503 answers, Retry-After pauses")
+    profile_artifact(out, method)
     budget = summary.budget
     if budget.shortfall:
         get_run_logger().warning("SHORTFALL: published %d of %d pairs (%d short) after %d top-up passes: %s",

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from codeclm.checks import recipe_digest
 from codeclm.errors import DatasetError
 from codeclm.llm.prompts import load_prompt
+from codeclm.profile import write_profile
 from codeclm.publish import publishing
 from codeclm.records import (
     CallStats,
@@ -158,6 +159,7 @@ def export(refs: dict[str, list[Ref]], settings: StageSettings, out: str, run: d
             "totals": totals(stages),
             "files": {name: file_sha256(path) for name, path in sorted(files.items())},
         }
+        manifest["files"] |= write_profile(staging, manifest)
         write_json(staging / "manifest.json", manifest)
     return {"out": str(target), "method": method, "train": len(train), "budget": budget,
             "counts": manifest["counts"], "stages": stages, "concurrency": limits, "totals": manifest["totals"]}

@@ -12,6 +12,7 @@ from typing import Any
 from codeclm.baseline_records import BaselineRejected, PoolInstruction, Rating
 from codeclm.errors import DatasetError
 from codeclm.llm.prompts import load_prompt
+from codeclm.profile import write_profile
 from codeclm.publish import publishing
 from codeclm.records import CallStats, Candidate, FailedCall, Metadata, Record, Seed, TrainingPair
 from codeclm.settings import StageSettings
@@ -88,6 +89,7 @@ def publish_baseline(method: str, refs: dict[str, list[Ref]], settings: StageSet
             "totals": totals(stages),
             "files": {name: file_sha256(path) for name, path in sorted(files.items())},
         }
+        manifest["files"] |= write_profile(staging, manifest)
         write_json(staging / "manifest.json", manifest)
     return {"out": str(target), "method": method, "train": len(train), "budget": manifest["budget"],
             "counts": manifest["counts"], "stages": stages, "totals": manifest["totals"]}
