@@ -45,6 +45,9 @@ BaseOpt = Annotated[str | None, typer.Option(help="base model to tune: 'embedded
 TrainerOpt = Annotated[Literal["local", "remote", "off"] | None, typer.Option(
     help="local: TRL + LoRA on this machine (default); remote: an OpenAI-style fine-tuning job; off: no training")]
 LimitOpt = Annotated[int | None, typer.Option(help="evaluate only the first N questions of each benchmark")]
+ReviewOpt = Annotated[Literal["off", "metadata", "dataset"] | None, typer.Option(
+    help="pause for a reviewer (the Prefect UI's resume form, or here when interactive): metadata after "
+         "augmentation, dataset before it is published and trained on (default off)")]
 PresetOpt = Annotated[Literal["default", "paper"] | None, typer.Option(
     help="settings preset under the config file and flags: paper (as the paper states) or default (see README)")]
 
@@ -198,12 +201,13 @@ def generate(
     threshold: ThresholdOpt = None,
     budget: BudgetOpt = None,
     preset: PresetOpt = None,
+    review: ReviewOpt = None,
 ) -> None:
     """Make a CodecLM instruction-tuning dataset from SEEDS into --out."""
 
     def go() -> None:
         settings = _settings(config, strong=strong, target=target, batch_size=batch_size, max_rounds=max_rounds,
-                             threshold=threshold, budget=budget, preset=preset)
+                             threshold=threshold, budget=budget, preset=preset, review=review)
         ready: list[Callable[[], object]] = []
         # a bad seed file fails in about a second; Prefect's API boots beside litellm's import and the model checks
         check_generate(seeds, out, settings, loaded=lambda checked: ready.append(
@@ -235,11 +239,12 @@ def baseline(
     strong: StrongOpt = None,
     budget: BudgetOpt = None,
     preset: PresetOpt = None,
+    review: ReviewOpt = None,
 ) -> None:
     """Make a baseline dataset (same layout as `generate`) from SEEDS into --out, at the same budget."""
 
     def go() -> None:
-        settings = _settings(config, strong=strong, budget=budget, preset=preset)
+        settings = _settings(config, strong=strong, budget=budget, preset=preset, review=review)
         check_generate(seeds, out, settings, ("strong",))
         from flows.baselines import baseline as baseline_flow
 
@@ -330,13 +335,15 @@ def run_job(
     preset: PresetOpt = None,
     trainer: TrainerOpt = None,
     base: BaseOpt = None,
+    review: ReviewOpt = None,
 ) -> None:
     """The main job, the whole loop: generate a dataset from SEEDS, tune the target on it, then measure base and
     tuned target against the strong model on the same questions."""
 
     def go() -> None:
         settings = _with_judge(_settings(config, strong=strong, target=target, batch_size=batch_size,
-                                         max_rounds=max_rounds, threshold=threshold, budget=budget, preset=preset),
+                                         max_rounds=max_rounds, threshold=threshold, budget=budget, preset=preset,
+                                         review=review),
                                judge).with_finetune(config, base_model=base, trainer=trainer)
         from codeclm.eval.evaluation import default_benchmark
 
@@ -470,11 +477,12 @@ def refresh(
     evaluate: Annotated[bool, typer.Option(help="evaluate the new version and report the CRR change")] = True,
     slot: Annotated[str | None, typer.Option(help="idempotency key; the same slot never makes two versions")] = None,
     preset: PresetOpt = None,
+    review: ReviewOpt = None,
 ) -> None:
     """Append a dataset version under --root from the seeds in SEEDS that no version has processed yet."""
 
     def go() -> None:
-        settings = _settings(config, preset=preset)
+        settings = _settings(config, preset=preset, review=review)
         check_output(root, "--root", replaced=False)
         from flows.refresh import refresh as refresh_flow
 

@@ -326,3 +326,23 @@ def diff_lines(changes: dict[str, Any] | None) -> list[str]:
         if s["change"] is not None:
             lines.append(f"{s['what']}: {s['before']:g} → {s['after']:g} ({s['change']:+g})")
     return lines
+
+
+def metadata_markdown(rows: list[dict[str, Any]], limit: int = 300) -> str:
+    """The augmented metadata for the reviewer (the metadata review gate): counts, then one row per metadata."""
+    origins = Counter(r["origin"] for r in rows)
+    use_cases = Counter(r["use_case"] for r in rows)
+    skills = Counter(s for r in rows for s in r["skills"])
+    lines = ["# Review the metadata", "",
+             f"**{len(rows)} metadata** ({_inline(dict(origins))}), {len(use_cases)} use cases, {len(skills)} "
+             "skills. Approve to decode instructions from them, reject with a reason to stop the run, or list "
+             "metadata ids to leave out.", "",
+             "Most frequent use cases: " + ", ".join(f"{_cell(u)} ({n})" for u, n in use_cases.most_common(8)), "",
+             "Most frequent skills: " + ", ".join(f"{_cell(k)} ({n})" for k, n in skills.most_common(12)), "",
+             "| id | origin | use case | skills | seeds |", "|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["origin"] != "seed", r["use_case"], r["metadata_id"]))[:limit]:
+        lines.append(f"| `{r['metadata_id']}` | {r['origin']} | {_cell(r['use_case'])} | "
+                     f"{_cell(', '.join(r['skills']))} | {', '.join(r['seed_ids'])} |")
+    if len(rows) > limit:
+        lines.append(f"| … {len(rows) - limit} more | | | | |")
+    return "\n".join(lines) + "\n"

@@ -28,6 +28,7 @@ from tasks.decode import decode
 from tasks.dedup import dedup
 from tasks.encode import encode
 from tasks.export import export
+from tasks.review import review_metadata
 from tasks.rounds import ordered, rounds
 from tasks.rubrics import rubrics
 from tasks.seeds import prepare_seeds
@@ -62,6 +63,8 @@ def pipeline(seeds: str, seeds_sha: str, out: str, settings: Settings, method: s
     encoded = wait_stage("encode", encode.map(seed_batches, unmapped(settings.for_stage("encode")), batch=labels))
     _collect(refs, encoded, skip=("metadata",))
     meta_batches = augment([e["metadata"] for e in encoded], settings.for_stage("augment"), len(labels))
+    if settings.review == "metadata":
+        meta_batches = review_metadata(meta_batches, settings.for_stage("review"))
     refs["metadata"] = meta_batches
     per_metadata = settings.per_metadata(sum(r["rows"] for r in meta_batches))
     print(f"{len(seed_batches)} batches, {sum(r['rows'] for r in meta_batches)} metadata, "

@@ -34,6 +34,7 @@ from codeclm.settings import StageSettings
 from codeclm.storage import check_schema, file_sha256, package_versions, write_json, write_jsonl, write_records
 from tasks._base import Ref, codec_task, read
 from tasks.respond import answer_messages
+from tasks.review import review_dataset
 
 STAGE_TABLES: dict[str, type[Record]] = {
     "seeds": Seed, "metadata": Metadata, "rubrics": RubricSet, "candidates": Candidate, "responses": Response,
@@ -161,6 +162,8 @@ def export(refs: dict[str, list[Ref]], settings: StageSettings, out: str, run: d
         }
         manifest["files"] |= write_profile(staging, manifest)
         write_json(staging / "manifest.json", manifest)
+        if settings.review == "dataset":
+            review_dataset(staging, settings.review_timeout, f"{method} · {out} (not yet published)")
     return {"out": str(target), "method": method, "train": len(train), "budget": budget,
             "counts": manifest["counts"], "stages": stages, "concurrency": limits, "totals": manifest["totals"]}
 

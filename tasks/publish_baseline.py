@@ -20,6 +20,7 @@ from codeclm.storage import file_sha256, package_versions, write_json
 from tasks._base import Ref, codec_task, read
 from tasks.evol import METHODS as EVOL_METHODS
 from tasks.export import PACKAGES, stage_summary, totals, write_dataset
+from tasks.review import review_dataset
 
 STAGE_TABLES: dict[str, type[Record]] = {
     "seeds": Seed, "metadata": Metadata, "candidates": Candidate, "instructions": PoolInstruction,
@@ -91,5 +92,7 @@ def publish_baseline(method: str, refs: dict[str, list[Ref]], settings: StageSet
         }
         manifest["files"] |= write_profile(staging, manifest)
         write_json(staging / "manifest.json", manifest)
+        if settings.review == "dataset":
+            review_dataset(staging, settings.review_timeout, f"{method} · {out} (not yet published)")
     return {"out": str(target), "method": method, "train": len(train), "budget": manifest["budget"],
             "counts": manifest["counts"], "stages": stages, "totals": manifest["totals"]}

@@ -1,0 +1,135 @@
+"""The review gate, the paper's manual check (§4.1: the augmented metadata are checked by hand before decoding):
+the flow run pauses on Prefect's own pause-for-input form, its description the metadata or the dataset's
+profile, and goes on only when a reviewer approves it, in the UI or, when the run is interactive, here in the
+terminal. Rejecting stops the run with nothing published or trained on; not answering in time does the same,
+saying how to come back."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import select
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any, Literal
+
+from prefect.context import FlowRunContext
+from prefect.exceptions import FlowPauseTimeout, NotPausedError
+from prefect.flow_runs import pause_flow_run, resume_flow_run
+from prefect.input import RunInput
+from prefect.runtime import flow_run as runtime_flow_run
+from pydantic import Field
+
+from codeclm.errors import CodecError
+
+log = logging.getLogger(__name__)
+Gate = Literal["metadata", "dataset"]
+POLL_S = 2  # how often a paused run asks the API whether it was resumed
+FOREVER_S = 10 * 365 * 86400  # `review_timeout = None`: wait until answered (Prefect needs a number)
+MAX_ASKS = 5  # a metadata review naming unknown ids is asked again, at most this often
+
+
+class ReviewRejected(CodecError):
+    """The reviewer rejected the metadata or the dataset: nothing was published or trained on."""
+
+
+class ReviewPending(CodecError):
+    """Nobody reviewed within `review_timeout`: nothing was published or trained on."""
+
+
+class DatasetReview(RunInput):
+    """The reviewer's answer on a dataset before it is published (or trained on)."""
+
+    decision: Literal["approve", "reject"] = Field("approve", description="approve: publish it; reject: stop here, "
+                                                   "nothing is published or trained on")
+    reason: str = Field("", description="why (kept in the run's log); needed to reject")
+
+
+class MetadataReview(DatasetReview):
+    """The reviewer's answer on the augmented metadata, before any instruction is decoded from them."""
+
+    drop_metadata_ids: str = Field("", description="metadata ids to leave out, separated by spaces or commas; "
+                                   "the rest is decoded")
+
+    def dropped(self) -> list[str]:
+        return sorted({i for i in self.drop_metadata_ids.replace(",", " ").split() if i})
+
+
+def parse_answer(line: str, gate: Gate) -> DatasetReview | None:
+    """A terminal answer: `a` (approve), `r REASON` (reject), `d ID ...` (drop metadata ids); None if unclear."""
+    word, _, rest = line.strip().partition(" ")
+    word = word.lower()
+    if word in ("a", "approve", "y", "yes"):
+        return DatasetReview(decision="approve") if gate == "dataset" else MetadataReview(decision="approve")
+    if word in ("r", "reject") and rest.strip():
+        model = DatasetReview if gate == "dataset" else MetadataReview
+        return model(decision="reject", reason=rest.strip())
+    if word in ("d", "drop") and gate == "metadata" and rest.strip():
+        return MetadataReview(decision="approve", drop_metadata_ids=rest.strip())
+    return None
+
+
+def _interactive() -> bool:
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+def _terminal(run_id: Any, gate: Gate, show: Callable[[], None], answered: threading.Event) -> None:
+    """Ask in the terminal while the run waits for the form; the first answer (here or in the UI) wins."""
+    show()
+    hint = "[a]pprove, [r]eject REASON" + (", [d]rop METADATA_ID ..." if gate == "metadata" else "")
+    while not answered.is_set():
+        sys.stdout.write(f"review the {gate} ({hint}; or answer the form in the Prefect UI): ")
+        sys.stdout.flush()
+        line = None
+        while not answered.is_set() and line is None:
+            ready, _, _ = select.select([sys.stdin], [], [], 0.5)
+            line = sys.stdin.readline() if ready else None
+        if line is None:
+            return
+        answer = parse_answer(line, gate)
+        if answer is None:
+            print(f"not understood: {line.strip()!r}")
+            continue
+        with contextlib.suppress(NotPausedError):  # answered in the UI meanwhile
+            resume_flow_run(run_id, run_input=answer.model_dump(mode="json"))
+        return
+
+
+def ask(gate: Gate, description: str, timeout: float | None, show: Callable[[], None] | None = None,
+        known_ids: set[str] | None = None) -> DatasetReview:
+    """Pause this flow run until a reviewer answers; returns the approval (raises on rejection or no answer).
+    `description` is the form's markdown; `show` prints the same for the terminal when the run is interactive;
+    `known_ids` are the metadata ids a reviewer may drop (others are asked about again)."""
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        raise RuntimeError("a review gate runs inside a flow run")
+    model: type[DatasetReview] = MetadataReview if gate == "metadata" else DatasetReview
+    note = ""
+    for attempt in range(1, MAX_ASKS + 1):
+        form = model.with_initial_data(description=note + description, decision="approve")
+        url = runtime_flow_run.get_flow_run_ui_url() or f"flow run {context.flow_run.id}"
+        log.warning("REVIEW: the run waits for a reviewer of the %s: answer the form at %s", gate, url)
+        answered = threading.Event()
+        if _interactive():
+            threading.Thread(target=_terminal, args=(context.flow_run.id, gate, show or (lambda: None), answered),
+                             daemon=True).start()
+        try:
+            answer = pause_flow_run(wait_for_input=form, timeout=int(timeout or FOREVER_S), poll_interval=POLL_S,
+                                    key=f"review-{gate}-{attempt}")
+        except FlowPauseTimeout:
+            raise ReviewPending(f"the {gate} was not reviewed within {timeout:g} s, so nothing was published or "
+                                "trained on; run the same command again to review it (every step before the review "
+                                "is reused, no call is paid twice)") from None
+        finally:
+            answered.set()
+        if answer.decision == "reject":
+            raise ReviewRejected(f"the reviewer rejected the {gate}: {answer.reason or 'no reason given'}; nothing "
+                                 "was published or trained on")
+        dropped = answer.dropped() if isinstance(answer, MetadataReview) else []
+        unknown = sorted(set(dropped) - known_ids) if known_ids is not None else []
+        if not unknown:
+            log.warning("REVIEW: the %s was approved%s", gate, f" ({answer.reason})" if answer.reason else "")
+            return answer
+        note = f"> **Not done:** no metadata has the id(s) {', '.join(unknown)}; answer again.\n\n"
+    raise ReviewRejected(f"the {gate} review named unknown metadata ids {MAX_ASKS} times; nothing was published")
