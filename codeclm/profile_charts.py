@@ -6,7 +6,7 @@ import base64
 from typing import Any
 from xml.sax.saxutils import escape
 
-_W, _H, _PAD_L, _PAD_B, _TOP = 420, 190, 44, 38, 30
+_W, _H, _PAD_L, _PAD_B, _TOP = 420, 200, 44, 38, 42
 _COLORS = ("#4e79a7", "#f28e2b")
 
 
