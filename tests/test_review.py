@@ -137,3 +137,25 @@ def test_a_review_nobody_answers_ends_the_run_with_nothing_published(prefect_har
     assert isinstance(run.error, ReviewPending), run.error
     assert "not reviewed within 3 s" in str(run.error) and "run the same command again" in str(run.error)
     assert not run.out.exists()
+
+
+def test_an_interactive_run_is_answered_in_the_terminal(prefect_harness: None, fake_llm: FakeLLMServer,
+                                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """The terminal answer resumes the paused run through Prefect, the same way the UI form does."""
+    import os
+    import sys
+
+    from codeclm.ops import review
+
+    read_end, write_end = os.pipe()
+    monkeypatch.setattr(review, "_interactive", lambda: True)
+    monkeypatch.setattr(sys, "stdin", os.fdopen(read_end))
+    with os.fdopen(write_end, "w") as terminal:
+        terminal.write("maybe\nr the responses are too short\n")  # the first line is not understood, asked again
+    run = _Run(tmp_path, settings_for(fake_llm, tmp_path, review="dataset", **SMALL))
+    run.join()  # the answer can only reach the flow by resuming its paused run (Prefect checks it is paused)
+    assert isinstance(run.error, ReviewRejected) and "the responses are too short" in str(run.error)
+    printed = capsys.readouterr().out
+    assert "Dataset profile" in printed and "not understood: 'maybe'" in printed
+    assert not run.out.exists()
