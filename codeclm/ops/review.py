@@ -70,6 +70,13 @@ def parse_answer(line: str, gate: Gate) -> DatasetReview | None:
     return None
 
 
+def _deployed() -> bool:
+    """Whether this run (or the run it is a subflow of) was started from a deployment."""
+    from prefect.runtime import deployment
+
+    return bool(deployment.id or runtime_flow_run.parent_deployment_id)
+
+
 def _interactive() -> bool:
     return sys.stdin is not None and sys.stdin.isatty()
 
@@ -118,9 +125,11 @@ def ask(gate: Gate, description: str, timeout: float | None, show: Callable[[], 
             answer = pause_flow_run(wait_for_input=form, timeout=int(timeout or FOREVER_S), poll_interval=POLL_S,
                                     key=f"review-{gate}-{attempt}")
         except FlowPauseTimeout:
+            again = "start the deployment again with the same parameters" if _deployed() else \
+                "run the same command again"
             raise ReviewPending(f"the {gate} was not reviewed within {timeout:g} s, so nothing was published or "
-                                "trained on; run the same command again to review it (every step before the review "
-                                "is reused, no call is paid twice)") from None
+                                f"trained on; {again} to review it (every step before the review is reused, no call "
+                                "is paid twice)") from None
         finally:
             answered.set()
         if answer.decision == "reject":
