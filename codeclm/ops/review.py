@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import select
+import queue
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -81,6 +82,39 @@ def _interactive() -> bool:
     return sys.stdin is not None and sys.stdin.isatty()
 
 
+_lines: queue.Queue[str] = queue.Queue()
+_reader: threading.Thread | None = None
+
+
+def _read_lines() -> None:
+    for line in sys.stdin:
+        _lines.put(line)
+
+
+def _next_line(answered: threading.Event) -> str | None:
+    """The next terminal line, or None once the review was answered elsewhere. One reader thread serves every
+    review of the process, so a line typed for a later review is never swallowed by an earlier one."""
+    global _reader
+    if _reader is None or not _reader.is_alive():
+        _reader = threading.Thread(target=_read_lines, name="review-terminal", daemon=True)
+        _reader.start()
+    while not answered.is_set():
+        with contextlib.suppress(queue.Empty):
+            return _lines.get(timeout=0.5)
+    return None
+
+
+def _resume(run_id: Any, answer: DatasetReview, answered: threading.Event) -> None:
+    """Hand the terminal's answer to the paused run; a run not paused yet (the form is being saved) is tried
+    again until it is, or until the review was answered in the UI."""
+    while not answered.is_set():
+        try:
+            resume_flow_run(run_id, run_input=answer.model_dump(mode="json"))
+            return
+        except (NotPausedError, RuntimeError):
+            time.sleep(0.5)
+
+
 def _terminal(run_id: Any, gate: Gate, show: Callable[[], None], answered: threading.Event) -> None:
     """Ask in the terminal while the run waits for the form; the first answer (here or in the UI) wins."""
     show()
@@ -88,18 +122,14 @@ def _terminal(run_id: Any, gate: Gate, show: Callable[[], None], answered: threa
     while not answered.is_set():
         sys.stdout.write(f"review the {gate} ({hint}; or answer the form in the Prefect UI): ")
         sys.stdout.flush()
-        line = None
-        while not answered.is_set() and line is None:
-            ready, _, _ = select.select([sys.stdin], [], [], 0.5)
-            line = sys.stdin.readline() if ready else None
+        line = _next_line(answered)
         if line is None:
             return
         answer = parse_answer(line, gate)
         if answer is None:
             print(f"not understood: {line.strip()!r}")
             continue
-        with contextlib.suppress(NotPausedError):  # answered in the UI meanwhile
-            resume_flow_run(run_id, run_input=answer.model_dump(mode="json"))
+        _resume(run_id, answer, answered)
         return
 
 
