@@ -62,8 +62,8 @@ class _Run:
         assert not self.thread.is_alive(), "the flow did not finish after the review was answered"
 
 
-def paused_run(started: float) -> tuple[Any, str]:
-    """The one paused flow run (created after `started`) and its form's description."""
+def paused_run(started: float, needle: str = "") -> tuple[Any, str]:
+    """The one paused flow run (created after `started`) and its form's description (once it holds `needle`)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
@@ -80,8 +80,10 @@ def paused_run(started: float) -> tuple[Any, str]:
                 keyset = keyset_from_paused_state(run.state)
                 for _ in range(50):  # the form is saved right after the state is set
                     try:
-                        description = client.read_flow_run_input(run.id, keyset["description"])
-                        return run, json.loads(description)
+                        description = json.loads(client.read_flow_run_input(run.id, keyset["description"]))
+                        if needle in description:
+                            return run, description
+                        break
                     except Exception:
                         time.sleep(0.2)
             time.sleep(0.5)
@@ -159,3 +161,20 @@ def test_an_interactive_run_is_answered_in_the_terminal(prefect_harness: None, f
     printed = capsys.readouterr().out
     assert "Dataset profile" in printed and "not understood: 'maybe'" in printed
     assert not run.out.exists()
+
+
+def test_a_rejection_without_reason_or_unknown_ids_are_asked_again(prefect_harness: None, fake_llm: FakeLLMServer,
+                                                                  tmp_path: Path) -> None:
+    started = time.time()
+    run = _Run(tmp_path, settings_for(fake_llm, tmp_path, review="metadata", **SMALL))
+    paused, _ = paused_run(started)
+    resume(paused, {"decision": "reject", "reason": "  "})
+    paused, description = paused_run(started, "Not done")
+    assert description.startswith("> **Not done:** a rejection needs a reason; answer again.")
+    resume(paused, {"decision": "approve", "drop_metadata_ids": "meta-nope"})
+    paused, description = paused_run(started, "meta-nope")
+    assert description.startswith("> **Not done:** no metadata has the id(s) meta-nope; answer again.")
+    resume(paused, {"decision": "approve"})
+    run.join()
+    assert run.error is None, run.error
+    assert len(pd.read_parquet(run.out / "stages" / "metadata.parquet")) == 4  # nothing was dropped

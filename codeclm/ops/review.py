@@ -162,13 +162,18 @@ def ask(gate: Gate, description: str, timeout: float | None, show: Callable[[], 
                                 "is paid twice)") from None
         finally:
             answered.set()
-        if answer.decision == "reject":
-            raise ReviewRejected(f"the reviewer rejected the {gate}: {answer.reason or 'no reason given'}; nothing "
-                                 "was published or trained on")
+        reason = answer.reason.strip()
+        if answer.decision == "reject" and reason:
+            raise ReviewRejected(f"the reviewer rejected the {gate}: {reason}; nothing was published or trained on")
         dropped = answer.dropped() if isinstance(answer, MetadataReview) else []
         unknown = sorted(set(dropped) - known_ids) if known_ids is not None else []
-        if not unknown:
-            log.warning("REVIEW: the %s was approved%s", gate, f" ({answer.reason})" if answer.reason else "")
+        if answer.decision == "reject":
+            note = "> **Not done:** a rejection needs a reason; answer again.\n\n"
+        elif unknown:
+            note = f"> **Not done:** no metadata has the id(s) {', '.join(unknown)}; answer again.\n\n"
+        else:
+            log.warning("REVIEW: the %s was approved%s", gate, f" ({reason})" if reason else "")
             return answer
-        note = f"> **Not done:** no metadata has the id(s) {', '.join(unknown)}; answer again.\n\n"
-    raise ReviewRejected(f"the {gate} review named unknown metadata ids {MAX_ASKS} times; nothing was published")
+        log.warning("REVIEW: %s", note.strip("> \n").replace("**", ""))
+    raise ReviewRejected(f"the {gate} review was answered {MAX_ASKS} times without a usable answer; nothing was "
+                         "published or trained on")
