@@ -45,6 +45,9 @@ BaseOpt = Annotated[str | None, typer.Option(help="base model to tune: 'embedded
 TrainerOpt = Annotated[Literal["local", "remote", "off"] | None, typer.Option(
     help="local: TRL + LoRA on this machine (default); remote: an OpenAI-style fine-tuning job; off: no training")]
 LimitOpt = Annotated[int | None, typer.Option(help="evaluate only the first N questions of each benchmark")]
+ReviewOpt = Annotated[Literal["off", "metadata", "dataset"] | None, typer.Option(
+    help="pause for a reviewer (the Prefect UI's resume form, or here when interactive): metadata after "
+         "augmentation, dataset before it is published and trained on (default off)")]
 PresetOpt = Annotated[Literal["default", "paper"] | None, typer.Option(
     help="settings preset under the config file and flags: paper (as the paper states) or default (see README)")]
 
@@ -198,12 +201,13 @@ def generate(
     threshold: ThresholdOpt = None,
     budget: BudgetOpt = None,
     preset: PresetOpt = None,
+    review: ReviewOpt = None,
 ) -> None:
     """Make a CodecLM instruction-tuning dataset from SEEDS into --out."""
 
     def go() -> None:
         settings = _settings(config, strong=strong, target=target, batch_size=batch_size, max_rounds=max_rounds,
-                             threshold=threshold, budget=budget, preset=preset)
+                             threshold=threshold, budget=budget, preset=preset, review=review)
         ready: list[Callable[[], object]] = []
         # a bad seed file fails in about a second; Prefect's API boots beside litellm's import and the model checks
         check_generate(seeds, out, settings, loaded=lambda checked: ready.append(
@@ -238,6 +242,7 @@ def baseline(
     basic: Annotated[Path | None, typer.Option(
         "--basic", help="wizardlm_plus only: a CodecLM dataset folder (what `codeclm generate` wrote) whose basic "
                         "instructions to evolve, instead of decoding its own")] = None,
+    review: ReviewOpt = None,
 ) -> None:
     """Make a baseline dataset (same layout as `generate`) from SEEDS into --out, at the same budget."""
 
@@ -249,7 +254,7 @@ def baseline(
             if method != "wizardlm_plus":
                 raise ConfigError(f"--basic is for wizardlm_plus only, not {method}")
             basic_instructions_file(basic)
-        settings = _settings(config, strong=strong, budget=budget, preset=preset)
+        settings = _settings(config, strong=strong, budget=budget, preset=preset, review=review)
         check_generate(seeds, out, settings, baseline_roles(method))
         from flows.baselines import baseline as baseline_flow
 
@@ -340,13 +345,15 @@ def run_job(
     preset: PresetOpt = None,
     trainer: TrainerOpt = None,
     base: BaseOpt = None,
+    review: ReviewOpt = None,
 ) -> None:
     """The main job, the whole loop: generate a dataset from SEEDS, tune the target on it, then measure base and
     tuned target against the strong model on the same questions."""
 
     def go() -> None:
         settings = _with_judge(_settings(config, strong=strong, target=target, batch_size=batch_size,
-                                         max_rounds=max_rounds, threshold=threshold, budget=budget, preset=preset),
+                                         max_rounds=max_rounds, threshold=threshold, budget=budget, preset=preset,
+                                         review=review),
                                judge).with_finetune(config, base_model=base, trainer=trainer)
         from codeclm.eval.evaluation import default_benchmark
 
@@ -524,11 +531,12 @@ def refresh(
     evaluate: Annotated[bool, typer.Option(help="evaluate the new version and report the CRR change")] = True,
     slot: Annotated[str | None, typer.Option(help="idempotency key; the same slot never makes two versions")] = None,
     preset: PresetOpt = None,
+    review: ReviewOpt = None,
 ) -> None:
     """Append a dataset version under --root from the seeds in SEEDS that no version has processed yet."""
 
     def go() -> None:
-        settings = _settings(config, preset=preset)
+        settings = _settings(config, preset=preset, review=review)
         check_output(root, "--root", replaced=False)
         from flows.refresh import refresh as refresh_flow
 
@@ -544,6 +552,53 @@ def refresh(
             typer.echo(f"  {d.benchmark} · {d.target}: CRR {d.crr:.2f}% ({change})")
 
     _run(go)
+
+
+def _shown(path: Path) -> tuple[Path, str, list[str]]:
+    """The dataset folder behind DIR (a dataset, a refresh version or a refresh root: its latest version), a
+    title, and the changes the version recorded against the one before."""
+    import json
+
+    from codeclm.errors import DatasetError
+
+    if (path / "registry.json").exists():
+        latest = json.loads((path / "registry.json").read_text()).get("latest")
+        if not latest:
+            raise DatasetError(f"{path}: this refresh root has no version yet")
+        return _shown(path / "versions" / latest)
+    if (path / "version.json").exists() and (path / "dataset" / "manifest.json").exists():
+        from codeclm.profile import diff_lines
+
+        entry = json.loads((path / "version.json").read_text())
+        return path / "dataset", f"{entry['version']} · {path}", diff_lines(entry.get("changes"))
+    if (path / "manifest.json").exists() and (path / "train.parquet").exists():
+        return path, str(path), []
+    raise DatasetError(f"{path}: not a dataset, a refresh version or a refresh root (no manifest.json, version.json "
+                       "or registry.json)")
+
+
+@app.command()
+def show(
+    path: Annotated[Path, typer.Argument(help="a dataset (generate, baseline), a refresh root or one of its versions")],
+    samples: Annotated[int, typer.Option("--samples", "-n", min=0, help="sample pairs to print with lineage")] = 3,
+) -> None:
+    """Print what a dataset holds: its profile (use cases, skills, lengths, rounds, gaps, cost per pair) and
+    sample pairs with their lineage (seed -> metadata -> basic instruction -> actions -> pair)."""
+
+    def go() -> None:
+        import shutil
+
+        from rich.console import Console
+
+        from codeclm.profile_show import WIDTH
+        from codeclm.profile_show import show as show_profile
+
+        folder, title, changes = _shown(path)
+        width = min(WIDTH, shutil.get_terminal_size((WIDTH, 24)).columns)
+        show_profile(folder, samples, Console(width=width, highlight=False), title, changes)
+
+    with _user_errors():
+        go()
 
 
 def main() -> None:

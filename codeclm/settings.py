@@ -342,6 +342,11 @@ class Settings(_Derived, BaseSettings):
     contrastive_filtering: bool = Field(True, description="score strong against target answers and keep only "
                                         "clear gaps; false (Table 3's ablations): every final instruction gets "
                                         "the strong model's answer, no target answers, no scores")
+    review: Literal["off", "metadata", "dataset"] = Field("off", description="the paper's manual check: pause for "
+                                                          "a reviewer after augmentation (metadata) or before "
+                                                          "publishing and training (dataset)")
+    review_timeout: float | None = Field(None, gt=0, description="seconds a review waits for an answer; None: "
+                                         "until answered")
     max_topups: int = Field(3, ge=0, le=20, description="stated limit: extra decode-and-rounds passes while fewer "
                             "pairs than the budget were kept; reaching it publishes the shortfall, loudly")
     scorer: Literal["strong", "judge"] = Field("strong", description="who scores in Contrastive Filtering")
@@ -498,6 +503,7 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
     "rubrics": ("strong", "n_rubrics", *CALLS),
     "decode": ("strong", "drop_seed_overlap", *CALLS),
     "dedup": ("home",),
+    "review": ("home", "review_timeout"),  # the metadata gate (the dataset gate is the export's: `review`)
     # respond, score, filter and improve, round by round (`tasks.rounds`); the scorer's role is added
     "rounds": ("strong", "target", "scorer", "score_temperature", "threshold", "keep_target_when_better",
                "max_rounds", "action_sampling", "seed", "contrastive_filtering", *CALLS),

@@ -24,7 +24,7 @@ from codeclm.errors import ConfigError
 from codeclm.llm.embedded import models_ready
 from codeclm.ops.batch_runner import BatchRunner
 from codeclm.ops.cancellation import watch_cancellation
-from codeclm.ops.monitor import stage_table
+from codeclm.ops.monitor import profile_artifact, stage_table
 from codeclm.results import BaselineResult, DatasetResult
 from codeclm.settings import Settings
 from tasks._base import Outputs, Ref, ref_to
@@ -198,6 +198,7 @@ def baseline(method: str, seeds: str, out: str, settings: Settings | None = None
         summary = BaselineResult.model_validate(
             publish_baseline(method, dict(refs), settings.for_stage("publish_baseline"), out, run, limit))
     stage_table("baseline-stages", summary.stages, f"calls, tokens, cost and seconds per {method} step")
+    profile_artifact(out, method)
     budget = summary.budget
     if budget.shortfall:
         print(f"WARNING: {method} published {budget.published} of {budget.wanted} pairs (shortfall "

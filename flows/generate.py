@@ -19,7 +19,7 @@ from codeclm.llm import concurrency
 from codeclm.llm.embedded import models_ready
 from codeclm.ops.batch_runner import BatchRunner
 from codeclm.ops.cancellation import watch_cancellation
-from codeclm.ops.monitor import progress_view, stage_table, wait_rounds, wait_stage
+from codeclm.ops.monitor import profile_artifact, progress_view, stage_table, wait_rounds, wait_stage
 from codeclm.results import GenerateResult
 from codeclm.settings import Settings
 from tasks._base import Outputs, Ref
@@ -28,6 +28,7 @@ from tasks.decode import decode
 from tasks.dedup import dedup
 from tasks.encode import encode
 from tasks.export import export
+from tasks.review import review_metadata
 from tasks.rounds import ordered, rounds
 from tasks.rubrics import rubrics
 from tasks.seeds import prepare_seeds
@@ -62,6 +63,8 @@ def pipeline(seeds: str, seeds_sha: str, out: str, settings: Settings, method: s
     encoded = wait_stage("encode", encode.map(seed_batches, unmapped(settings.for_stage("encode")), batch=labels))
     _collect(refs, encoded, skip=("metadata",))
     meta_batches = augment([e["metadata"] for e in encoded], settings.for_stage("augment"), len(labels))
+    if settings.review == "metadata":
+        meta_batches = review_metadata(meta_batches, settings.for_stage("review"))
     refs["metadata"] = meta_batches
     per_metadata = settings.per_metadata(sum(r["rows"] for r in meta_batches))
     print(f"{len(seed_batches)} batches, {sum(r['rows'] for r in meta_batches)} metadata, "
@@ -163,6 +166,7 @@ def generate(seeds: str, out: str, settings: Settings | None = None, method: str
     if reused is not None:
         print(f"{out} already holds this run (same seeds, settings and recipe, no failed call, files intact): "
               "nothing to call or publish")
+        profile_artifact(out, method)
         return reused
     with progress_view("generate-progress", f"generate · {seeds} → {out}"), \
             models_ready(settings, generation_roles(settings)):
@@ -171,6 +175,7 @@ def generate(seeds: str, out: str, settings: Settings | None = None, method: str
     stage_table("generate-stages", summary.stages, "calls, tokens, cost and seconds per CodecLM stage")
     stage_table("generate-concurrency", summary.concurrency, "adaptive requests in flight per endpoint: limit "
                 "now, lowest and highest, in-flight peak, 429/503 answers, Retry-After pauses")
+    profile_artifact(out, method)
     budget = summary.budget
     if budget.shortfall:
         get_run_logger().warning("SHORTFALL: published %d of %d pairs (%d short) after %d top-up passes: %s",

@@ -30,6 +30,7 @@ from codeclm.ops.versions import (
     now_iso,
     report_markdown,
     slot_of,
+    version_changes,
 )
 from codeclm.results import CRRDelta, LeaderboardRow, RefreshResult
 from codeclm.settings import Settings
@@ -150,7 +151,8 @@ def refresh(seeds: str, root: str, settings: Settings | None = None, benchmarks:
                  "totals": dataset.totals, "eval": rows, "trained": tuned is not None,
                  "model": tuned.model_dump(include={"trainer", "key", "served_name", "remote_model", "steps",
                                                     "final_loss"}) if tuned else None,
-                 "crr_delta": crr_deltas(store.entry(previous) if previous else None, rows)}
+                 "crr_delta": crr_deltas(store.entry(previous) if previous else None, rows),
+                 "changes": version_changes(store, previous, staging / "dataset")}
         publish_version(store, staging, entry)
         step("publish version", done=True)
     _report(store, report_markdown(entry))

@@ -15,6 +15,7 @@ from codeclm.benchmarks import load_benchmark
 from codeclm.checks import recipe_digest
 from codeclm.errors import DatasetError
 from codeclm.llm.prompts import load_prompt
+from codeclm.profile import write_profile
 from codeclm.publish import publishing
 from codeclm.records import (
     CallStats,
@@ -35,6 +36,7 @@ from codeclm.settings import StageSettings
 from codeclm.storage import check_schema, file_sha256, package_versions, write_json, write_jsonl, write_records
 from tasks._base import Ref, codec_task, read
 from tasks.respond import answer_messages
+from tasks.review import review_dataset
 
 STAGE_TABLES: dict[str, type[Record]] = {
     "seeds": Seed, "metadata": Metadata, "rubrics": RubricSet, "candidates": Candidate, "responses": Response,
@@ -176,7 +178,10 @@ def export(refs: dict[str, list[Ref]], settings: StageSettings, out: str, run: d
             "totals": totals(stages),
             "files": {name: file_sha256(path) for name, path in sorted(files.items())},
         }
+        manifest["files"] |= write_profile(staging, manifest)
         write_json(staging / "manifest.json", manifest)
+        if settings.review == "dataset":
+            review_dataset(staging, settings.review_timeout, f"{method} · {out} (not yet published)")
     return {"out": str(target), "method": method, "train": len(train), "budget": budget,
             "counts": manifest["counts"], "stages": stages, "concurrency": limits, "totals": manifest["totals"]}
 

@@ -12,6 +12,7 @@ from typing import Any
 from codeclm.baseline_records import BaselineRejected, PoolInstruction, Rating
 from codeclm.errors import DatasetError
 from codeclm.llm.prompts import load_prompt
+from codeclm.profile import write_profile
 from codeclm.publish import publishing
 from codeclm.records import CallStats, Candidate, FailedCall, Metadata, Record, Seed, TrainingPair
 from codeclm.settings import StageSettings
@@ -19,6 +20,7 @@ from codeclm.storage import file_sha256, package_versions, write_json
 from tasks._base import Ref, codec_task, read
 from tasks.evol import METHODS as EVOL_METHODS
 from tasks.export import PACKAGES, eval_overlaps, stage_summary, totals, write_dataset
+from tasks.review import review_dataset
 
 STAGE_TABLES: dict[str, type[Record]] = {
     "seeds": Seed, "metadata": Metadata, "candidates": Candidate, "instructions": PoolInstruction,
@@ -94,6 +96,9 @@ def publish_baseline(method: str, refs: dict[str, list[Ref]], settings: StageSet
             "totals": totals(stages),
             "files": {name: file_sha256(path) for name, path in sorted(files.items())},
         }
+        manifest["files"] |= write_profile(staging, manifest)
         write_json(staging / "manifest.json", manifest)
+        if settings.review == "dataset":
+            review_dataset(staging, settings.review_timeout, f"{method} · {out} (not yet published)")
     return {"out": str(target), "method": method, "train": len(train), "budget": manifest["budget"],
             "counts": manifest["counts"], "stages": stages, "totals": manifest["totals"]}

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # in the product imports it.
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("codeclm", "codeclm.errors", "codeclm.settings", "codeclm.records", "codeclm.baseline_records",
-     "codeclm.benchmarks", "codeclm.storage", "codeclm.publish", "codeclm.rouge"),
+     "codeclm.benchmarks", "codeclm.storage", "codeclm.publish", "codeclm.rouge", "codeclm.profile",
+     "codeclm.profile_charts", "codeclm.profile_show"),
     ("codeclm.ops",),
     ("codeclm.llm",),
     ("codeclm.eval", "codeclm.train"),

@@ -15,6 +15,7 @@ import pytest
 from conftest import settings_for
 
 from codeclm.errors import DatasetError, ModelError
+from codeclm.profile import CHARTS
 from codeclm.publish import leftovers
 from codeclm.records import Candidate, FailedCall, FilterDecision, RejectedCandidate, Response, RubricSet, TrainingPair
 from codeclm.storage import read_records, write_records
@@ -57,7 +58,7 @@ def _check_published(out: Path) -> dict[str, Any]:
     assert {p.relative_to(out).as_posix() for p in out.rglob("*.parquet")} == set(TABLES)
     rows = {name: read_records(out / name, model) for name, model in TABLES.items()}  # validates each schema
     manifest = json.loads((out / "manifest.json").read_text())
-    assert set(manifest["files"]) == set(TABLES) | {"train.jsonl"}
+    assert set(manifest["files"]) == set(TABLES) | {"train.jsonl", "profile.json", "profile.md", *CHARTS.values()}
     for name, sha in manifest["files"].items():
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == sha, name
 

@@ -106,6 +106,9 @@ def test_seed_drops_make_versions_and_reruns_make_none(fake_llm: FakeLLMServer, 
     report = _latest_report()
     assert "Refresh v0002" in report and "2 new seeds" in report and f"{delta.delta_pp:+.2f}" in report
     version = json.loads((root / "versions" / "v0002" / "version.json").read_text())
+    pairs = version["changes"]["pairs"]
+    assert (pairs["added"], pairs["removed"], pairs["before"]) == (second.train, 0, first.train)
+    assert "## What changed against v0001" in report and f"pairs: {second.train} added, 0 removed" in report
     assert version["crr_delta"] == [d.model_dump() for d in second.crr_delta]
 
     # the same drops again in a new slot: nothing new, no version

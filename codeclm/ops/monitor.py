@@ -8,11 +8,19 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID
 
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.futures import PrefectFuture, as_completed
+
+from codeclm.profile import artifact_markdown
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -143,3 +151,10 @@ def wait_rounds(labels: Sequence[str], futures: Sequence[PrefectFuture[dict[str,
 def stage_table(key: str, rows: list[dict[str, Any]], description: str) -> None:
     if rows:
         create_table_artifact(rows, key=artifact_key(key), description=description)
+
+
+def profile_artifact(out: str, method: str) -> None:
+    """The published dataset's profile (codeclm.profile), charts inline, as one markdown artifact on the run."""
+    key = "dataset-profile" if method == "codeclm" else artifact_key("dataset-profile", method)
+    create_markdown_artifact(artifact_markdown(Path(out), f"{method} · {out}"), key=key,
+                             description=f"what the {method} dataset holds: use cases, skills, lengths, gaps, samples")

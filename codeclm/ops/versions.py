@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from codeclm.errors import CodecError, SeedFileError
+from codeclm.profile import diff_lines, load_profile, profile_diff
 from codeclm.publish import point
 from codeclm.records import Seed
 from codeclm.storage import load_seeds, write_json
@@ -230,6 +231,36 @@ def crr_deltas(previous: dict[str, Any] | None, rows: list[dict[str, Any]]) -> l
     return deltas
 
 
+def _pair_texts(files: list[Path]) -> tuple[set[str], set[str]]:
+    """Pair ids and instruction texts across training files (missing files read as empty)."""
+    ids: set[str] = set()
+    texts: set[str] = set()
+    for f in files:
+        if f.exists():
+            table = pq.read_table(f, columns=["pair_id", "instruction"])
+            ids.update(table.column("pair_id").to_pylist())
+            texts.update(t.strip() for t in table.column("instruction").to_pylist())
+    return ids, texts
+
+
+def version_changes(store: VersionStore, previous: str | None, dataset: Path) -> dict[str, Any] | None:
+    """What the version in `dataset` changes against `previous`: its profile against the previous version's
+    (use cases, skills, lengths, gaps, rounds) and the full dataset's pairs: added, removed (earlier pairs no
+    longer readable: versions are append-only, so anything here is damage), repeated instructions."""
+    if previous is None:
+        return None
+    changes = profile_diff(load_profile(store.path(previous) / "dataset"), load_profile(dataset))
+    earlier_ids, earlier_texts = _pair_texts(store.train_files(previous))
+    history = store.history()
+    expected = sum(e["train"] for e in history[: [e["version"] for e in history].index(previous) + 1])
+    table = pq.read_table(dataset / "train.parquet", columns=["pair_id", "instruction"])
+    new_ids = set(table.column("pair_id").to_pylist()) - earlier_ids
+    repeats = sum(t.strip() in earlier_texts for t in table.column("instruction").to_pylist())
+    changes["pairs"] = {"before": expected, "added": len(new_ids), "removed": expected - len(earlier_ids),
+                        "after": len(earlier_ids) + len(new_ids), "repeats": repeats}
+    return changes
+
+
 def report_markdown(entry: dict[str, Any]) -> str:
     """The refresh report a user reads in the UI: what was added, what it cost, whether CRR moved."""
     totals = entry.get("totals") or {}
@@ -239,6 +270,8 @@ def report_markdown(entry: dict[str, Any]) -> str:
              f"* calls {totals.get('calls', 0)} ({totals.get('cached', 0)} cached, {totals.get('failed', 0)} failed), "
              f"tokens {totals.get('prompt_tokens', 0)} in / {totals.get('completion_tokens', 0)} out, "
              f"cost ${totals.get('cost_usd', 0.0):.4f}", ""]
+    if changes := diff_lines(entry.get("changes")):
+        lines += [f"## What changed against {entry.get('parent')}", "", *[f"* {c}" for c in changes], ""]
     if not entry.get("crr_delta"):
         return "\n".join([*lines, "Evaluation was not run for this version."]) + "\n"
     if entry.get("model"):
