@@ -41,7 +41,7 @@ from codeclm.eval.protocol import (
     table_rows,
     write_table,
 )
-from codeclm.eval.studies import check_judges, check_studies
+from codeclm.eval.studies import check_judges, check_studies, with_judge
 from codeclm.llm.embedded import models_ready
 from codeclm.ops.cancellation import watch_cancellation
 from codeclm.ops.monitor import progress_view, stage_table
@@ -142,6 +142,7 @@ def protocol(benchmarks: list[str], out: str, settings: Settings | None = None, 
     empty: list[dict[str, str]] = []
     with progress_view("protocol-progress", f"protocol · {out}"), models_ready(settings, ROLES):
         check = check_judge(plans[0], settings, skip_judge_check)
+        further_checks = [check_judge(plans[0], with_judge(settings, j), skip_judge_check) for j in judges]  # Table 6
         for plan in plans:
             bench_made, bench_rows, bench_empty = benchmark_run(plan.label, plan, methods, seeds, str(root), settings,
                                                                 limit, judges)
@@ -155,7 +156,8 @@ def protocol(benchmarks: list[str], out: str, settings: Settings | None = None, 
             "base_model": settings.finetune.base_model, "filtering_target": settings.target.model,
             "finetune_preset": settings.finetune.preset, "training_method": settings.finetune.hyper().method,
             "judge_template": settings.judge_template, "judge_mode": judge_mode(settings),
-            "judge_check": check.model_dump(), "warnings": warnings, "empty": empty,
+            "judge_check": check.model_dump(), "further_judge_checks": [c.model_dump() for c in further_checks],
+            "warnings": warnings, "empty": empty,
             "seed_sources": {m: p.model_dump() for m, p in seeds.items()},
             "statements": statements(methods, settings, {p.label: len(p.split.seed_ids) for p in plans}),
             "trainings": [{"benchmark": m.benchmark, "method": m.method, "pairs": m.pairs, "shortfall": m.shortfall,

@@ -74,7 +74,7 @@ def test_table_six_judges_the_same_answers_again(prefect_harness: None, ft_serve
     out = tmp_path / "protocol"
 
     def run() -> Any:
-        return protocol(bench, str(out), settings, ["codeclm", "self_instruct"], "whole",
+        return protocol(bench, str(out), settings, ["codeclm", "self_instruct"], "whole", skip_judge_check=True,
                         judges=["openai/fake-judge-2"])
 
     result = run()
@@ -112,7 +112,8 @@ def test_rounds_study_trains_on_the_pairs_kept_up_to_each_round(prefect_harness:
     out = tmp_path / "protocol"
 
     def run() -> Any:
-        return protocol(bench, str(out), settings, ["codeclm"], "whole", studies=["rounds"])
+        return protocol(bench, str(out), settings, ["codeclm"], "whole", skip_judge_check=True,
+                        studies=["rounds"])
 
     result = run()
     pairs = read_records(out / "datasets" / "vicuna" / "codeclm" / "train.parquet", TrainingPair)
@@ -141,7 +142,7 @@ def test_metadata_study_holds_the_budget_with_fewer_metadata(prefect_harness: No
     bench = [str(bench_file(tmp_path, "vicuna", 10))]  # 2 seeds, so augmentation has use cases to mix
     settings = small(ft_server, tmp_path, n_metadata=4, studies={"metadata_fractions": [0.5, 1.0]})
     out = tmp_path / "protocol"
-    protocol(bench, str(out), settings, ["codeclm"], "whole", studies=["metadata"])
+    protocol(bench, str(out), settings, ["codeclm"], "whole", skip_judge_check=True, studies=["metadata"])
     full_dir = out / "datasets" / "vicuna" / "codeclm"
     half_dir = out / "studies" / "metadata" / "datasets" / "vicuna" / "metadata-050"
     full, half = (read_records(d / "train.parquet", TrainingPair) for d in (full_dir, half_dir))
@@ -167,7 +168,8 @@ def test_budget_study_sweeps_each_method_over_the_budgets(prefect_harness: None,
     # the paper sweeps CodecLM and WizardLM+; Self-Instruct stands in for WizardLM+ here (a simpler fake)
     settings = small(ft_server, tmp_path, studies={"budgets": [2, 3], "budget_methods": ["codeclm", "self_instruct"]})
     out = tmp_path / "protocol"
-    protocol(bench, str(out), settings, ["codeclm", "self_instruct"], "whole", studies=["budget"])
+    protocol(bench, str(out), settings, ["codeclm", "self_instruct"], "whole", skip_judge_check=True,
+             studies=["budget"])
     rows = pq.read_table(out / "studies" / "budget" / "table.parquet").to_pylist()
     assert [(r["method"], r["x"], r["pairs"]) for r in rows] == [
         ("codeclm", 2, 2), ("codeclm", 3, 3), ("self_instruct", 2, 2), ("self_instruct", 3, 3)]

@@ -344,9 +344,9 @@ def report_markdown(rows: Sequence[ProtocolRow], meta: Mapping[str, Any], chart:
              f"was tuned on each dataset ({meta['trainer']} trainer), and each tuned model was judged against the "
              f"strong model `{meta['strong']}` by `{meta['judge']}` on {eval_on}"
              + (f", first {meta['limit']} questions" if meta.get("limit") else "") + ".", ""]
-    check = meta.get("judge_check")
-    if check:
-        lines += [f"**{JudgeCheck.model_validate(check).line()}.**", ""]
+    for check in [meta.get("judge_check"), *meta.get("further_judge_checks", [])]:
+        if check:
+            lines += [f"**{JudgeCheck.model_validate(check).line()}.**", ""]
     lines += [f"**Warning:** {w}" for w in meta.get("warnings", [])] + ([""] if meta.get("warnings") else [])
     lines += ["Each cell: CRR % [95 % bootstrap interval]; below it, the difference to Self-Instruct in percentage "
               "points [95 % paired bootstrap interval over the same questions]. An interval that contains 0 is no "
