@@ -436,16 +436,20 @@ def finetune(
     trainer: Annotated[Literal["local", "remote"] | None, typer.Option(
         help="local: TRL + LoRA on this machine (default); remote: an OpenAI-style fine-tuning job")] = None,
     config: ConfigOpt = None,
+    preset: PresetOpt = None,
 ) -> None:
     """Fine-tune the target on a dataset: LoRA adapter + merged model (local) or a provider job (remote)."""
 
     def go() -> None:
-        from codeclm.train.finetune import plan_finetune
+        from codeclm.train.finetune import plan_finetune, recipe_warning
 
-        settings = _settings(config)
+        settings = _settings(config, preset=preset)
         settings = settings.with_finetune(config, base_model=base, trainer=trainer)
         check_output(out)
-        plan_finetune(dataset, settings)  # bad input fails in seconds, before Prefect and before any model loads
+        plan = plan_finetune(dataset, settings)  # bad input fails in seconds, before Prefect and any model loads
+        typer.echo(f"recipe: {plan.recipe}")
+        if warning := recipe_warning(settings):
+            typer.echo(f"note: {warning}", err=True)
         from flows.finetune import finetune as finetune_flow
 
         result = finetune_flow(str(dataset), str(out), settings)

@@ -68,6 +68,52 @@ def test_explicit_settings_override_the_preset(tmp_path: Path, monkeypatch: pyte
     assert (cli.finetune.base_model, cli.finetune.trainer, cli.finetune.preset) == ("some/model", "remote", "paper")
 
 
+def test_the_paper_preset_trains_with_the_a4_recipe_unless_finetune_says_otherwise(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--preset paper` reaches `[finetune]` (issue 18, item 3); an explicit `[finetune] preset` still wins."""
+    config = tmp_path / "c.toml"
+    config.write_text("[finetune]\nepochs = 2\n")
+    # built as `codeclm protocol` and `codeclm run` build it: flags, then the [finetune] flags
+    paper = Settings.load(config, preset="paper").with_finetune(config, base_model="some/model", trainer=None)
+    assert paper.finetune.preset == "paper"
+    hyper = paper.finetune.hyper()
+    assert (hyper.method, hyper.epochs, hyper.learning_rate, hyper.adam_beta2) == ("full", 2.0, 1e-5, 0.95)
+    assert Settings(preset="paper").finetune.hyper() == FinetuneConfig(preset="paper").hyper()
+    assert Settings(**paper.model_dump(mode="json")) == paper  # Prefect's parameter round trip keeps it
+    config.write_text('[finetune]\npreset = "cpu"\n')
+    assert Settings.load(config, preset="paper").finetune.hyper().method == "lora"  # the file's choice wins
+    monkeypatch.setenv("CODECLM_FINETUNE__PRESET", "cpu")
+    assert Settings(preset="paper").finetune.preset == "cpu"  # so does the environment's
+    monkeypatch.delenv("CODECLM_FINETUNE__PRESET")
+    assert Settings().finetune.preset == "cpu" and Settings(preset="default").finetune.preset == "cpu"
+
+
+def test_the_recipe_is_named_in_one_line() -> None:
+    from codeclm.train.finetune import describe_recipe
+
+    assert describe_recipe(Settings(preset="paper")) == (
+        "preset paper (A.4): full fine-tune, 15 epochs, lr 1e-05 linear to 1e-06, warmup 0, AdamW (0.9, 0.95), "
+        "weight decay 0, batch 64 (8 per pass), max length 2048, gradient checkpointing")
+    cpu = describe_recipe(FinetuneConfig(max_steps=2, batch_size=2, micro_batch_size=2))
+    assert cpu.startswith("preset cpu (LoRA for a CPU): LoRA (r 8, alpha 16, dropout 0.05, all-linear), 2 steps, "
+                          "lr 0.0002 linear to 0,")
+    assert cpu.endswith("; set over the preset: max_steps, batch_size, micro_batch_size")
+    assert describe_recipe(FinetuneConfig(trainer="remote", base_model="gpt-4o-mini")).startswith(
+        "remote openai fine-tuning job on gpt-4o-mini: epochs auto")
+    assert describe_recipe(FinetuneConfig(trainer="off")) == "no training (finetune.trainer = 'off')"
+
+
+def test_a_full_fine_tune_without_cuda_is_announced() -> None:
+    from codeclm.train.finetune import cuda_available, recipe_warning
+
+    if cuda_available():
+        pytest.skip("this machine has CUDA: the paper recipe runs where it is meant to")
+    warning = recipe_warning(Settings(preset="paper"))
+    assert warning and "full fine-tune without CUDA trains on the CPU" in warning
+    assert recipe_warning(Settings()) is None
+    assert recipe_warning(FinetuneConfig(preset="paper", trainer="remote", base_model="m")) is None
+
+
 @pytest.mark.parametrize(("toml", "message"), [
     ("[finetune]\nbatch_size = 6\nmicro_batch_size = 4\n", "not a multiple of micro_batch_size"),
     ("[finetune]\nlearning_rate = 1e-5\nmin_learning_rate = 1e-4\n", "is above learning_rate"),
@@ -174,6 +220,9 @@ CLI_CASES: dict[str, tuple[Any, str, str]] = {
     "extra not installed": (lambda tmp: [str(write_pairs(tmp / "t.jsonl"))], "sys.modules['trl'] = None",
                             "needs trl, which is not installed; install the train extra: pip install -e '.[train]'"),
     "model too large": (_big_checkpoint, "", "B parameters: lora fine-tuning needs about"),
+    # --preset paper reaches [finetune]: the paper's recipe is a full fine-tune, checked as one
+    "paper recipe too large": (lambda tmp: [*_big_checkpoint(tmp), "--preset", "paper"], "",
+                               "B parameters: full fine-tuning needs about"),
 }
 
 
@@ -238,11 +287,13 @@ def test_remote_trainer_uploads_once_creates_once_and_reruns_resume(
     assert first.trainer == "remote" and not first.cached and not first.resumed_job
     assert first.remote_model and first.remote_model.startswith("openai/ft:gpt-4o-mini-2024-07-18:")
     assert first.remote_api_base == ft_server.url
+    assert first.recipe and first.recipe.startswith("remote openai fine-tuning job on gpt-4o-mini-2024-07-18")
     assert (ft_server.count("POST /files"), ft_server.count("POST /fine_tuning/jobs")) == (1, 1)
     job = ft_server.jobs[first.remote_job_id or ""]
     assert job["status"] == "succeeded" and ft_server.file_bytes[job["training_file"]] == data.read_bytes()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["data"]["sha256"] == first.data_sha and manifest["key"] == first.key
+    assert manifest["result"]["recipe"] == first.recipe  # the record names the recipe (protocol.json shows it)
     assert json.loads((out / "job.json").read_text())["job_id"] == first.remote_job_id
 
     # the job's model is a target like any other: ask it through the gateway
