@@ -362,3 +362,80 @@ def test_remote_trainer_without_its_key_is_refused(tmp_path: Path, monkeypatch: 
         with pytest.raises(ModelError, match="env var CODECLM_TEST_FT_KEY is not set"):
             run_finetune(plan, settings, tmp_path / "out", lambda *a: None)
         assert server.ops == []
+
+
+# -- the prompt format of a base without a chat template (issue 18, item 8) ---------------------------------------
+
+ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                 "request.\n\n### Instruction:\n{q}\n\n### Response:\n")
+
+
+def _raw_tokenizer(bos: bool) -> Any:
+    """A real (word-level) fast tokenizer with no chat template, as a raw base model ships; `bos`: it starts
+    every text with <s>, as LLaMA's does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = (ALPACA_PROMPT.format(q="What is the secret word?") + " ".join(a for _, a in PAIRS)).split()
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(["<s>", "</s>", "<unk>", *words]))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_a_base_without_a_chat_template_gets_the_alpaca_format(bos: bool) -> None:
+    from codeclm.train.prompt_format import ALPACA, OWN, ensure_template
+
+    tokenizer = _raw_tokenizer(bos)
+    assert tokenizer.chat_template is None
+    assert ensure_template(tokenizer) == ALPACA
+    (q, a), start = PAIRS[0], "<s>" if bos else ""
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                           add_generation_prompt=True)
+    pair = tokenizer.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                                         tokenize=False)
+    assert prompt == start + ALPACA_PROMPT.format(q=q)  # what a server renders for the question
+    assert pair == prompt + a + "</s>"  # what training renders: the prompt, then the answer and EOS
+    system = tokenizer.apply_chat_template([{"role": "system", "content": "Answer briefly."},
+                                            {"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+    assert system == f"{start}Answer briefly.\n\n### Instruction:\n{q}\n\n### Response:\n"
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)["input_ids"]
+    assert ids.count(tokenizer.bos_token_id) == (1 if bos else 0) and (ids[0] == 0) is bos  # one BOS, first
+    assert ensure_template(tokenizer) == OWN  # now it has one: kept as it is
+    assert tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                         add_generation_prompt=True) == prompt
+
+
+def test_the_served_base_carries_the_template_and_links_the_weights(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from codeclm.train.prompt_format import ensure_template, templated_base
+
+    base = tmp_path / "raw-base"
+    base.mkdir()
+    (base / "config.json").write_text('{"model_type": "llama"}')
+    (base / "model.safetensors").write_bytes(b"weights")
+    _raw_tokenizer(bos=True).save_pretrained(base)
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    ensure_template(tokenizer)
+    served = templated_base(base, tokenizer, tmp_path / "home", "checkpoint:abc")
+    assert served.parent == tmp_path / "home" / "finetune" / "base"
+    assert (served / "model.safetensors").is_symlink() and (served / "model.safetensors").resolve() == \
+        base / "model.safetensors"  # no weights copied
+    assert AutoTokenizer.from_pretrained(served).chat_template == tokenizer.chat_template
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before  # the base itself is never written to
+    assert templated_base(base, tokenizer, tmp_path / "home", "checkpoint:abc") == served  # made once
+
+
+def test_a_local_training_key_holds_the_prompt_format(monkeypatch: pytest.MonkeyPatch) -> None:
+    from codeclm.train import finetune
+
+    base, hyper = BaseRef("m", "checkpoint", "/m", "checkpoint:x"), hyperparameters(FinetuneConfig())
+    local, remote = training_key("sha", base, "local", hyper), training_key("sha", base, "remote", hyper)
+    monkeypatch.setattr(finetune, "template_digest", lambda: "another template")
+    assert training_key("sha", base, "local", hyper) != local
+    assert training_key("sha", base, "remote", hyper) == remote  # a provider job uses the provider's format
