@@ -2,8 +2,9 @@
 
 The only module that imports torch, transformers, trl, peft and datasets, and only inside functions. A GGUF base
 (the embedded SmolLM2) is converted once into a plain Hugging Face checkpoint under HOME/finetune/base, because
-Trainer refuses a model still flagged as GGUF-quantized. Checkpoints go to WORK/checkpoints every `save_steps`;
-a rerun after a kill resumes from the newest complete one.
+Trainer refuses a model still flagged as GGUF-quantized. A base whose tokenizer has no chat template trains in
+the Alpaca format (`codeclm.train.prompt_format`), and is served from a copy carrying it. Checkpoints go to
+WORK/checkpoints every `save_steps`; a rerun after a kill resumes from the newest complete one.
 """
 
 from __future__ import annotations
