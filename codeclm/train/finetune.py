@@ -78,7 +78,7 @@ class FinetuneResult(BaseModel):
     precision: str | None = None  # local: bf16 or fp32
     preset: str | None = None  # local: the `[finetune]` preset (cpu: LoRA; paper: A.4's full fine-tune)
     recipe: str | None = None  # the training recipe in one line (`describe_recipe`)
-    prompt_format: str | None = None  # local: "chat template of the base" or "alpaca" (set for a base without one)
+    prompt_format: str | None = None  # local: "the base's chat template", or "alpaca" for a base without one
     hyperparameters: dict[str, Any]
 
 
