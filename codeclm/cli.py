@@ -433,9 +433,11 @@ def protocol(
         root = check_output(out, replaced=False)
         plans = plan_protocol(benchmark, root, settings, eval_on, limit, seed_fraction, write=not dry_run)
         seeds = plan_seeds(methods or _all_methods(), root, settings, write=not dry_run)
-        warning = filtering_warning(settings, methods or _all_methods())
-        if warning:
-            typer.echo(f"WARNING: {warning}", err=True)
+        from codeclm.train.finetune import recipe_warning
+
+        for warning in (filtering_warning(settings, methods or _all_methods()), recipe_warning(settings)):
+            if warning:
+                typer.echo(f"WARNING: {warning}", err=True)
         if dry_run:
             rows = {p.label: plan_calls(settings, methods or _all_methods(), len(p.split.seed_ids),
                                         p.eval_questions) for p in plans}
@@ -497,16 +499,20 @@ def finetune(
     trainer: Annotated[Literal["local", "remote"] | None, typer.Option(
         help="local: TRL + LoRA on this machine (default); remote: an OpenAI-style fine-tuning job")] = None,
     config: ConfigOpt = None,
+    preset: PresetOpt = None,
 ) -> None:
     """Fine-tune the target on a dataset: LoRA adapter + merged model (local) or a provider job (remote)."""
 
     def go() -> None:
-        from codeclm.train.finetune import plan_finetune
+        from codeclm.train.finetune import plan_finetune, recipe_warning
 
-        settings = _settings(config)
+        settings = _settings(config, preset=preset)
         settings = settings.with_finetune(config, base_model=base, trainer=trainer)
         check_output(out)
-        plan_finetune(dataset, settings)  # bad input fails in seconds, before Prefect and before any model loads
+        plan = plan_finetune(dataset, settings)  # bad input fails in seconds, before Prefect and any model loads
+        typer.echo(f"recipe: {plan.recipe}")
+        if warning := recipe_warning(settings):
+            typer.echo(f"note: {warning}", err=True)
         from flows.finetune import finetune as finetune_flow
 
         result = finetune_flow(str(dataset), str(out), settings)

@@ -37,8 +37,9 @@ DECODE_MAX_PER_CALL = 50  # instructions one decode call may ask for; larger cou
 MAX_SKILLS = 10  # the most skills `max_skills` may keep; an encode answer listing more is cut to this
 
 # Named presets: values a preset puts under the config file, env vars and flags (which still win). `default` is
-# the field defaults below; `paper` states every setting the paper gives (§5.3, A.3) and, for what the paper
+# the field defaults below; `paper` states every setting the paper gives (§5.3, A.3, A.4) and, for what the paper
 # leaves open, the choice the README names. The paper describes no duplicate removal, so `paper` keeps repeats.
+# A section's values (a role, `finetune`) are filled key by key: `[finetune] preset = "cpu"` still wins.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "paper": {
@@ -51,6 +52,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "strong": {"temperature": 0.7, "max_tokens": 2048},
         "target": {"temperature": 0.7, "max_tokens": 2048},
         "judge": {"temperature": 0.0, "output_mode": "text"},
+        "finetune": {"preset": "paper"},  # A.4's training recipe (full fine-tune), see FinetuneConfig
     },
 }
 
@@ -414,15 +416,12 @@ class Settings(_Derived, BaseSettings):
         data = dict(data)
         for key, value in values.items():
             given = data.get(key)
-            if isinstance(value, dict) and key not in ROLES:  # a section: the preset fills its unset fields
-                section = given.model_dump(exclude_unset=True) if isinstance(given, BaseModel) else dict(given or {})
-                data[key] = {**value, **section}
-                continue
-            if key not in ROLES:
+            if not isinstance(value, dict):
                 data.setdefault(key, value)
                 continue
-            role = given.model_dump(exclude_unset=True) if isinstance(given, RoleConfig) else dict(given or {})
-            data[key] = {**value, **role}
+            # a role or a section: the preset fills the fields the file, env and flags left unset
+            section = given.model_dump(exclude_unset=True) if isinstance(given, BaseModel) else dict(given or {})
+            data[key] = {**value, **section}
         return data
 
     @field_validator("judge", mode="before")

@@ -21,6 +21,7 @@ from codeclm.train.finetune import (
     loss_svg,
     plan_finetune,
     read_log,
+    recipe_warning,
     report_markdown,
 )
 from tasks.finetune import finetune as finetune_task
@@ -33,6 +34,9 @@ def finetune(dataset: str, out: str, settings: Settings | None = None) -> Finetu
     """The tuned model in OUT (local: merged checkpoint and adapter; remote: the provider's model id)."""
     settings = settings or Settings()
     plan = plan_finetune(Path(dataset), settings)
+    get_run_logger().info("recipe: %s", plan.recipe)
+    if warning := recipe_warning(settings):
+        get_run_logger().warning(warning)
     state = finetune_task(dataset, plan.dataset.sha, out, settings.for_stage("finetune"), return_state=True)
     result = state.result()
     if state.name == "Cached":

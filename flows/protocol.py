@@ -162,7 +162,8 @@ def protocol(benchmarks: list[str], out: str, settings: Settings | None = None, 
             "statements": statements(methods, settings, {p.label: len(p.split.seed_ids) for p in plans}),
             "trainings": [{"benchmark": m.benchmark, "method": m.method, "pairs": m.pairs, "shortfall": m.shortfall,
                            "eval_overlap": m.eval_overlap, "trained": not m.model.cached, "steps": m.model.steps,
-                           "model": m.model.out} for m in made]}
+                           "model": m.model.out, "preset": m.model.preset, "recipe": m.model.recipe,
+                           "prompt_format": m.model.prompt_format} for m in made]}
     meta.update(further.meta)  # studies: every judge, and each study's folder
     svg = chart_svg(rows)
     write_table(root, rows, meta, svg, report_markdown(rows, meta, "crr.svg") + further.markdown)

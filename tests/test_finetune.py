@@ -68,6 +68,52 @@ def test_explicit_settings_override_the_preset(tmp_path: Path, monkeypatch: pyte
     assert (cli.finetune.base_model, cli.finetune.trainer, cli.finetune.preset) == ("some/model", "remote", "paper")
 
 
+def test_the_paper_preset_trains_with_the_a4_recipe_unless_finetune_says_otherwise(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--preset paper` reaches `[finetune]` (issue 18, item 3); an explicit `[finetune] preset` still wins."""
+    config = tmp_path / "c.toml"
+    config.write_text("[finetune]\nepochs = 2\n")
+    # built as `codeclm protocol` and `codeclm run` build it: flags, then the [finetune] flags
+    paper = Settings.load(config, preset="paper").with_finetune(config, base_model="some/model", trainer=None)
+    assert paper.finetune.preset == "paper"
+    hyper = paper.finetune.hyper()
+    assert (hyper.method, hyper.epochs, hyper.learning_rate, hyper.adam_beta2) == ("full", 2.0, 1e-5, 0.95)
+    assert Settings(preset="paper").finetune.hyper() == FinetuneConfig(preset="paper").hyper()
+    assert Settings(**paper.model_dump(mode="json")) == paper  # Prefect's parameter round trip keeps it
+    config.write_text('[finetune]\npreset = "cpu"\n')
+    assert Settings.load(config, preset="paper").finetune.hyper().method == "lora"  # the file's choice wins
+    monkeypatch.setenv("CODECLM_FINETUNE__PRESET", "cpu")
+    assert Settings(preset="paper").finetune.preset == "cpu"  # so does the environment's
+    monkeypatch.delenv("CODECLM_FINETUNE__PRESET")
+    assert Settings().finetune.preset == "cpu" and Settings(preset="default").finetune.preset == "cpu"
+
+
+def test_the_recipe_is_named_in_one_line() -> None:
+    from codeclm.train.finetune import describe_recipe
+
+    assert describe_recipe(Settings(preset="paper")) == (
+        "preset paper (A.4): full fine-tune, 15 epochs, lr 1e-05 linear to 1e-06, warmup 0, AdamW (0.9, 0.95), "
+        "weight decay 0, batch 64 (8 per pass), max length 2048, gradient checkpointing")
+    cpu = describe_recipe(FinetuneConfig(max_steps=2, batch_size=2, micro_batch_size=2))
+    assert cpu.startswith("preset cpu (LoRA for a CPU): LoRA (r 8, alpha 16, dropout 0.05, all-linear), 2 steps, "
+                          "lr 0.0002 linear to 0,")
+    assert cpu.endswith("; set over the preset: max_steps, batch_size, micro_batch_size")
+    assert describe_recipe(FinetuneConfig(trainer="remote", base_model="gpt-4o-mini")).startswith(
+        "remote openai fine-tuning job on gpt-4o-mini: epochs auto")
+    assert describe_recipe(FinetuneConfig(trainer="off")) == "no training (finetune.trainer = 'off')"
+
+
+def test_a_full_fine_tune_without_cuda_is_announced() -> None:
+    from codeclm.train.finetune import cuda_available, recipe_warning
+
+    if cuda_available():
+        pytest.skip("this machine has CUDA: the paper recipe runs where it is meant to")
+    warning = recipe_warning(Settings(preset="paper"))
+    assert warning and "full fine-tune without CUDA trains on the CPU" in warning
+    assert recipe_warning(Settings()) is None
+    assert recipe_warning(FinetuneConfig(preset="paper", trainer="remote", base_model="m")) is None
+
+
 @pytest.mark.parametrize(("toml", "message"), [
     ("[finetune]\nbatch_size = 6\nmicro_batch_size = 4\n", "not a multiple of micro_batch_size"),
     ("[finetune]\nlearning_rate = 1e-5\nmin_learning_rate = 1e-4\n", "is above learning_rate"),
@@ -174,6 +220,9 @@ CLI_CASES: dict[str, tuple[Any, str, str]] = {
     "extra not installed": (lambda tmp: [str(write_pairs(tmp / "t.jsonl"))], "sys.modules['trl'] = None",
                             "needs trl, which is not installed; install the train extra: pip install -e '.[train]'"),
     "model too large": (_big_checkpoint, "", "B parameters: lora fine-tuning needs about"),
+    # --preset paper reaches [finetune]: the paper's recipe is a full fine-tune, checked as one
+    "paper recipe too large": (lambda tmp: [*_big_checkpoint(tmp), "--preset", "paper"], "",
+                               "B parameters: full fine-tuning needs about"),
 }
 
 
@@ -238,11 +287,13 @@ def test_remote_trainer_uploads_once_creates_once_and_reruns_resume(
     assert first.trainer == "remote" and not first.cached and not first.resumed_job
     assert first.remote_model and first.remote_model.startswith("openai/ft:gpt-4o-mini-2024-07-18:")
     assert first.remote_api_base == ft_server.url
+    assert first.recipe and first.recipe.startswith("remote openai fine-tuning job on gpt-4o-mini-2024-07-18")
     assert (ft_server.count("POST /files"), ft_server.count("POST /fine_tuning/jobs")) == (1, 1)
     job = ft_server.jobs[first.remote_job_id or ""]
     assert job["status"] == "succeeded" and ft_server.file_bytes[job["training_file"]] == data.read_bytes()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["data"]["sha256"] == first.data_sha and manifest["key"] == first.key
+    assert manifest["result"]["recipe"] == first.recipe  # the record names the recipe (protocol.json shows it)
     assert json.loads((out / "job.json").read_text())["job_id"] == first.remote_job_id
 
     # the job's model is a target like any other: ask it through the gateway
@@ -311,3 +362,80 @@ def test_remote_trainer_without_its_key_is_refused(tmp_path: Path, monkeypatch: 
         with pytest.raises(ModelError, match="env var CODECLM_TEST_FT_KEY is not set"):
             run_finetune(plan, settings, tmp_path / "out", lambda *a: None)
         assert server.ops == []
+
+
+# -- the prompt format of a base without a chat template (issue 18, item 8) ---------------------------------------
+
+ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                 "request.\n\n### Instruction:\n{q}\n\n### Response:\n")
+
+
+def _raw_tokenizer(bos: bool) -> Any:
+    """A real (word-level) fast tokenizer with no chat template, as a raw base model ships; `bos`: it starts
+    every text with <s>, as LLaMA's does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = (ALPACA_PROMPT.format(q="What is the secret word?") + " ".join(a for _, a in PAIRS)).split()
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(["<s>", "</s>", "<unk>", *words]))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_a_base_without_a_chat_template_gets_the_alpaca_format(bos: bool) -> None:
+    from codeclm.train.prompt_format import ALPACA, OWN, ensure_template
+
+    tokenizer = _raw_tokenizer(bos)
+    assert tokenizer.chat_template is None
+    assert ensure_template(tokenizer) == ALPACA
+    (q, a), start = PAIRS[0], "<s>" if bos else ""
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                           add_generation_prompt=True)
+    pair = tokenizer.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                                         tokenize=False)
+    assert prompt == start + ALPACA_PROMPT.format(q=q)  # what a server renders for the question
+    assert pair == prompt + a + "</s>"  # what training renders: the prompt, then the answer and EOS
+    system = tokenizer.apply_chat_template([{"role": "system", "content": "Answer briefly."},
+                                            {"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+    assert system == f"{start}Answer briefly.\n\n### Instruction:\n{q}\n\n### Response:\n"
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)["input_ids"]
+    assert ids.count(tokenizer.bos_token_id) == (1 if bos else 0) and (ids[0] == 0) is bos  # one BOS, first
+    assert ensure_template(tokenizer) == OWN  # now it has one: kept as it is
+    assert tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                         add_generation_prompt=True) == prompt
+
+
+def test_the_served_base_carries_the_template_and_links_the_weights(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from codeclm.train.prompt_format import ensure_template, templated_base
+
+    base = tmp_path / "raw-base"
+    base.mkdir()
+    (base / "config.json").write_text('{"model_type": "llama"}')
+    (base / "model.safetensors").write_bytes(b"weights")
+    _raw_tokenizer(bos=True).save_pretrained(base)
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    ensure_template(tokenizer)
+    served = templated_base(base, tokenizer, tmp_path / "home", "checkpoint:abc")
+    assert served.parent == tmp_path / "home" / "finetune" / "base"
+    assert (served / "model.safetensors").is_symlink() and (served / "model.safetensors").resolve() == \
+        base / "model.safetensors"  # no weights copied
+    assert AutoTokenizer.from_pretrained(served).chat_template == tokenizer.chat_template
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before  # the base itself is never written to
+    assert templated_base(base, tokenizer, tmp_path / "home", "checkpoint:abc") == served  # made once
+
+
+def test_a_local_training_key_holds_the_prompt_format(monkeypatch: pytest.MonkeyPatch) -> None:
+    from codeclm.train import finetune
+
+    base, hyper = BaseRef("m", "checkpoint", "/m", "checkpoint:x"), hyperparameters(FinetuneConfig())
+    local, remote = training_key("sha", base, "local", hyper), training_key("sha", base, "remote", hyper)
+    monkeypatch.setattr(finetune, "template_digest", lambda: "another template")
+    assert training_key("sha", base, "local", hyper) != local
+    assert training_key("sha", base, "remote", hyper) == remote  # a provider job uses the provider's format

@@ -107,7 +107,7 @@ def test_cli_preset_flag_and_config_file_reach_the_manifest(prefect_harness: Non
     assert (summary["preset"], summary["rule"]) == ("paper", "alpagasus")  # the rule came from the config file
 
 
-@pytest.mark.parametrize("command", ["generate", "evaluate", "run", "refresh"])
+@pytest.mark.parametrize("command", ["generate", "evaluate", "run", "refresh", "protocol", "finetune"])
 def test_every_command_takes_a_preset(command: str) -> None:
     from codeclm.cli import app
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,14 +17,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pandas as pd
 import pytest
 
 from codeclm.llm.gateway import Call, Reply, gateway_for
-from codeclm.settings import Settings
-from codeclm.train.finetune import FinetuneResult, load_result, plan_finetune
+from codeclm.settings import FinetuneConfig, Settings
+from codeclm.train.finetune import FinetuneResult, load_result, plan_finetune, resolve_base
 from codeclm.train.serving import ServedModels, cuda_available, serve_finetuned
+from codeclm.train.trainer_local import plain_checkpoint
 
 pytestmark = [pytest.mark.train, pytest.mark.timeout(900)]
 CODECLM = [sys.executable, "-m", "codeclm.cli"]
@@ -168,6 +172,75 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(tmp_path: Path, home
     assert result.steps == 4
     # the log goes on from the checkpoint's history: every step once
     assert pd.read_parquet(tmp_path / "out" / "training_log.parquet")["step"].tolist() == list(range(1, 5))
+
+
+ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                 "request.\n\n### Instruction:\n{q}\n\n### Response:\n")
+
+
+def test_a_base_without_a_chat_template_trains_and_is_served_in_one_format(tmp_path: Path, home: Path) -> None:
+    """Issue 18, item 8: the embedded SmolLM2 with its chat template removed stands for a raw base (the paper
+    tunes raw LLaMA). Training renders its pairs in the Alpaca format; the tuned model and the untuned base are
+    served with that very template: the server counts the Alpaca prompt's tokens and answers a chat request as
+    it completes the Alpaca text."""
+    from transformers import AutoTokenizer
+
+    raw, embedded = tmp_path / "raw-smollm2", plain_checkpoint(resolve_base(FinetuneConfig()), home)
+    shutil.copytree(embedded, raw)
+    (raw / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer_config = json.loads((raw / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("chat_template", None)
+    (raw / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    original = AutoTokenizer.from_pretrained(raw)
+    assert original.chat_template is None
+    data, config, out = _write_pairs(tmp_path / "train.jsonl"), tmp_path / "ft.toml", tmp_path / "tuned"
+    config.write_text(CONFIG.replace("max_steps = 8", "max_steps = 2") + f'base_model = "{raw}"\n')
+    done = _finetune(data, out, config, home)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = load_result(out)
+    assert result.prompt_format == "alpaca" and result.steps == 2
+    assert result.recipe and result.recipe.startswith("preset cpu (LoRA for a CPU): LoRA (r 8")
+    assert "recipe: preset cpu" in done.stdout
+
+    (q, a), eos = PAIRS[0], original.eos_token
+    trained_on = (out / "training_example.txt").read_text()
+    assert trained_on == ALPACA_PROMPT.format(q=q) + a + eos  # the first pair, decoded from what was trained
+    base_dir = Path(str(result.base_checkpoint))
+    assert base_dir != raw and "-alpaca-" in base_dir.name and AutoTokenizer.from_pretrained(raw).chat_template \
+        is None  # served from a templated copy; the base itself is untouched
+    for model_dir in (base_dir, Path(str(result.merged_model))):
+        rendered = AutoTokenizer.from_pretrained(model_dir).apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        assert rendered == ALPACA_PROMPT.format(q=q) and trained_on.startswith(rendered)
+
+    # The server's prompt token counts are those of the Alpaca text, with a system message too (where the base's
+    # own ChatML template would count differently), and its greedy chat answer is the raw completion of that text.
+    system = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": q}]
+    own = AutoTokenizer.from_pretrained(embedded).apply_chat_template(system, add_generation_prompt=True)
+    texts = {"plain": ALPACA_PROMPT.format(q=q),
+             "system": f"Answer briefly.\n\n### Instruction:\n{q}\n\n### Response:\n"}
+    counts = {k: len(original(t, add_special_tokens=False)["input_ids"]) for k, t in texts.items()}
+    assert counts["system"] != len(own["input_ids"])  # so the count tells the two formats apart
+    asks = {"plain": [{"role": "user", "content": q}], "system": system}
+    with serve_finetuned(result, home, base_name="base-raw", backend="transformers") as served:
+        for name in served.names:
+            for kind, messages in asks.items():
+                chat = _post(served, "chat/completions", {"model": name, "messages": messages, "max_tokens": 8,
+                                                          "temperature": 0.0})
+                assert chat["usage"]["prompt_tokens"] == counts[kind], (name, kind, chat["usage"])
+            completion = _post(served, "completions", {"model": name, "prompt": texts["plain"], "max_tokens": 8,
+                                                "temperature": 0.0})
+            plain = _post(served, "chat/completions", {"model": name, "messages": asks["plain"], "max_tokens": 8,
+                                                       "temperature": 0.0})
+            assert plain["choices"][0]["message"]["content"].strip() == \
+                completion["choices"][0]["text"].strip(), name
+
+
+def _post(served: ServedModels, path: str, body: dict[str, object]) -> dict[str, Any]:
+    reply = httpx.post(f"{served.api_base}/{path}", json=body, timeout=300)
+    assert reply.status_code == 200, reply.text[:500]
+    data: dict[str, Any] = reply.json()
+    return data
 
 
 def _wait_for_checkpoint(folder: Path, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> int:

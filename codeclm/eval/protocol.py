@@ -30,6 +30,7 @@ from codeclm.llm.prompts import load_prompt
 from codeclm.records import Record
 from codeclm.settings import DECODE_MAX_PER_CALL, EMBEDDED, Settings
 from codeclm.storage import write_json, write_jsonl
+from codeclm.train.finetune import describe_recipe
 
 METHODS: tuple[str, ...] = ("codeclm", *BASELINES, *ABLATIONS)
 REFERENCE = "self_instruct"  # Table 1's differences are to Self-Instruct
@@ -185,12 +186,7 @@ def judge_statement(settings: Settings) -> str:
 
 def training_statement(settings: Settings) -> str:
     ft = settings.finetune
-    if ft.trainer == "remote":
-        return f"remote fine-tuning job on `{ft.base_model}` (the provider's recipe)"
-    h = ft.hyper()
-    return (f"`{ft.base_model}`, {ft.trainer} trainer, [finetune] preset {ft.preset}: {h.method}, {h.epochs:g} epochs"
-            f"{f' (max {h.max_steps} steps)' if h.max_steps else ''}, lr {h.learning_rate:g}, batch {h.batch_size}, "
-            f"length {h.max_length}")
+    return f"`{ft.base_model}`, {ft.trainer} trainer, [finetune] {describe_recipe(settings)}"
 
 
 def statements(methods: Sequence[str], settings: Settings, seed_counts: Mapping[str, int]) -> list[dict[str, Any]]:

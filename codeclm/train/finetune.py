@@ -31,7 +31,8 @@ from codeclm.errors import ConfigError, DatasetError, ModelError
 from codeclm.publish import publishing
 from codeclm.settings import EMBEDDED, FinetuneConfig, Settings
 from codeclm.storage import package_versions, write_json
-from codeclm.train.training_plan import BaseRef, Dataset, FinetunePlan
+from codeclm.train.prompt_format import template_digest
+from codeclm.train.training_plan import EXAMPLE_FILE, BaseRef, Dataset, FinetunePlan
 
 INSTALL_HINT = "install the train extra: pip install -e '.[train]' (or make install)"
 TRAIN_MODULES = ("torch", "transformers", "trl", "peft", "datasets", "gguf")
@@ -43,7 +44,7 @@ DONE = "_done.json"
 # Peak bytes per parameter, fp32 weights: LoRA holds the weights plus one copy while converting or merging;
 # a full fine-tune adds gradients and AdamW's two moments (4 + 4 + 8) and the same copy.
 BYTES_PER_PARAM = {"lora": 8, "full": 20}
-LOCAL_FILES = ["adapter", "merged", LOG_FILE, PLOT_FILE, MANIFEST]
+LOCAL_FILES = ["adapter", "merged", LOG_FILE, PLOT_FILE, EXAMPLE_FILE, MANIFEST]
 REMOTE_FILES = ["job.json", MANIFEST]
 Listener = Callable[[int, int, float | None], None]  # (step, or percent for remote jobs; total; loss or None)
 LOG_SCHEMA = pa.schema([("step", pa.int64()), ("loss", pa.float64()), ("learning_rate", pa.float64()),
@@ -75,6 +76,9 @@ class FinetuneResult(BaseModel):
     resumed_job: bool = False  # remote: an existing job was found and followed instead of starting one
     device: str | None = None  # local: cpu or cuda
     precision: str | None = None  # local: bf16 or fp32
+    preset: str | None = None  # local: the `[finetune]` preset (cpu: LoRA; paper: A.4's full fine-tune)
+    recipe: str | None = None  # the training recipe in one line (`describe_recipe`)
+    prompt_format: str | None = None  # local: "the base's chat template", or "alpaca" for a base without one
     hyperparameters: dict[str, Any]
 
 
@@ -175,9 +179,12 @@ def _dir_identity(path: Path) -> str:
 
 
 def training_key(data_sha: str, base: BaseRef, trainer: str, hyperparameters: dict[str, Any]) -> str:
-    blob = json.dumps({"data": data_sha, "base": base.identity, "trainer": trainer, "hyper": hyperparameters},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    """The training's identity. A local one also holds the prompt format's template (`codeclm.train.prompt_format`),
+    which decides how a base without a chat template is trained."""
+    what = {"data": data_sha, "base": base.identity, "trainer": trainer, "hyper": hyperparameters}
+    if trainer == "local":
+        what["format"] = template_digest()
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
 def hyperparameters(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -214,7 +221,53 @@ def plan_finetune(dataset: Path, settings: Settings) -> FinetunePlan:
     base = check_trainer(settings)
     hyper = hyperparameters(cfg)
     key = training_key(data.sha, base, cfg.trainer, hyper)
-    return FinetunePlan(data, base, cfg.trainer, key, hyper, settings.home / "finetune" / key[:20])
+    return FinetunePlan(data, base, cfg.trainer, key, hyper, settings.home / "finetune" / key[:20],
+                        cfg.preset if cfg.trainer == "local" else None, describe_recipe(cfg))
+
+
+def describe_recipe(settings: Settings | FinetuneConfig) -> str:
+    """The training recipe in one line, for plans, manifests and reports: the preset, the method and the
+    hyperparameters that decide the model, naming the ones set explicitly over the preset."""
+    cfg = settings if isinstance(settings, FinetuneConfig) else settings.finetune
+    if cfg.trainer == "off":
+        return "no training (finetune.trainer = 'off')"
+    if cfg.trainer == "remote":
+        r = cfg.remote
+        return (f"remote {r.provider} fine-tuning job on {cfg.base_model}: epochs {r.n_epochs or 'auto'}, batch "
+                f"{r.batch_size or 'auto'}, learning-rate multiplier {r.learning_rate_multiplier or 'auto'}")
+    h = cfg.hyper()
+    origin = {"cpu": "preset cpu (LoRA for a CPU)", "paper": "preset paper (A.4)"}[cfg.preset]
+    method = "full fine-tune" if h.method == "full" else \
+        f"LoRA (r {h.lora_r}, alpha {h.lora_alpha}, dropout {h.lora_dropout:g}, {h.lora_target_modules})"
+    length = f"{h.max_steps} steps" if h.max_steps else f"{h.epochs:g} epochs"
+    schedule = "constant" if h.lr_schedule == "constant" else \
+        f"{h.lr_schedule} to {h.min_learning_rate:g}"
+    text = (f"{origin}: {method}, {length}, lr {h.learning_rate:g} {schedule}, warmup {h.warmup_ratio:g}, AdamW "
+            f"({h.adam_beta1:g}, {h.adam_beta2:g}), weight decay {h.weight_decay:g}, batch {h.batch_size} "
+            f"({h.micro_batch_size} per pass), max length {h.max_length}"
+            + (", gradient checkpointing" if h.gradient_checkpointing else ""))
+    preset = FinetuneConfig(preset=cfg.preset).hyper()
+    changed = [name for name in type(h).model_fields if getattr(h, name) != getattr(preset, name)]
+    return text + (f"; set over the preset: {', '.join(changed)}" if changed else "")
+
+
+def recipe_warning(settings: Settings | FinetuneConfig) -> str | None:
+    """One line when a local full fine-tune (the paper's A.4 recipe) will run without CUDA: it works if memory
+    allows (`check_fits`), but it is meant for GPUs and takes hours on a CPU; None otherwise."""
+    cfg = settings if isinstance(settings, FinetuneConfig) else settings.finetune
+    if cfg.trainer != "local" or cfg.hyper().method != "full" or cuda_available():
+        return None
+    return (f"finetune preset {cfg.preset}: a full fine-tune without CUDA trains on the CPU, which is slow for "
+            "anything but a tiny model; set [finetune] preset = \"cpu\" for LoRA")
+
+
+def cuda_available() -> bool:
+    """Whether torch is installed and sees a CUDA device (imports torch: seconds)."""
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def check_fits(base: BaseRef, params: int, cfg: FinetuneConfig) -> None:
@@ -231,11 +284,10 @@ def check_fits(base: BaseRef, params: int, cfg: FinetuneConfig) -> None:
 
 def available_memory() -> tuple[float, str]:
     """Bytes training may use: GPU memory with CUDA, else the memory available now (cgroup limit included)."""
-    if importlib.util.find_spec("torch") is not None:
+    if cuda_available():
         import torch
 
-        if torch.cuda.is_available():
-            return float(torch.cuda.get_device_properties(0).total_memory), "the GPU"
+        return float(torch.cuda.get_device_properties(0).total_memory), "the GPU"
     available = float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     try:
         meminfo = Path("/proc/meminfo").read_text()
@@ -313,7 +365,10 @@ def report_markdown(result: FinetuneResult, rows: list[dict[str, Any]], chart_ur
              f"* tuned model: `{model}`; {result.steps} steps in {result.seconds:.0f} s"
              + (" (reused, not retrained)" if result.cached else "")
              + (f" (resumed from step {result.resumed_from_step})" if result.resumed_from_step else ""),
-             f"* loss {_fmt(result.first_loss)} → {_fmt(result.final_loss)}", ""]
+             f"* loss {_fmt(result.first_loss)} → {_fmt(result.final_loss)}"]
+    lines += [f"* recipe: {result.recipe}"] if result.recipe else []
+    lines += [f"* prompt format: {result.prompt_format}"] if result.prompt_format else []
+    lines += [""]
     if rows:
         every = max(1, -(-len(rows) // max_rows))
         shown = rows[::every] if rows[-1] in rows[::every] else [*rows[::every], rows[-1]]
@@ -439,7 +494,8 @@ def _train_local(plan: FinetunePlan, settings: Settings, on_progress: Listener) 
         adapter=str(outcome.adapter) if outcome.adapter else None, served_name=plan.served_name,
         first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None, steps=outcome.steps,
         resumed_from_step=outcome.resumed_from_step, hyperparameters=plan.hyperparameters,
-        device=outcome.device, precision=outcome.precision)
+        device=outcome.device, precision=outcome.precision, preset=plan.preset, recipe=plan.recipe,
+        prompt_format=outcome.prompt_format)
 
 
 def _train_remote(plan: FinetunePlan, settings: Settings, on_progress: Listener) -> FinetuneResult:
@@ -451,4 +507,4 @@ def _train_remote(plan: FinetunePlan, settings: Settings, on_progress: Listener)
         out=str(plan.work), trainer="remote", key=plan.key, data_sha=plan.dataset.sha, pairs=plan.dataset.pairs,
         base_model=plan.base.name, remote_model=model, remote_api_base=settings.finetune.remote.api_base,
         remote_job_id=job["job_id"], resumed_job=job["resumed"], served_name=job["fine_tuned_model"],
-        hyperparameters=plan.hyperparameters)
+        recipe=plan.recipe, hyperparameters=plan.hyperparameters)

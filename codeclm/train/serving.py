@@ -31,7 +31,7 @@ import httpx
 from codeclm.errors import ModelError
 from codeclm.ops.processes import free_port, spawn, stop
 from codeclm.settings import RoleConfig
-from codeclm.train.finetune import INSTALL_HINT, FinetuneResult
+from codeclm.train.finetune import INSTALL_HINT, FinetuneResult, cuda_available
 
 log = logging.getLogger(__name__)
 Backend = Literal["transformers", "vllm"]
@@ -58,14 +58,6 @@ class ServedModels:
     def role(self, name: str, **overrides: Any) -> RoleConfig:
         """A role config pointing at one served model (e.g. the target for `evaluate`)."""
         return RoleConfig(**{"model": self.model(name), "api_base": self.api_base, **overrides})
-
-
-def cuda_available() -> bool:
-    if importlib.util.find_spec("torch") is None:
-        return False
-    import torch
-
-    return bool(torch.cuda.is_available())
 
 
 def pick_backend() -> Backend:

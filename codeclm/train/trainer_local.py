@@ -2,8 +2,9 @@
 
 The only module that imports torch, transformers, trl, peft and datasets, and only inside functions. A GGUF base
 (the embedded SmolLM2) is converted once into a plain Hugging Face checkpoint under HOME/finetune/base, because
-Trainer refuses a model still flagged as GGUF-quantized. Checkpoints go to WORK/checkpoints every `save_steps`;
-a rerun after a kill resumes from the newest complete one.
+Trainer refuses a model still flagged as GGUF-quantized. A base whose tokenizer has no chat template trains in
+the Alpaca format (`codeclm.train.prompt_format`), and is served from a copy carrying it. Checkpoints go to
+WORK/checkpoints every `save_steps`; a rerun after a kill resumes from the newest complete one.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Any
 
 from codeclm.errors import ModelError
 from codeclm.settings import FinetuneConfig, TrainHyper
-from codeclm.train.training_plan import BaseRef, FinetunePlan
+from codeclm.train.prompt_format import ALPACA, OWN, ensure_template, templated_base
+from codeclm.train.training_plan import EXAMPLE_FILE, BaseRef, FinetunePlan
 
 log = logging.getLogger(__name__)
 StepListener = Callable[[int, int, float | None], None]  # (step, total steps, loss or None)
@@ -33,7 +35,8 @@ _STATE = "trainer_state.json"
 
 @dataclass
 class TrainOutcome:
-    """What one local training produced (paths are inside the work directory)."""
+    """What one local training produced (paths are inside the work directory, but `base_checkpoint`: the base
+    to serve as the untuned baseline, in the format the training used)."""
 
     base_checkpoint: Path
     merged: Path
@@ -44,6 +47,7 @@ class TrainOutcome:
     seconds: float
     device: str
     precision: str
+    prompt_format: str = OWN
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -184,8 +188,12 @@ def train(plan: FinetunePlan, cfg: FinetuneConfig, home: Path, on_step: StepList
     except (OSError, ValueError) as exc:
         raise ModelError(f"base model {plan.base.name}: cannot load it ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0][:200]})") from None
+    prompt_format = ensure_template(tokenizer)  # a base without a chat template trains in the Alpaca format
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # the untuned base is served from a copy that carries the same template, so it answers in the same format
+    served_base = templated_base(base_dir, tokenizer, home, plan.base.identity) if prompt_format == ALPACA \
+        else base_dir
 
     class Progress(TrainerCallback):  # type: ignore[misc]
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
@@ -217,6 +225,7 @@ def train(plan: FinetunePlan, cfg: FinetuneConfig, home: Path, on_step: StepList
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(_pairs(plan.dataset.path)),
                          processing_class=tokenizer, peft_config=peft_config, callbacks=[Progress()])
     trainer.remove_callback(PrinterCallback)  # it prints every log line; progress goes through `on_step`
+    (plan.work / EXAMPLE_FILE).write_text(tokenizer.decode(trainer.train_dataset[0]["input_ids"]))
     resumed = int(json.loads((resume / _STATE).read_text())["global_step"]) if resume else None
     if resume:
         log.info("resuming %s from %s", plan.key[:12], resume.name)
@@ -230,8 +239,8 @@ def train(plan: FinetunePlan, cfg: FinetuneConfig, home: Path, on_step: StepList
     merged = _save(plan.work / MERGED, lambda path: (tuned.save_pretrained(path), tokenizer.save_pretrained(path)))
     rows = [{"step": int(e["step"]), "loss": float(e["loss"]), "learning_rate": e.get("learning_rate"),
              "epoch": e.get("epoch")} for e in trainer.state.log_history if "loss" in e]
-    return TrainOutcome(base_dir, merged, adapter, rows, int(trainer.state.global_step), resumed,
-                        round(time.monotonic() - started, 3), "cuda" if cuda else "cpu", precision)
+    return TrainOutcome(served_base, merged, adapter, rows, int(trainer.state.global_step), resumed,
+                        round(time.monotonic() - started, 3), "cuda" if cuda else "cpu", precision, prompt_format)
 
 
 def _save(target: Path, save: Callable[[str], Any]) -> Path:

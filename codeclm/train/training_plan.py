@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+EXAMPLE_FILE = "training_example.txt"  # the local trainer's first training sequence, exactly as the model saw it
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -37,6 +39,8 @@ class FinetunePlan:
     key: str
     hyperparameters: dict[str, Any]
     work: Path
+    preset: str | None = None  # local: the `[finetune]` preset the hyperparameters start from
+    recipe: str = ""  # the recipe in one line (`codeclm.train.finetune.describe_recipe`)
 
     @property
     def served_name(self) -> str:
