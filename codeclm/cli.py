@@ -45,6 +45,9 @@ BaseOpt = Annotated[str | None, typer.Option(help="base model to tune: 'embedded
 TrainerOpt = Annotated[Literal["local", "remote", "off"] | None, typer.Option(
     help="local: TRL + LoRA on this machine (default); remote: an OpenAI-style fine-tuning job; off: no training")]
 LimitOpt = Annotated[int | None, typer.Option(help="evaluate only the first N questions of each benchmark")]
+RetryFailedOpt = Annotated[bool, typer.Option(
+    "--retry-failed", help="ask again the calls an earlier run kept as failed (the same unusable answer twice at "
+    "temperature 0); a rerun otherwise reports them from the call cache")]
 PresetOpt = Annotated[Literal["default", "paper"] | None, typer.Option(
     help="settings preset under the config file and flags: paper (as the paper states) or default (see README)")]
 
@@ -198,12 +201,13 @@ def generate(
     threshold: ThresholdOpt = None,
     budget: BudgetOpt = None,
     preset: PresetOpt = None,
+    retry_failed: RetryFailedOpt = False,
 ) -> None:
     """Make a CodecLM instruction-tuning dataset from SEEDS into --out."""
 
     def go() -> None:
         settings = _settings(config, strong=strong, target=target, batch_size=batch_size, max_rounds=max_rounds,
-                             threshold=threshold, budget=budget, preset=preset)
+                             threshold=threshold, budget=budget, preset=preset, retry_failed=retry_failed or None)
         ready: list[Callable[[], object]] = []
         # a bad seed file fails in about a second; Prefect's API boots beside litellm's import and the model checks
         check_generate(seeds, out, settings, loaded=lambda checked: ready.append(
@@ -298,11 +302,13 @@ def evaluate(
     config: ConfigOpt = None,
     prompt_column: Annotated[str | None, typer.Option(help="column holding the prompt in a benchmark file")] = None,
     preset: PresetOpt = None,
+    retry_failed: RetryFailedOpt = False,
 ) -> None:
     """Measure CRR: each target against the strong model on benchmarks, judged in both answer orders."""
 
     def go() -> None:
-        settings = _with_judge(_settings(config, strong=strong, preset=preset), judge)
+        settings = _with_judge(_settings(config, strong=strong, preset=preset, retry_failed=retry_failed or None),
+                               judge)
         check_evaluate(benchmark, out, settings, target, limit, rule, prompt_column)  # bad input fails before Prefect
         from flows.evaluate import evaluate as evaluate_flow
 
@@ -330,13 +336,15 @@ def run_job(
     preset: PresetOpt = None,
     trainer: TrainerOpt = None,
     base: BaseOpt = None,
+    retry_failed: RetryFailedOpt = False,
 ) -> None:
     """The main job, the whole loop: generate a dataset from SEEDS, tune the target on it, then measure base and
     tuned target against the strong model on the same questions."""
 
     def go() -> None:
         settings = _with_judge(_settings(config, strong=strong, target=target, batch_size=batch_size,
-                                         max_rounds=max_rounds, threshold=threshold, budget=budget, preset=preset),
+                                         max_rounds=max_rounds, threshold=threshold, budget=budget, preset=preset,
+                                         retry_failed=retry_failed or None),
                                judge).with_finetune(config, base_model=base, trainer=trainer)
         from codeclm.eval.evaluation import default_benchmark
 
@@ -470,11 +478,12 @@ def refresh(
     evaluate: Annotated[bool, typer.Option(help="evaluate the new version and report the CRR change")] = True,
     slot: Annotated[str | None, typer.Option(help="idempotency key; the same slot never makes two versions")] = None,
     preset: PresetOpt = None,
+    retry_failed: RetryFailedOpt = False,
 ) -> None:
     """Append a dataset version under --root from the seeds in SEEDS that no version has processed yet."""
 
     def go() -> None:
-        settings = _settings(config, preset=preset)
+        settings = _settings(config, preset=preset, retry_failed=retry_failed or None)
         check_output(root, "--root", replaced=False)
         from flows.refresh import refresh as refresh_flow
 

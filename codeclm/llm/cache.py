@@ -2,8 +2,12 @@
 
 One JSON file per key, written to a temp name and renamed, so a killed writer never leaves a torn entry
 that a reader trusts. An entry that is unreadable anyway (a bad disk, a hand edit, another tool) is a miss:
-logged, counted (`CallStats.cache_unreadable`), asked again, and overwritten by the fresh answer. Failures are
-never stored here.
+logged, counted (`CallStats.cache_unreadable`), asked again, and overwritten by the fresh answer.
+
+Failures are not stored, with one exception the gateway decides (`codeclm.llm.gateway.kept_failure`): an entry
+with `"failed": true` holds an answer that temperature 0 gave every time and that does not parse; a new identical
+request cannot change it, so a rerun reports it from here instead of paying for it again. Timeouts, 429s, 5xx,
+connection errors and failures of sampled answers are never stored: a rerun asks again.
 """
 
 from __future__ import annotations
