@@ -107,6 +107,20 @@ def _user_errors() -> Iterator[None]:
         _stop_temporary_server()
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    except Exception as exc:
+        from codeclm.ops.prefect_api import api_lost
+
+        lost = api_lost(exc)
+        if lost is None:
+            raise
+        from codeclm.ops import interrupt
+
+        interrupt.stop()  # calls still in flight in batch threads end now
+        _stop_temporary_server()
+        typer.echo(f"error: {lost}", err=True)
+        if _STANDALONE:
+            interrupt.exit_now(2)
+        raise typer.Exit(2) from None
     except (KeyboardInterrupt, _termination_signal()) as exc:
         from codeclm.ops import interrupt
 
