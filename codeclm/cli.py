@@ -185,6 +185,16 @@ def _shortfall_note(summary: DatasetResult) -> str:
     return f"; SHORTFALL {budget.shortfall} of {budget.wanted}: {budget.limit}" if budget.shortfall else ""
 
 
+def _embedded_note(settings: Any, shortfall: int, failed: int) -> str | None:
+    """Why a shortfall or failed judgements are expected, when every role is the embedded tiny model (the demo)."""
+    if not (shortfall or failed) or not all(settings.role(r).embedded for r in ("strong", "target", "judge")):
+        return None
+    what = " and ".join(x for x in (f"{shortfall} pairs short of the budget" if shortfall else "",
+                                    f"{failed} failed judgements" if failed else "") if x)
+    return (f"note: {what} are expected on the embedded SmolLM2-135M, which proves the machinery, not the quality; "
+            "point [strong], [target] and [judge] at real models for a full dataset and clean verdicts")
+
+
 def _settings(config: Path | None, **overrides: Any) -> Any:
     """Settings from file, env and flags; the Dask runner's need for a Prefect server is checked now, not after
     a temporary server has started."""
@@ -369,8 +379,11 @@ def run_job(
 
         api_ready()
         result = run_flow(str(seeds), str(out), settings, benchmarks, limit)
-        typer.echo(f"{result.dataset.train} training pairs in {result.dataset.out}")
+        typer.echo(f"{result.dataset.train} training pairs in {result.dataset.out}{_shortfall_note(result.dataset)}")
         _print_leaderboard(result.evaluation)
+        if note := _embedded_note(settings, result.dataset.budget.shortfall,
+                                  sum(r.failures for r in result.evaluation)):
+            typer.echo(note, err=True)
         if result.model is None:
             from codeclm.eval.loop import NO_TRAINING
 

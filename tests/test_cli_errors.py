@@ -200,3 +200,15 @@ def test_a_prefect_api_gone_mid_run_is_one_line() -> None:
         assert "run the same command again" in line
         llm = httpx.ConnectError("refused", request=httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions"))
         assert api_lost(llm) is None and api_lost(ValueError("x")) is None  # not the Prefect API: as before
+
+
+def test_the_demo_says_in_one_line_why_a_shortfall_or_failed_judgements_are_expected() -> None:
+    from codeclm.cli import _embedded_note
+    from codeclm.settings import Settings
+
+    embedded = Settings()
+    note = _embedded_note(embedded, shortfall=2, failed=1)
+    assert note is not None and "\n" not in note
+    assert note.startswith("note: 2 pairs short of the budget and 1 failed judgements are expected on the embedded")
+    assert _embedded_note(embedded, shortfall=0, failed=0) is None
+    assert _embedded_note(Settings.load(None, judge="openai/gpt-4o-mini"), shortfall=2, failed=1) is None  # a real judge
