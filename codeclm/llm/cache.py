@@ -30,6 +30,13 @@ def call_key(**parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def kept_failure(entry: dict[str, Any]) -> bool:
+    """An entry recording a failure a new identical request cannot change: at temperature 0 the same unusable
+    answer (unparseable, or cut at max_tokens) came back every time (the gateway decides and stores it). Reruns
+    report it from here; a parser that now reads its text, or `retry_failed`, makes it a miss."""
+    return entry.get("failed") is True
+
+
 @dataclass(frozen=True)
 class Lookup:
     """A cache lookup: the stored entry, or None on a miss; `unreadable` says the miss was a corrupt entry."""

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ValidationError
 from codeclm.errors import ModelError, ParseError
 from codeclm.llm import concurrency, llm_runtime
 from codeclm.llm.breaker import BreakerPolicy, breaker_for
-from codeclm.llm.cache import CallCache, call_key
+from codeclm.llm.cache import CallCache, call_key, kept_failure
 from codeclm.llm.endpoints import Endpoint, resolve
 from codeclm.ops import interrupt
 from codeclm.ops.progress import report_calls
@@ -575,13 +575,6 @@ class Gateway:
 
 KEPT_NOTE = ("kept from a run that got this same answer twice at temperature 0: a rerun reports it without asking "
              "again; --retry-failed asks again")
-
-
-def kept_failure(entry: dict[str, Any]) -> bool:
-    """A call-cache entry recording a failure a new identical request cannot change: at temperature 0 the same
-    unusable answer (unparseable, or cut at max_tokens) came back every time. Reruns report it from the cache;
-    a parser that now reads its text, or `retry_failed`, makes it a miss."""
-    return entry.get("failed") is True
 
 
 def _did_not_reach(exc: BaseException) -> bool:
