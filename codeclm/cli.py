@@ -190,7 +190,7 @@ def _embedded_note(settings: Any, shortfall: int, failed: int) -> str | None:
     if not (shortfall or failed) or not all(settings.role(r).embedded for r in ("strong", "target", "judge")):
         return None
     what = " and ".join(x for x in (f"{shortfall} pairs short of the budget" if shortfall else "",
-                                    f"{failed} failed judgements" if failed else "") if x)
+                                    f"{failed} questions not judged" if failed else "") if x)
     return (f"note: {what} are expected on the embedded SmolLM2-135M, which proves the machinery, not the quality; "
             "point [strong], [target] and [judge] at real models for a full dataset and clean verdicts")
 

@@ -209,6 +209,6 @@ def test_the_demo_says_in_one_line_why_a_shortfall_or_failed_judgements_are_expe
     embedded = Settings()
     note = _embedded_note(embedded, shortfall=2, failed=1)
     assert note is not None and "\n" not in note
-    assert note.startswith("note: 2 pairs short of the budget and 1 failed judgements are expected on the embedded")
+    assert note.startswith("note: 2 pairs short of the budget and 1 questions not judged are expected on the embedded")
     assert _embedded_note(embedded, shortfall=0, failed=0) is None
     assert _embedded_note(Settings.load(None, judge="openai/gpt-4o-mini"), shortfall=2, failed=1) is None
