@@ -212,3 +212,25 @@ def test_the_demo_says_in_one_line_why_a_shortfall_or_failed_judgements_are_expe
     assert note.startswith("note: 2 pairs short of the budget and 1 questions not judged are expected on the embedded")
     assert _embedded_note(embedded, shortfall=0, failed=0) is None
     assert _embedded_note(Settings.load(None, judge="openai/gpt-4o-mini"), shortfall=2, failed=1) is None
+
+
+@pytest.mark.parametrize("command", ["generate", "run", "evaluate", "refresh"])
+def test_retry_failed_is_an_option_of_every_command_that_calls_models_again(
+        command: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--retry-failed` reaches the settings (`retry_failed`), which the gateway reads."""
+    from typer.testing import CliRunner
+
+    import codeclm.cli as cli
+
+    seen: list[bool] = []
+
+    def stop_here(config: object, **overrides: object) -> None:
+        seen.append(overrides.get("retry_failed") is True)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli, "_settings", stop_here)
+    args = {"generate": ["s.jsonl", "--out", "o"], "run": ["s.jsonl", "--out", "o"],
+            "evaluate": ["--benchmark", "b.jsonl", "--out", "o"], "refresh": ["seeds", "--root", "r"]}[command]
+    CliRunner().invoke(cli.app, [command, *args, "--retry-failed"])
+    CliRunner().invoke(cli.app, [command, *args])
+    assert seen == [True, False]
