@@ -304,7 +304,7 @@ def test_the_same_bad_answer_at_temperature_0_is_kept_and_a_rerun_reports_it_wit
 
     again = _run_one(Gateway(settings), _call())  # a rerun, as a new process
     assert not again.ok and again.cached and again.attempts == 0 and again.error_type == "ParseError"
-    assert again.text == '{"answer": 7' and "kept from a run" in again.message
+    assert again.text == '{"answer": 7' and "kept: at temperature 0" in again.message
     assert len(_logged(fake_llm, 2)) == 2  # no request
 
     fake_llm.responder = None

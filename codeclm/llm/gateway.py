@@ -573,8 +573,8 @@ class Gateway:
         raise ParseError("; ".join(errors) or "no parser accepted the output")
 
 
-KEPT_NOTE = ("kept from a run that got this same answer twice at temperature 0: a rerun reports it without asking "
-             "again; --retry-failed asks again")
+KEPT_NOTE = ("kept: at temperature 0 every attempt got this same answer, so a rerun reports it without asking again; "
+             "--retry-failed asks again")
 
 
 def _did_not_reach(exc: BaseException) -> bool:
