@@ -187,7 +187,8 @@ def recipe_digest() -> str:
 def published_run(seeds: SeedCheck, out: Path | str, settings: Settings, method: str = "codeclm"
                   ) -> GenerateResult | None:
     """What `out` holds when it is this very run already: made from these seeds (by content) with these settings
-    by the same recipe (code and prompts) and `method`, with no failed call, and every file as the manifest
+    by the same recipe (code and prompts) and `method`, with no failed call a rerun would ask again (none, or only
+    kept ones), and every file as the manifest
     hashed it. A rerun would make no call and publish the same files, so `generate` returns this instead of
     running its steps again. None when anything differs or cannot be read."""
     from codeclm.results import GenerateResult
@@ -196,8 +197,9 @@ def published_run(seeds: SeedCheck, out: Path | str, settings: Settings, method:
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
         same = (manifest.get("recipe") == recipe_digest() and manifest["method"] == method
-                and manifest["run"]["seeds_sha"] == seeds.sha and manifest["totals"]["failed"] == 0
-                and manifest["settings"] == settings.for_stage("export").dump() and _intact(folder, manifest["files"]))
+                and manifest["run"]["seeds_sha"] == seeds.sha
+                and manifest["settings"] == settings.for_stage("export").dump() and _intact(folder, manifest["files"])
+                and _only_kept_failures(folder, manifest["totals"]["failed"], settings))
         if not same:
             return None
         return GenerateResult(out=str(folder), method=method, train=manifest["counts"]["train"],
@@ -205,6 +207,23 @@ def published_run(seeds: SeedCheck, out: Path | str, settings: Settings, method:
                               totals=manifest["totals"], concurrency=manifest.get("concurrency", []), reused=True)
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _only_kept_failures(folder: Path, failed: int, settings: Settings) -> bool:
+    """No failed call a rerun would ask again: none at all, or only failures the call cache keeps (the same
+    unusable answer twice at temperature 0, `codeclm.llm.cache.kept_failure`) and no `retry_failed`."""
+    if failed == 0:
+        return True
+    if settings.retry_failed:
+        return False
+    import pyarrow.parquet as pq
+
+    from codeclm.llm.cache import CallCache, kept_failure
+
+    keys = pq.read_table(folder / "failed_calls.parquet", columns=["call_key"]).column("call_key").to_pylist()
+    cache = CallCache(settings.cache_dir)
+    entries = [cache.get(key).entry if key else None for key in keys]
+    return len(keys) == failed and all(entry is not None and kept_failure(entry) for entry in entries)
 
 
 def _intact(folder: Path, files: dict[str, str]) -> bool:

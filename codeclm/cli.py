@@ -48,6 +48,9 @@ LimitOpt = Annotated[int | None, typer.Option(help="evaluate only the first N qu
 ReviewOpt = Annotated[Literal["off", "metadata", "dataset"] | None, typer.Option(
     help="pause for a reviewer (the Prefect UI's resume form, or here when interactive): metadata after "
          "augmentation, dataset before it is published and trained on (default off)")]
+RetryFailedOpt = Annotated[bool, typer.Option(
+    "--retry-failed", help="ask again the calls an earlier run kept as failed (the same unusable answer twice at "
+    "temperature 0); a rerun otherwise reports them from the call cache")]
 PresetOpt = Annotated[Literal["default", "paper"] | None, typer.Option(
     help="settings preset under the config file and flags: paper (as the paper states) or default (see README)")]
 
@@ -106,6 +109,20 @@ def _user_errors() -> Iterator[None]:
     except CodecError as exc:
         _stop_temporary_server()
         typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except Exception as exc:
+        from codeclm.ops.prefect_api import api_lost
+
+        lost = api_lost(exc)
+        if lost is None:
+            raise
+        from codeclm.ops import interrupt
+
+        interrupt.stop()  # calls still in flight in batch threads end now
+        _stop_temporary_server()
+        typer.echo(f"error: {lost}", err=True)
+        if _STANDALONE:
+            interrupt.exit_now(2)
         raise typer.Exit(2) from None
     except (KeyboardInterrupt, _termination_signal()) as exc:
         from codeclm.ops import interrupt
@@ -171,6 +188,16 @@ def _shortfall_note(summary: DatasetResult) -> str:
     return f"; SHORTFALL {budget.shortfall} of {budget.wanted}: {budget.limit}" if budget.shortfall else ""
 
 
+def _embedded_note(settings: Any, shortfall: int, failed: int) -> str | None:
+    """Why a shortfall or failed judgements are expected, when every role is the embedded tiny model (the demo)."""
+    if not (shortfall or failed) or not all(settings.role(r).embedded for r in ("strong", "target", "judge")):
+        return None
+    what = " and ".join(x for x in (f"{shortfall} pairs short of the budget" if shortfall else "",
+                                    f"{failed} questions not judged" if failed else "") if x)
+    return (f"note: {what} are expected on the embedded SmolLM2-135M, which proves the machinery, not the quality; "
+            "point [strong], [target] and [judge] at real models for a full dataset and clean verdicts")
+
+
 def _settings(config: Path | None, **overrides: Any) -> Any:
     """Settings from file, env and flags; the Dask runner's need for a Prefect server is checked now, not after
     a temporary server has started."""
@@ -202,12 +229,14 @@ def generate(
     budget: BudgetOpt = None,
     preset: PresetOpt = None,
     review: ReviewOpt = None,
+    retry_failed: RetryFailedOpt = False,
 ) -> None:
     """Make a CodecLM instruction-tuning dataset from SEEDS into --out."""
 
     def go() -> None:
         settings = _settings(config, strong=strong, target=target, batch_size=batch_size, max_rounds=max_rounds,
-                             threshold=threshold, budget=budget, preset=preset, review=review)
+                             threshold=threshold, budget=budget, preset=preset, review=review,
+                             retry_failed=retry_failed or None)
         ready: list[Callable[[], object]] = []
         # a bad seed file fails in about a second; Prefect's API boots beside litellm's import and the model checks
         check_generate(seeds, out, settings, loaded=lambda checked: ready.append(
@@ -313,11 +342,13 @@ def evaluate(
     config: ConfigOpt = None,
     prompt_column: Annotated[str | None, typer.Option(help="column holding the prompt in a benchmark file")] = None,
     preset: PresetOpt = None,
+    retry_failed: RetryFailedOpt = False,
 ) -> None:
     """Measure CRR: each target against the strong model on benchmarks, judged in both answer orders."""
 
     def go() -> None:
-        settings = _with_judge(_settings(config, strong=strong, preset=preset), judge)
+        settings = _with_judge(_settings(config, strong=strong, preset=preset, retry_failed=retry_failed or None),
+                               judge)
         check_evaluate(benchmark, out, settings, target, limit, rule, prompt_column)  # bad input fails before Prefect
         from flows.evaluate import evaluate as evaluate_flow
 
@@ -346,6 +377,7 @@ def run_job(
     trainer: TrainerOpt = None,
     base: BaseOpt = None,
     review: ReviewOpt = None,
+    retry_failed: RetryFailedOpt = False,
 ) -> None:
     """The main job, the whole loop: generate a dataset from SEEDS, tune the target on it, then measure base and
     tuned target against the strong model on the same questions."""
@@ -353,7 +385,7 @@ def run_job(
     def go() -> None:
         settings = _with_judge(_settings(config, strong=strong, target=target, batch_size=batch_size,
                                          max_rounds=max_rounds, threshold=threshold, budget=budget, preset=preset,
-                                         review=review),
+                                         review=review, retry_failed=retry_failed or None),
                                judge).with_finetune(config, base_model=base, trainer=trainer)
         from codeclm.eval.evaluation import default_benchmark
 
@@ -364,8 +396,11 @@ def run_job(
 
         api_ready()
         result = run_flow(str(seeds), str(out), settings, benchmarks, limit)
-        typer.echo(f"{result.dataset.train} training pairs in {result.dataset.out}")
+        typer.echo(f"{result.dataset.train} training pairs in {result.dataset.out}{_shortfall_note(result.dataset)}")
         _print_leaderboard(result.evaluation)
+        if note := _embedded_note(settings, result.dataset.budget.shortfall,
+                                  sum(r.failures for r in result.evaluation)):
+            typer.echo(note, err=True)
         if result.model is None:
             from codeclm.eval.loop import NO_TRAINING
 
@@ -538,11 +573,12 @@ def refresh(
     slot: Annotated[str | None, typer.Option(help="idempotency key; the same slot never makes two versions")] = None,
     preset: PresetOpt = None,
     review: ReviewOpt = None,
+    retry_failed: RetryFailedOpt = False,
 ) -> None:
     """Append a dataset version under --root from the seeds in SEEDS that no version has processed yet."""
 
     def go() -> None:
-        settings = _settings(config, preset=preset, review=review)
+        settings = _settings(config, preset=preset, review=review, retry_failed=retry_failed or None)
         check_output(root, "--root", replaced=False)
         from flows.refresh import refresh as refresh_flow
 

@@ -19,9 +19,11 @@ its first publish: the new link is exchanged with the directory in one renameat2
 kernel supports it, else by two renames (old directory aside as `.OUT.legacy-*`, then the link), and the next
 publish puts a legacy folder back if a crash fell between them.
 
-Promise: at-least-once work, exactly-once publish, for process crashes (kill -9 at any point). Files are not
-fsynced, so after a power loss a just-flipped version may be incomplete; the previous one is removed only
-after the flip.
+Promise: at-least-once work, exactly-once publish, for process crashes (kill -9 at any point) and, on a file
+system that honours fsync (ext4, xfs, btrfs; not a disk that lies about its write cache), for a power loss: every
+file and folder of the version is fsynced before the rename that names it, the versions folder after that
+rename, and OUT's folder after the flip, so whichever link the disk holds after a power cut points at a complete
+version. Once `publishing` returns, the new version is on the disk; the previous one is removed only after.
 """
 
 from __future__ import annotations
@@ -91,8 +93,10 @@ def publishing(out: Path | str) -> Iterator[Path]:
     final = store / version
     try:
         yield staging
+        sync_tree(staging)  # the files' data before any name that makes them visible
         _crash_point("staged")
         os.rename(staging, final)  # complete, still invisible: nothing points at it yet
+        sync_dir(store)
         _crash_point("renamed")
         with _locked(store / ".lock"):
             point(out, Path(store.name) / version)
@@ -127,6 +131,32 @@ def point(link: Path, target: Path) -> None:
         if tmp.is_symlink():
             tmp.unlink()
         raise
+    sync_dir(link.parent)  # the flip itself reaches the disk
+
+
+def sync_tree(folder: Path) -> None:
+    """fsync every file under `folder` and every folder (itself included), so what a later rename makes visible
+    is on the disk first (a power cut otherwise can keep the rename and lose the data)."""
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(parent, name)
+            if os.path.islink(path):
+                continue  # its entry is synced with its folder; its target is not ours to sync
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        sync_dir(Path(parent))
+
+
+def sync_dir(folder: Path) -> None:
+    """fsync a folder: the names created, renamed or removed in it reach the disk."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 _RENAME_EXCHANGE = 2

@@ -402,6 +402,9 @@ class Settings(_Derived, BaseSettings):
     breaker_probe_s: float = Field(5.0, gt=0, description="seconds between probes of an unreachable endpoint")
     breaker_stop_after: float = Field(300.0, gt=0, description="seconds an endpoint may stay unreachable before "
                                       "the run stops (completed calls are kept; run again to resume)")
+    retry_failed: bool = Field(False, description="ask again the calls an earlier run kept as failed (the same "
+                               "unusable answer twice at temperature 0); by default a rerun reports them from the call "
+                               "cache (`--retry-failed`)")
 
     @model_validator(mode="before")
     @classmethod
@@ -487,10 +490,11 @@ class Settings(_Derived, BaseSettings):
 # The settings the gateway reads besides role configs: they enter its identity and every calling step's key.
 CALLS = ("home", "max_attempts", "parse_attempts", "backoff_base", "backoff_max", "retry_after_cap",
          "breaker_failures", "breaker_probe_s", "breaker_stop_after", "call_deadline", "hedge", "hedge_factor",
-         "hedge_min_s")
-# What generation wrote into a manifest: every setting except the later steps' sections.
+         "hedge_min_s", "retry_failed")
+# What generation wrote into a manifest: every setting except the later steps' sections and `retry_failed`, which
+# says what a run asks again, not what the data is.
 _GENERATION = tuple(name for name in Settings.model_fields
-                    if name not in ("finetune", "baselines", "studies", "protocol"))
+                    if name not in ("finetune", "baselines", "studies", "protocol", "retry_failed"))
 
 # Every step's settings: what it reads, so that only these enter its Prefect cache key (INPUTS), its work folder
 # and its gateway. A step reading anything else fails with AttributeError (see `StageSettings`).

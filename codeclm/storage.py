@@ -48,11 +48,23 @@ def check_schema(path: Path, schema: pa.Schema, model: type[Record]) -> None:
         raise DatasetError(f"{path}: schema does not match {model.__name__}: got {schema}, want {expected}")
 
 
-def write_json(path: Path, payload: object) -> Path:
+def write_json(path: Path, payload: object, sync: bool = False) -> Path:
+    """A JSON file replaced whole (temp file, then rename); `sync`: fsynced before the rename and its folder
+    after, for a commit point that must survive a power loss (a refresh's registry)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    with tmp.open("w") as fh:
+        fh.write(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+        if sync:
+            fh.flush()
+            os.fsync(fh.fileno())
     os.replace(tmp, path)
+    if sync:
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     return path
 
 

@@ -164,8 +164,8 @@ def generate(seeds: str, out: str, settings: Settings | None = None, method: str
     checked = check_generate(seeds, out, settings)  # already done (and remembered) when the CLI started this flow
     reused = published_run(checked, out, settings, method)
     if reused is not None:
-        print(f"{out} already holds this run (same seeds, settings and recipe, no failed call, files intact): "
-              "nothing to call or publish")
+        print(f"{out} already holds this run (same seeds, settings and recipe, no failed call to ask again, files "
+              "intact): nothing to call or publish")
         profile_artifact(out, method)
         return reused
     with progress_view("generate-progress", f"generate · {seeds} → {out}"), \

@@ -10,13 +10,11 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from pydantic import BaseModel, Field
-
 from codeclm.errors import ParseError
 from codeclm.eval.crr import Rule, outcome, position_flipped
 from codeclm.eval.eval_records import EvalAnswer, EvalQuestion, EvalQuestionResult
 from codeclm.llm.gateway import Call, Reply, Result
-from codeclm.llm.pairwise import ORDERS, pair_calls, pair_scores
+from codeclm.llm.pairwise import ORDERS, ScoresOnScale, pair_calls, pair_scores
 from codeclm.llm.parsing import parse_two_scores
 from codeclm.llm.prompts import load_prompt
 from codeclm.settings import StageSettings
@@ -26,11 +24,9 @@ from tasks.answer import item_id
 FAILURE_TEXT = 300
 
 
-class Verdict(BaseModel):
+class Verdict(ScoresOnScale):
     """The judge's reply: Assistant 1's and Assistant 2's scores, then why."""
 
-    score_1: float = Field(ge=1, le=10)
-    score_2: float = Field(ge=1, le=10)
     explanation: str = ""
 
 

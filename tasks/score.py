@@ -5,19 +5,16 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from pydantic import BaseModel, Field
-
 from codeclm.llm.gateway import Call
-from codeclm.llm.pairwise import ORDERS, order_item_id, pair_calls, pair_scores
+from codeclm.llm.pairwise import ORDERS, ScoresOnScale, order_item_id, pair_calls, pair_scores
 from codeclm.llm.parsing import parse_two_scores
 from codeclm.records import Candidate, Judgement, Response
 from codeclm.settings import StageSettings
 from tasks._base import Outputs, Ref, Step, codec_task, read
 
 
-class ScorePair(BaseModel):
-    score_1: float = Field(ge=1, le=10)
-    score_2: float = Field(ge=1, le=10)
+class ScorePair(ScoresOnScale):
+    pass
 
 
 def _from_text(text: str) -> ScorePair:

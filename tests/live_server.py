@@ -146,12 +146,15 @@ class LiveServer:
             kill_tree(proc)
 
 
-def start_server(home: Path) -> LiveServer:
+def start_server(home: Path, port: int | None = None, env: dict[str, str] | None = None) -> LiveServer:
+    """`prefect server start` on `port` (a free one by default) with its database under `home`; started again
+    on the same home and port, it is the same server after a restart. `env`: extra server settings."""
     home.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log = home / "server.log"
+    port = port or free_port()
+    log = home / f"server-{int(time.time() * 1000)}.log"
     # the UI must call the API on this port, not the default 4200 it would otherwise be told
-    env = {**os.environ, **BASE_ENV, "PREFECT_HOME": str(home), "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
+    env = {**os.environ, **BASE_ENV, "PREFECT_HOME": str(home), "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
+           **(env or {})}
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], cwd=home,
                             env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)

@@ -291,3 +291,21 @@ def test_prefect_cancel_stops_a_run_started_without_a_worker(tmp_path: Path, llm
     assert states and set(states.values()) == {"CANCELLED"}, states
     assert log.read_text().strip().splitlines()[-1] == RESUME
     assert not out.exists()
+
+
+def test_the_owner_of_a_run_is_told_dead_from_alive_and_from_a_later_process_with_its_pid() -> None:
+    """codeclm.ops.run_owner: a run's recorded process is gone when its pid is free, reused by a later process
+    (another start time) or the machine restarted; another host's run is never judged."""
+    import socket
+
+    from codeclm.ops.run_owner import owner_gone, owner_token
+
+    me = owner_token()
+    prefix, host, boot, pid, started = me.split(":")
+    assert (prefix, host, int(pid)) == ("codeclm", socket.gethostname(), os.getpid()) and not owner_gone(me)
+    free = max(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()) + 10_000
+    assert owner_gone(f"codeclm:{host}:{boot}:{free}:{started}")
+    assert owner_gone(f"codeclm:{host}:{boot}:{pid}:{int(started) + 1}")  # the pid, reused by a later process
+    assert owner_gone(f"codeclm:{host}:other-boot:{pid}:{started}")
+    assert not owner_gone(f"codeclm:another-host:{boot}:{free}:{started}") and not owner_gone(None)
+    assert not owner_gone("12345")  # a worker's pid: Prefect's own business

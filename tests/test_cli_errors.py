@@ -173,3 +173,64 @@ def _flow_runs(db: Path) -> int:
     with sqlite3.connect(db) as conn:
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         return conn.execute("SELECT count(*) FROM flow_run").fetchone()[0] if "flow_run" in tables else 0
+
+
+def test_a_prefect_api_gone_mid_run_is_one_line() -> None:
+    """What Prefect raises when its server stays away longer than its client retries (a tag-concurrency slot
+    it cannot acquire, from a refused connection to the API) ends the run with one line, not a traceback."""
+    import httpx
+    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from codeclm.ops.prefect_api import api_lost
+
+    api = "http://127.0.0.1:4299/api"
+    refused = httpx.ConnectError("All connection attempts failed",
+                                 request=httpx.Request("POST", f"{api}/v2/concurrency_limits/increment"))
+    try:
+        try:
+            raise refused
+        except httpx.ConnectError as exc:
+            raise ConcurrencySlotAcquisitionError("Unable to acquire concurrency slots on ['tag:codeclm']") from exc
+    except ConcurrencySlotAcquisitionError as exc:
+        wrapped = exc
+    with temporary_settings({PREFECT_API_URL: api}):
+        line = api_lost(wrapped)
+        assert line is not None and line.startswith(f"the Prefect API at {api} stopped answering (ConnectError)")
+        assert "run the same command again" in line
+        llm = httpx.ConnectError("refused", request=httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions"))
+        assert api_lost(llm) is None and api_lost(ValueError("x")) is None  # not the Prefect API: as before
+
+
+def test_the_demo_says_in_one_line_why_a_shortfall_or_failed_judgements_are_expected() -> None:
+    from codeclm.cli import _embedded_note
+    from codeclm.settings import Settings
+
+    embedded = Settings()
+    note = _embedded_note(embedded, shortfall=2, failed=1)
+    assert note is not None and "\n" not in note
+    assert note.startswith("note: 2 pairs short of the budget and 1 questions not judged are expected on the embedded")
+    assert _embedded_note(embedded, shortfall=0, failed=0) is None
+    assert _embedded_note(Settings.load(None, judge="openai/gpt-4o-mini"), shortfall=2, failed=1) is None
+
+
+@pytest.mark.parametrize("command", ["generate", "run", "evaluate", "refresh"])
+def test_retry_failed_is_an_option_of_every_command_that_calls_models_again(
+        command: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--retry-failed` reaches the settings (`retry_failed`), which the gateway reads."""
+    from typer.testing import CliRunner
+
+    import codeclm.cli as cli
+
+    seen: list[bool] = []
+
+    def stop_here(config: object, **overrides: object) -> None:
+        seen.append(overrides.get("retry_failed") is True)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli, "_settings", stop_here)
+    args = {"generate": ["s.jsonl", "--out", "o"], "run": ["s.jsonl", "--out", "o"],
+            "evaluate": ["--benchmark", "b.jsonl", "--out", "o"], "refresh": ["seeds", "--root", "r"]}[command]
+    CliRunner().invoke(cli.app, [command, *args, "--retry-failed"])
+    CliRunner().invoke(cli.app, [command, *args])
+    assert seen == [True, False]

@@ -290,6 +290,58 @@ def test_failures_are_never_cached(fake_llm: FakeLLMServer, tmp_path: Path) -> N
     assert _statuses(fake_llm, 3) == [500, 200, 200]
 
 
+def test_the_same_bad_answer_at_temperature_0_is_kept_and_a_rerun_reports_it_without_a_request(
+        fake_llm: FakeLLMServer, tmp_path: Path) -> None:
+    """A failure a new identical request cannot change (temperature 0, the same unparseable answer twice) is kept
+    in the call cache: a rerun reports it from there; `retry_failed` asks again and keeps a good answer."""
+    settings = settings_for(fake_llm, tmp_path, temperature=0.0, parse_attempts=3)
+    fake_llm.responder = lambda body: '{"answer": 7'  # what a deterministic model would give every time
+    first = _run_one(Gateway(settings), _call())
+    assert not first.ok and first.error_type == "ParseError" and first.attempts == 2  # stopped at the repeat
+    assert "--retry-failed asks again" in first.message and len(_logged(fake_llm, 2)) == 2
+    (entry,) = [json.loads(p.read_text()) for p in settings.cache_dir.rglob("*.json")]
+    assert entry["failed"] is True and entry["text"] == '{"answer": 7'
+
+    again = _run_one(Gateway(settings), _call())  # a rerun, as a new process
+    assert not again.ok and again.cached and again.attempts == 0 and again.error_type == "ParseError"
+    assert again.text == '{"answer": 7' and "kept: at temperature 0" in again.message
+    assert len(_logged(fake_llm, 2)) == 2  # no request
+
+    fake_llm.responder = None
+    retried = _run_one(Gateway(settings.model_copy(update={"retry_failed": True})), _call())
+    assert retried.ok and not retried.cached and len(_logged(fake_llm, 3)) == 3
+    assert _run_one(Gateway(settings), _call()).cached  # the good answer replaced the kept failure
+
+
+@pytest.mark.parametrize("case", ["sampled", "varying", "http_500", "timeout"])
+def test_failures_that_a_new_request_may_change_are_never_kept(fake_llm: FakeLLMServer, tmp_path: Path,
+                                                               case: str) -> None:
+    """Sampled answers, answers that differ between attempts, 5xx and timeouts: a rerun asks again."""
+    settings = settings_for(fake_llm, tmp_path, temperature=0.7 if case == "sampled" else 0.0, parse_attempts=3,
+                            max_attempts=2, timeout=0.5, hedge=False)
+    answers = iter(range(100))
+    if case in ("sampled", "varying"):
+        fake_llm.responder = lambda body: "not json" if case == "sampled" else f"not json {next(answers)}"
+    else:
+        fake_llm.set_faults([{"kind": "http", "status": 500} if case == "http_500" else {"kind": "hang"}])
+    assert not _run_one(Gateway(settings), _call()).ok
+    assert not list(settings.cache_dir.rglob("*.json"))
+    again = _run_one(Gateway(settings), _call())  # a rerun, as a new process: it asks again
+    assert not again.ok and not again.cached and again.attempts > 0
+
+
+def test_a_kept_failure_that_the_parser_now_reads_is_an_answer(fake_llm: FakeLLMServer, tmp_path: Path) -> None:
+    """A judge's '0.9 8' kept as failed by an older score rule is read by the current one, without a request."""
+    settings = settings_for(fake_llm, tmp_path, temperature=0.0)
+    gateway = Gateway(settings)
+    call = _call("judge this", output=ScorePair, reply=Reply.FREE_TEXT, text_parser=scores_from_text)
+    gateway.cache.put(gateway.key(call), {"failed": True, "text": "0.9 8", "error_type": "ParseError",
+                                          "message": "scores 0.9 8 are outside 1-10"})
+    result = _run_one(gateway, call)
+    assert result.ok and result.cached and result.value == ScorePair(score_1=1, score_2=8)
+    assert fake_llm.requests == []
+
+
 def test_success_is_cached_on_disk_for_a_new_gateway(fake_llm: FakeLLMServer, tmp_path: Path) -> None:
     settings = settings_for(fake_llm, tmp_path)
     calls = [_call(f"question {i}") for i in range(5)]

@@ -1,6 +1,7 @@
 """Plain-text parsers: every output variant models produce for the CodecLM prompts, and the failures."""
 
 import pytest
+from pydantic import ValidationError
 
 from codeclm.errors import ParseError
 from codeclm.llm.parsing import (
@@ -253,9 +254,13 @@ def test_two_scores(text: str, expected: tuple[float, float]) -> None:
         "The first answer is clearly better.",
         "8",
         "Score: 8",
-        "11 6",
-        "8 0",
+        "11.5 6",  # more than one point off the scale
+        "8 -0.5",
         "-1 5",
+        "0.9 0.7",  # both off the scale: a 0-1 scale, not a near miss
+        "11 12",
+        "0.9 1",  # reading 0.9 as 1 would turn a loss into a draw
+        "11 10",
         "I think answer 1 is better for 2 reasons",
         "Assistant 1 is better.\n8 6",  # a verdict on a later line must not count
         "Let me evaluate both answers.\n\n9 4",
@@ -268,5 +273,29 @@ def test_two_scores_failures(text: str) -> None:
 
 def test_two_scores_custom_range() -> None:
     assert parse_two_scores("0 5", low=0.0, high=5.0) == (0.0, 5.0)
+    assert parse_two_scores("6 4", low=0.0, high=5.0) == (5.0, 4.0)
     with pytest.raises(ParseError):
-        parse_two_scores("6 5", low=0.0, high=5.0)
+        parse_two_scores("6.5 4", low=0.0, high=5.0)
+
+
+@pytest.mark.parametrize(("text", "expected"), [("0.9 8", (1.0, 8.0)), ("8 0", (8.0, 1.0)), ("0 8", (1.0, 8.0)),
+                                                ("10.5 3", (10.0, 3.0)), ("11 6", (10.0, 6.0)),
+                                                ("7 0.2", (7.0, 1.0))])
+def test_a_score_just_outside_the_scale_reads_as_its_nearest_end_and_keeps_the_winner(
+        text: str, expected: tuple[float, float]) -> None:
+    first, second = parse_two_scores(text)
+    assert (first, second) == expected
+    raw = [float(v) for v in text.split()]
+    assert (first > second) == (raw[0] > raw[1])  # the rule never changes who won
+
+
+def test_a_structured_verdict_just_outside_the_scale_is_read_by_the_same_rule() -> None:
+    from tasks.judge import Verdict, verdict_from_text
+    from tasks.score import ScorePair
+
+    assert Verdict.model_validate_json('{"score_1": 0.9, "score_2": 8, "explanation": "x"}').score_1 == 1.0
+    assert ScorePair.model_validate_json('{"score_1": 7, "score_2": 10.4}').score_2 == 10.0
+    assert verdict_from_text('{"score_1": 0.9, "score_2": 6, "explanation": "cut sh').score_1 == 1.0
+    for bad in ('{"score_1": 0.9, "score_2": 0.4}', '{"score_1": 1, "score_2": 0.5}', '{"score_1": 12, "score_2": 5}'):
+        with pytest.raises(ValidationError):
+            Verdict.model_validate_json(bad)

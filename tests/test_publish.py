@@ -134,3 +134,31 @@ def test_a_plain_directory_is_migrated_where_the_kernel_cannot_exchange(tmp_path
     with publishing(out) as staging:
         _write(staging, "new")
     assert out.is_symlink() and _version(out) == "new" and leftovers(out) == []
+
+
+def test_every_file_and_folder_reaches_the_disk_before_the_name_that_makes_it_visible(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Power loss: the version's files and folders are fsynced before its rename, the versions folder after
+    it, and OUT's folder after the flip (a power cut can keep a rename and lose unsynced data)."""
+    import codeclm.publish as publish
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(publish.os, "rename", lambda a, b: (events.append(("rename", str(b))), real_rename(a, b))[1])
+    monkeypatch.setattr(publish.os, "replace",
+                        lambda a, b: (events.append(("replace", str(b))), real_replace(a, b))[1])
+    out = tmp_path / "out"
+    with publishing(out) as staging:
+        _write(staging, "v1")
+    final = os.path.realpath(out)
+    synced = [path for kind, path in events if kind == "fsync"]
+    rename = events.index(("rename", final))
+    flip = events.index(("replace", str(out)))
+    before = {path for kind, path in events[:rename] if kind == "fsync"}
+    staged = str(store_of(out) / f".staging-{Path(final).name}")
+    assert {f"{staged}/{name}" for name in FILES} | {staged, f"{staged}/stages"} <= before
+    assert str(store_of(out)) in synced[len(before):] and ("fsync", str(store_of(out))) in events[rename:flip]
+    assert ("fsync", str(tmp_path)) in events[flip:]  # the flip itself
+    assert _version(out) == "v1"

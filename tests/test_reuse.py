@@ -55,3 +55,23 @@ def test_anything_different_runs_again(tmp_path: Path, change: str) -> None:
     elif change == "no manifest":
         (out / "manifest.json").unlink()
     assert published_run(seeds, out, settings, method) is None
+
+
+@pytest.mark.parametrize("failure", ["kept", "retry_failed", "not kept", "no key"])
+def test_a_run_whose_only_failures_are_kept_is_reused_unless_asked_to_retry(tmp_path: Path, failure: str) -> None:
+    """A failed call kept in the call cache (the same unusable answer twice at temperature 0) would be reported,
+    not asked, by a rerun: the run is this very run. Any other failure, or --retry-failed, runs again."""
+    from codeclm.llm.cache import CallCache
+    from codeclm.records import FailedCall
+    from codeclm.storage import write_records
+
+    settings = Settings(home=tmp_path / "home", retry_failed=failure == "retry_failed")
+    out = _publish(tmp_path / "out", settings, totals={"calls": 9, "failed": 1})
+    key = "" if failure == "no key" else "k" * 64
+    write_records(out / "failed_calls.parquet", [FailedCall(stage="judge", item_id="q7#strong_first", role="judge",
+                                                           model="m", error_type="ParseError", message="x", attempts=2,
+                                                           call_key=key)], FailedCall)
+    if failure != "not kept" and key:
+        CallCache(settings.cache_dir).put(key, {"failed": True, "text": "0.2 0.3", "error_type": "ParseError"})
+    found = published_run(SEEDS, out, settings)
+    assert (found is not None) == (failure == "kept")

@@ -34,7 +34,7 @@ CHANGED: dict[str, Any] = {
     "max_attempts": 2, "parse_attempts": 2, "backoff_base": 0.5, "backoff_max": 3.0, "retry_after_cap": 9.0,
     "breaker_failures": 3, "preset": "paper", "max_topups": 1, "contrastive_filtering": False,
     "breaker_probe_s": 1.0, "breaker_stop_after": 9.0, "call_deadline": 9.0, "hedge": False, "hedge_factor": 2.0,
-    "hedge_min_s": 1.0, "review": "metadata", "review_timeout": 5.0,
+    "hedge_min_s": 1.0, "review": "metadata", "review_timeout": 5.0, "retry_failed": True,
     "strong": {"model": "openai/other"}, "target": {"model": "openai/other"}, "judge": {"model": "openai/other"},
     "finetune": {"epochs": 1.0}, "baselines": {"evol_rounds": 2}, "metadata_fraction": 0.5,
     "studies": {"budgets": [100]}, "judge_template": "judge_fig12", "eval_overlap": "vicuna",

@@ -2,8 +2,12 @@
 
 One JSON file per key, written to a temp name and renamed, so a killed writer never leaves a torn entry
 that a reader trusts. An entry that is unreadable anyway (a bad disk, a hand edit, another tool) is a miss:
-logged, counted (`CallStats.cache_unreadable`), asked again, and overwritten by the fresh answer. Failures are
-never stored here.
+logged, counted (`CallStats.cache_unreadable`), asked again, and overwritten by the fresh answer.
+
+Failures are not stored, with one exception the gateway decides (`codeclm.llm.gateway.kept_failure`): an entry
+with `"failed": true` holds an answer that temperature 0 gave every time and that does not parse; a new identical
+request cannot change it, so a rerun reports it from here instead of paying for it again. Timeouts, 429s, 5xx,
+connection errors and failures of sampled answers are never stored: a rerun asks again.
 """
 
 from __future__ import annotations
@@ -24,6 +28,13 @@ def call_key(**parts: Any) -> str:
     """sha256 of the canonical JSON of everything that determines a response (never the API key)."""
     blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def kept_failure(entry: dict[str, Any]) -> bool:
+    """An entry recording a failure a new identical request cannot change: at temperature 0 the same unusable
+    answer (unparseable, or cut at max_tokens) came back every time (the gateway decides and stores it). Reruns
+    report it from here; a parser that now reads its text, or `retry_failed`, makes it a miss."""
+    return entry.get("failed") is True
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ValidationError
 from codeclm.errors import ModelError, ParseError
 from codeclm.llm import concurrency, llm_runtime
 from codeclm.llm.breaker import BreakerPolicy, breaker_for
-from codeclm.llm.cache import CallCache, call_key
+from codeclm.llm.cache import CallCache, call_key, kept_failure
 from codeclm.llm.endpoints import Endpoint, resolve
 from codeclm.ops import interrupt
 from codeclm.ops.progress import report_calls
@@ -274,9 +274,13 @@ class Gateway:
         hit, result.cache_unreadable = found.entry, found.unreadable
         if hit is not None:
             try:
+                if kept_failure(hit) and hit.get("error_type") == "Truncated" and not call.reply.cut_ok:
+                    raise ParseError("cut at max_tokens")
                 result.value = self._parse(call, ep, hit["text"])
             except ParseError:
-                hit = None  # the parser changed since this entry was stored: ask again
+                if kept_failure(hit) and not self.settings.retry_failed:
+                    return self._kept(result, hit)
+                hit = None  # the parser changed since this entry was stored, or --retry-failed: ask again
         if hit is not None:
             result.text, result.ok, result.cached = hit["text"], True, True
             report_calls(call.stage, cached=1)
@@ -302,12 +306,23 @@ class Gateway:
         finally:
             self._inflight.pop(key, None)
 
+    @staticmethod
+    def _kept(result: Result, hit: dict[str, Any]) -> Result:
+        """A failure an earlier run kept (`kept_failure`), reported again without a request."""
+        result.text, result.cached = hit["text"], True
+        result.error_type = str(hit.get("error_type") or "ParseError")
+        result.message = f"{hit.get('message', '')} [{KEPT_NOTE}]"
+        report_calls(result.call.stage, cached=1, failed=1)
+        return result
+
     async def _fresh(self, call: Call, ep: Endpoint, key: str, result: Result) -> Result:
         state = _Attempts(_Clock(self.settings.call_deadline))
+        outputs: list[str] = []  # every answer that came back, to tell a fixed output from a sampled one
         try:
             for _ in range(self.settings.parse_attempts):
                 if not await self._attempt_http(call, ep, result, state):
                     break
+                outputs.append(result.text or "")
                 try:
                     if result.truncated and not call.reply.cut_ok:
                         raise ParseError("output stopped at max_tokens; raise max_tokens for this role")
@@ -315,6 +330,8 @@ class Gateway:
                 except ParseError as exc:
                     result.error_type = "Truncated" if result.truncated else "ParseError"
                     result.message = str(exc)
+                    if self._fixed(call, ep, outputs):
+                        break  # temperature 0 gave the same unusable answer twice: asking again cannot help
                     continue
                 result.ok, result.error_type, result.message = True, "", ""
                 self.cache.put(key, {"text": result.text, "model": ep.model,
@@ -324,11 +341,24 @@ class Gateway:
             last = f" (last: {result.error_type}: {result.message[:150]})" if result.error_type else ""
             result.error_type = "DeadlineExceeded"
             result.message = f"no usable answer within call_deadline ({self.settings.call_deadline:g}s){last}"
+        if not result.ok and result.error_type in ("ParseError", "Truncated") and self._fixed(call, ep, outputs):
+            self.cache.put(key, {"failed": True, "text": outputs[-1], "model": ep.model,
+                                 "error_type": result.error_type, "message": result.message,
+                                 "usage": [result.prompt_tokens, result.completion_tokens]})
+            result.message = f"{result.message} [{KEPT_NOTE}]"
         report_calls(call.stage, done=1, failed=0 if result.ok else 1)
         if not result.ok:
             log.warning("%s %s failed after %d requests: %s: %s", call.stage, call.item_id, result.attempts,
                         result.error_type, result.message[:200])
         return result
+
+    def _fixed(self, call: Call, ep: Endpoint, outputs: list[str]) -> bool:
+        """Whether the unusable answers are what this request gives every time: temperature 0 and every answer
+        the same (two at least, unless `parse_attempts` allows one). A new identical request cannot change such
+        a failure, so it is kept (`kept_failure`); a sampled answer, or one that varied, may come out usable."""
+        if self._temperature(call, ep) != 0 or not outputs or len(set(outputs)) != 1:
+            return False
+        return len(outputs) >= min(2, self.settings.parse_attempts)
 
     async def _attempt_http(self, call: Call, ep: Endpoint, result: Result, state: _Attempts) -> bool:
         """Up to max_attempts HTTP attempts, each holding a slot of the endpoint's limiter (backoff sleeps do
@@ -541,6 +571,10 @@ class Gateway:
             except (ParseError, ValidationError) as exc:
                 errors.append(f"text: {exc}")
         raise ParseError("; ".join(errors) or "no parser accepted the output")
+
+
+KEPT_NOTE = ("kept: at temperature 0 every attempt got this same answer, so a rerun reports it without asking again; "
+             "--retry-failed asks again")
 
 
 def _did_not_reach(exc: BaseException) -> bool:

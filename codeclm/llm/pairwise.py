@@ -16,11 +16,13 @@ Each model is shown first once and second once; a judge that favours Assistant 1
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, model_validator
 
+from codeclm.errors import ParseError
 from codeclm.llm.gateway import Call, Reply
+from codeclm.llm.parsing import scores_on_scale
 from codeclm.llm.prompts import load_prompt
 
 Order = Literal["strong_first", "target_first"]
@@ -33,6 +35,30 @@ class TwoScores(Protocol):
 
     score_1: float
     score_2: float
+
+
+class ScoresOnScale(BaseModel):
+    """A judge's reply on the prompts' 1-10 scale, as a JSON schema; a score just outside the scale is read by the
+    stated rule of `codeclm.llm.parsing.scores_on_scale` (the schema keeps its bounds: the call key is unchanged).
+    Subclasses set their own docstring: it is the schema's description."""
+
+    score_1: float = Field(ge=1, le=10)
+    score_2: float = Field(ge=1, le=10)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _on_scale(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        try:
+            first, second = float(data["score_1"]), float(data["score_2"])
+        except (KeyError, TypeError, ValueError):
+            return data  # field validation reports what is missing or not a number
+        try:
+            first, second = scores_on_scale(first, second)
+        except ParseError as exc:
+            raise ValueError(str(exc)) from None
+        return {**data, "score_1": first, "score_2": second}
 
 
 class PairScores(BaseModel):

@@ -306,7 +306,31 @@ def parse_two_scores(text: str, low: float = 1.0, high: float = 10.0) -> tuple[f
     numbers = [float(value) for value in _NUMBER.findall(cleaned)]
     if len(numbers) < 2:
         raise ParseError(f"expected two scores on the first line, found {len(numbers)}: {first[:80]!r}")
-    scores = numbers[0], numbers[1]
-    if not all(low <= score <= high for score in scores):
-        raise ParseError(f"scores {scores[0]:g} {scores[1]:g} are outside {low:g}-{high:g}")
-    return scores
+    return scores_on_scale(numbers[0], numbers[1], low, high)
+
+
+SCALE_SLACK = 1.0  # how far outside the scale a score may be and still be read (as the nearest end)
+
+
+def scores_on_scale(first: float, second: float, low: float = 1.0, high: float = 10.0) -> tuple[float, float]:
+    """Two judge scores held to the scale low-high by one stated rule (docs/evaluation.md, "Scores just outside
+    the scale"), so a near miss is read instead of thrown away, and no reading changes who won:
+
+    * a score less than `SCALE_SLACK` (1 point) outside the scale reads as the nearest end: 0 or 0.9 as 1,
+      10.5 or 11 as 10, when the other score is on the scale;
+    * both scores off the scale ('0.9 0.7': another scale, 0-1 most likely), a score further out, or a near miss
+      whose reading would turn two different scores into a draw ('0.9 1') stay errors: any reading there
+      would be a guess that decides the verdict.
+    """
+    off = [not low <= score <= high for score in (first, second)]
+    where = f"scores {first:g} {second:g}"
+    if not any(off):
+        return first, second
+    if all(off):
+        raise ParseError(f"{where} are both outside {low:g}-{high:g} (another scale?)")
+    if not all(low - SCALE_SLACK <= score <= high + SCALE_SLACK for score in (first, second)):
+        raise ParseError(f"{where}: one is more than {SCALE_SLACK:g} outside {low:g}-{high:g}")
+    read = min(high, max(low, first)), min(high, max(low, second))
+    if read[0] == read[1]:
+        raise ParseError(f"{where}: reading the one outside {low:g}-{high:g} as {read[0]:g} would make a draw")
+    return read

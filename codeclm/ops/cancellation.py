@@ -4,7 +4,9 @@ A deployment's run is cancelled by its worker: it sends the flow's process SIGTE
 (codeclm.ops.batch_runner) and ends the run Cancelled. A run started by `codeclm generate` or a script has no worker
 (Prefect: "a monitoring process must be running to enforce the cancellation"), so Cancel would only relabel it
 while it ran on. Here the top-level flow run watches its own state and, once it is Cancelling, does what a worker
-does: records the intent (so Prefect ends the run Cancelled, not Crashed) and sends this process SIGTERM.
+does: records the intent (so Prefect ends the run Cancelled, not Crashed) and sends this process SIGTERM. The same
+watcher first records which process runs the run and marks Crashed the runs that killed processes left Running
+(codeclm.ops.run_owner).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import threading
 from typing import Any
 
 from codeclm.errors import ModelError
-from codeclm.ops import interrupt
+from codeclm.ops import interrupt, run_owner
 
 log = logging.getLogger(__name__)
 POLL_S = 2.0
@@ -39,6 +41,11 @@ def _watch(run_id: Any) -> None:
 
     stop = threading.Event()
     with get_client(sync_client=True) as client:
+        try:  # who runs this run, and which runs were left Running by a process that is gone (run_owner)
+            run_owner.claim(client, run_id)
+            run_owner.crash_orphans(client)
+        except Exception as exc:  # bookkeeping only: never a reason to stop the run
+            log.warning("could not check for flow runs left Running by a killed process: %s", exc)
         while not stop.wait(POLL_S):
             try:
                 state = client.read_flow_run(run_id).state

@@ -125,3 +125,26 @@ def start_early() -> EarlyAPI | None:
     api = EarlyAPI()
     _EARLY.append(api)
     return api
+
+
+def api_lost(exc: BaseException) -> str | None:
+    """The one line to end a run with when `exc` came from Prefect's API going away mid-run (a persistent server
+    stopped or restarted for longer than Prefect's client retries last: its tag-concurrency and state calls then
+    fail); None for any other exception. Calls completed before are cached, so a rerun finishes the run."""
+    from prefect.settings import get_current_settings
+
+    api = str(get_current_settings().api.url or "")
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, httpx.TransportError):
+            try:
+                url = str(cause.request.url)
+            except RuntimeError:  # an error raised before its request was set
+                url = ""
+            if api and url.startswith(api):
+                return (f"the Prefect API at {api} stopped answering ({type(cause).__name__}); completed calls are "
+                        "cached: once it is back, run the same command again to finish")
+        cause = cause.__cause__ or cause.__context__
+    return None

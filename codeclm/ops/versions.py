@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from codeclm.errors import CodecError, SeedFileError
 from codeclm.profile import diff_lines, load_profile, profile_diff
-from codeclm.publish import point
+from codeclm.publish import point, sync_dir, sync_tree
 from codeclm.records import Seed
 from codeclm.storage import load_seeds, write_json
 
@@ -190,11 +190,13 @@ class VersionStore:
             raise CodecError(f"{self.root}: version {version} is already registered; refusing to overwrite it")
         write_json(staging / "version.json", entry)
         final = self.path(version)
+        sync_tree(staging)  # on the disk before its name and the registry say it exists (power loss)
         os.replace(staging, final)
+        sync_dir(final.parent)
         registry = self.registry()
         registry["history"].append(entry)
         registry["latest"] = version
-        write_json(self.registry_path, registry)
+        write_json(self.registry_path, registry, sync=True)
         self._point_latest(version)
         return final
 
