@@ -83,7 +83,8 @@ def test_table_six_judges_the_same_answers_again(prefect_harness: None, ft_serve
     # every target answered each question once (the second judge's answers came from the call cache) ...
     assert all(by_model[tuned[m]] == 6 for m in ("codeclm", "self_instruct"))
     # ... and each judge judged base and both tuned targets in both orders
-    assert by_model["fake-judge"] == by_model["fake-judge-2"] == 2 * 6 * 3
+    # (and each judge's check first: 5 pairs in both orders)
+    assert by_model["fake-judge"] == by_model["fake-judge-2"] == 2 * 6 * 3 + 10
     table = pq.read_table(out / "studies" / "judges" / "table.parquet").to_pylist()
     assert {(r["judge"], r["method"]) for r in table} == {(j, m) for j in ("openai/fake-judge", "openai/fake-judge-2")
                                                           for m in (BASE_ROW, "codeclm", "self_instruct")}
