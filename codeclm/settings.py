@@ -517,7 +517,7 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
     "finetune": ("home", "finetune"),
     "self_instruct": ("strong", "seed", "baselines", *CALLS),
     "evol": ("strong", "seed", "baselines", *CALLS),
-    "basic": ("home",),
+    "basic": ("home", "budget", "seed", "baselines"),
     "tree_instruct": ("strong", "seed", "baselines", *CALLS),
     "pairs": ("strong", "target", "seed", *CALLS),
     "alpagasus": ("judge", "baselines", *CALLS),

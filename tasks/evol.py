@@ -25,7 +25,13 @@ import re
 
 from pydantic import BaseModel, Field
 
-from codeclm.baseline_records import BaselineRejected, BaselineRejectReason, PoolInstruction, lineages
+from codeclm.baseline_records import (
+    BaselineRejected,
+    BaselineRejectReason,
+    PoolInstruction,
+    lineages,
+    seeds_needed,
+)
 from codeclm.llm.gateway import Call, Reply
 from codeclm.llm.parsing import parse_improved_instruction
 from codeclm.llm.prompts import load_prompt
@@ -89,12 +95,17 @@ def roots_of(seeds: list[Seed], basic: list[Candidate], method: str) -> list[Poo
 
 @codec_task("basic", run_name="{name} · {method}")
 def published_basic(candidates: Ref, settings: StageSettings, method: str) -> Outputs:
-    """The basic (round-1) instructions of a published CodecLM dataset's candidates table, as WizardLM+'s roots;
-    no call is made."""
+    """The basic (round-1) instructions of a published CodecLM dataset's candidates table, as WizardLM+'s roots:
+    a seeded sample of as many as Evol-Instruct's recipe evolves (budget x evol_oversample / evol_rounds), since
+    CodecLM oversamples its basic instructions; no call is made."""
     step = Step("basic", method, settings, candidates=candidates["sha"])
     if (done := step.done()) is not None:
         return done
-    step.write("candidates", [c for c in read(candidates, Candidate) if c.round == 1], Candidate)
+    basic = sorted((c for c in read(candidates, Candidate) if c.round == 1), key=lambda c: c.instruction_id)
+    need = seeds_needed("evol_instruct", settings) or len(basic)  # WizardLM's recipe: every root, 4 rounds
+    if len(basic) > need:
+        basic = random.Random(f"{settings.seed}:wizardlm_plus:basic").sample(basic, need)
+    step.write("candidates", basic, Candidate)
     return step.finish()
 
 

@@ -200,15 +200,19 @@ def statements(methods: Sequence[str], settings: Settings, seed_counts: Mapping[
         seeds = (f"Alpaca sample of {seeds_for(m, settings)} (seed {settings.seed})" if source == "alpaca"
                  else f"benchmark 20 % split ({bench})")
         if m == "wizardlm_plus":
-            basic = ("the codeclm method's basic instructions (datasets/BENCH/codeclm)" if "codeclm" in methods
+            need = baseline_records.seeds_needed("evol_instruct", settings)
+            basic = (f"a seeded sample of {need} of the codeclm method's basic instructions "
+                     "(datasets/BENCH/codeclm), evolved as Evol-Instruct" if "codeclm" in methods
                      else "decoded by its own CodecLM encode/decode from the benchmark seeds (codeclm not compared)")
             seeds = f"{basic.split(' (')[0]}" + ("" if "codeclm" in methods else f"; its seeds: {seeds}")
         elif m == "codeclm" or m in ABLATIONS:
             basic = "decoded by CodecLM from the seeds' metadata"
         elif m == "self_instruct" or m == "alpagasus":
             basic = "none: bootstrapped from the seeds (Self-Instruct)"
+        elif m == "tree_instruct":
+            basic = f"none: each seed rewritten once through its semantic tree, {cfg.tree_nodes} nodes added"
         else:
-            basic = "none: the seeds are evolved"
+            basic = f"none: every seed evolved for {cfg.evol_rounds} rounds, the pool of all generations sampled"
         if m == "codeclm":
             scorer = settings.role(settings.scorer).model
             rater = (f"Contrastive Filtering: {settings.scorer} `{scorer}`, both orders, 1-10, gap > "
@@ -220,6 +224,8 @@ def statements(methods: Sequence[str], settings: Settings, seed_counts: Mapping[
             rater = f"none (ROUGE-L < {cfg.rouge_threshold:g} pool filter)"
         elif m in ABLATIONS:
             rater = "none (no Contrastive Filtering: strong answers)"
+        elif m == "tree_instruct":
+            rater = "none (Evol-Instruct's elimination: unchanged, prompt leak, duplicate)"
         else:
             rater = "none (evolution's elimination checks)"
         target = f"[target] `{settings.target.model}`" if m == "codeclm" else "none (no target answers)"
@@ -434,9 +440,10 @@ def plan_calls(settings: Settings, methods: Sequence[str], seeds: int, questions
             if method == "evol_instruct":
                 roots = seeds_for(method, settings) if seed_source(method, settings) == "alpaca" else seeds
                 source = f"{roots} seeds"
-            elif "codeclm" in methods:
-                roots = front(b, settings.oversample)[1]
-                source = f"codeclm's {roots} basic instructions"
+            elif "codeclm" in methods:  # a seeded sample of them, as many as Evol-Instruct's recipe evolves
+                made = front(b, settings.oversample)[1]
+                roots = min(made, baseline_records.seeds_needed("evol_instruct", settings) or made)
+                source = f"{roots} of codeclm's {made} basic instructions"
             else:
                 fixed, roots = front(math.ceil(b * cfg.evol_oversample / cfg.evol_rounds), 1.0)
                 source = f"{roots} basic instructions of its own encode/decode"
