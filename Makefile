@@ -22,6 +22,13 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet -c requirements.lock -e '.[local,dev,dask,train]'
 	touch $@
 
+# The suites mostly wait (Prefect start-ups, fake-LLM latencies, timeouts), so they run on pytest-xdist workers,
+# more workers than cores; each worker has its own Prefect and CodecLM homes and harness (tests/conftest.py).
+# TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 4
+SLOW_TEST_WORKERS ?= 3
+XDIST = --dist loadgroup -n
+
 .PHONY: install demo test test-slow lint lock bench
 install: $(STAMP)
 
@@ -30,11 +37,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $(XDIST) $(TEST_WORKERS)
 
 test-slow: $(STAMP)
 	bash tests/ui_setup.sh
-	$(BIN)/pytest -q -m "embedded or server or browser or train or slow"
+	$(BIN)/pytest -q $(XDIST) $(SLOW_TEST_WORKERS) -m "embedded or server or browser or train or slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

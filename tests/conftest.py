@@ -3,6 +3,10 @@
 The environment is set at import time, before anything imports Prefect: Prefect reads its settings once, and
 result storage left in ~/.prefect (or in the repo's `.codeclm/`, via pyproject) would make a later session
 see `Cached` results from an earlier one.
+
+Under pytest-xdist (`make test` runs `pytest -n 4 --dist loadgroup`) every worker is its own pytest process: it
+imports this file itself, so it gets its own homes, its own Prefect harness (a session fixture) and its own
+loopback ports (every server here binds port 0). SAME_WORKER names the modules whose tests must share one worker.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-SESSION_DIR = Path(tempfile.mkdtemp(prefix="codeclm-tests-"))
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")  # set by xdist before a worker imports this file
+SESSION_DIR = Path(tempfile.mkdtemp(prefix=f"codeclm-tests-{WORKER}-"))
 atexit.register(shutil.rmtree, SESSION_DIR, ignore_errors=True)
 
 os.environ["PREFECT_HOME"] = str(SESSION_DIR / "prefect")
@@ -32,14 +37,46 @@ import pytest  # noqa: E402
 from codeclm.settings import RoleConfig, Settings  # noqa: E402
 from codeclm.testing.fake_llm import FakeLLMServer  # noqa: E402
 
+# Modules whose tests run on one xdist worker (`--dist loadgroup`), and why; the rest are spread over the workers
+# one test at a time. A module-scoped fixture that does the work of every test would otherwise run once per worker.
+SAME_WORKER = {
+    # the `runs` fixture runs every bad-input case (a CLI subprocess each) for the module
+    "test_cli_errors.py": "cli-errors",
+    # the `setup` fixture runs the first evaluation that every test reads
+    "test_evaluate.py": "evaluate",
+    # one real Prefect server and one deployed `generate` run (session fixtures) serve all of these
+    "test_deployments_e2e.py": "live-server", "test_ui_browser.py": "live-server", "test_dask.py": "live-server",
+    # real models on the CPU: one at a time (each takes both cores; `_llama_servers` in test_embedded sees every
+    # llama.cpp server on the machine; a served model's port is derived from its name)
+    "test_embedded.py": "models", "test_embedded_watch.py": "models", "test_train.py": "models",
+    "test_run_loop.py": "models", "test_protocol_train.py": "models",
+}
+
 ROLES = ("strong", "target", "judge")
 ROLE_FIELDS = frozenset(RoleConfig.model_fields)
 FAST_GATEWAY = {"backoff_base": 0.01, "backoff_max": 0.05}
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: pytest knows it only when xdist is installed
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadgroup` whose groups are the SAME_WORKER modules. Groups are decided here, in the controller,
+    by file name: xdist 3.8 reads `xdist_group` marks by rewriting test ids, which pytest 9.2 ignores, so the
+    marks group nothing (pytest-dev/pytest-xdist#1386)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class SameWorkerScheduling(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            group = SAME_WORKER.get(nodeid.split("::", 1)[0].rsplit("/", 1)[-1])
+            return f"group:{group}" if group else super()._split_scope(nodeid)
+
+    return SameWorkerScheduling(config, log)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:
-    """One temporary Prefect API for the session; only flow tests ask for it (it costs ~15 s to start)."""
+    """One temporary Prefect API per session (per xdist worker); only flow tests ask for it (~15 s to start)."""
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
