@@ -111,7 +111,9 @@ def test_judge_task_in_text_mode_maps_orders_and_keeps_failures(fake_llm: FakeLL
     assert rows["3"].outcome == "failed" and rows["3"].target_answer is None
     assert rows["3"].failure == "target answer failed: Truncated: output stopped at max_tokens"
     judge_requests = fake_llm.requests
-    assert len(judge_requests) == 2 + 2 * settings.parse_attempts  # q1 once per order, q2 retried, q3 never
+    # q1 once per order; q2 asked twice per order: at temperature 0 the same unusable answer twice is kept as failed
+    # (parse_attempts would allow 3); q3 never
+    assert len(judge_requests) == 2 + 2 * 2 and settings.parse_attempts == 3
     assert {r["temperature"] for r in judge_requests} == {0.0} and settings.judge.temperature == 0.0
     assert {r["response_format"] for r in judge_requests} == {None}  # text mode: the Fig. 12 plain format
 
