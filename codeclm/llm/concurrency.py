@@ -44,8 +44,9 @@ log = logging.getLogger(__name__)
 START = 16  # first limit: safe for a hosted API's lowest tiers; slow start reaches the ceiling in a few round trips
 DECREASE = 0.7  # multiplicative decrease on a 429/503
 NOISE_FACTOR = 2.0  # a 429/503 cuts only when the window's share of them is above this many times the usual share
-NOISE_WINDOWS = 8  # the usual share: that of the lowest-limit window among this many recent ones ...
-NOISE_ANSWERS = 10  # ... that had at least this many answers (an overloaded server's 429s come in quick bursts)
+NOISE_WINDOWS = 8  # the usual share: that of the lowest-limit windows among this many recent ones, pooled ...
+NOISE_ANSWERS = 10  # ... once they hold at least this many answers (one short window is no share yet)
+NOISE_LOW = 1.5  # "the lowest-limit windows": those that started at most this many times the lowest limit
 NOISE_MIN = 0.05  # a usual share below this is no noise to tolerate: every 429 cuts (an overloaded server)
 NOISE_MAX = 0.15  # nor is one above this: a server refusing that many is overloaded even at the lowest limit seen
 MIN_WINDOW = 20  # a window's share is over at least this many answers (one early 429 is not a share of 100 %)
@@ -53,7 +54,7 @@ PROBE_WINDOWS = 8  # near the last limit that drew a 429, grow one slot per this
 STRAGGLER_FACTOR = 8.0  # a call in flight this many times the usual latency stops holding a slot ...
 STRAGGLER_MIN_S = 10.0  # ... but never before this many seconds
 LATENCY_SAMPLES = 256  # recent successful latencies kept for quantiles
-MIN_SAMPLES = 20  # fewer than this: no quantile yet
+MIN_SAMPLES = 20  # fewer than this: the slowest stands for the quantile
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 
 
@@ -133,6 +134,7 @@ class EndpointLimiter:
     in_flight: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = field(default_factory=deque, repr=False)
+    _urgent: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = field(default_factory=deque, repr=False)
     _epoch: int = 0
     _slow_start: bool = True
     _plateau: float | None = None
@@ -144,8 +146,9 @@ class EndpointLimiter:
     _stragglers_now: int = 0
     _window: tuple[int, int] = (0, 0)  # answers and 429/503s in this window (since the last cut)
     _level: float = 0.0  # the limit this window started at
-    _closed: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=NOISE_WINDOWS), repr=False)
+    _closed: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=NOISE_WINDOWS), repr=False)
     _unmetered: int = 0
+    _noise_seen: bool = False  # a steady share of 429/503s was recognised (slow start resumed once for it)
     _configured: tuple[float | None, float | None] = (None, None)
     _stated: tuple[float | None, float | None] = (None, None)
     _stats: dict[str, float] = field(default_factory=dict)
@@ -160,18 +163,22 @@ class EndpointLimiter:
 
     # --- admission ---------------------------------------------------------------------------------------
 
-    async def acquire(self) -> Ticket:
-        """Wait for a slot, the per-minute budgets and any Retry-After pause; returns the ticket to release."""
+    async def acquire(self, urgent: bool = False) -> Ticket:
+        """Wait for a slot, the per-minute budgets and any Retry-After pause; returns the ticket to release.
+        `urgent`: a request of a call already under way (a retry, a parse re-ask, a hedge) goes before every
+        first request waiting: its call has waited once already, and the chain behind it (the next stage,
+        the instruction's next round) waits on it, while fresh calls have the whole run to go."""
         loop = asyncio.get_running_loop()
         while True:
             with self._lock:
-                delay = self._admit_delay(time.monotonic())
+                delay = self._admit_delay(time.monotonic(), urgent)
                 if delay == 0.0:
                     return self._admit(loop)
                 future: asyncio.Future[None] | None = None
+                queue = self._urgent if urgent else self._waiters
                 if delay is None:  # all slots taken: wait for a release
                     future = loop.create_future()
-                    self._waiters.append((loop, future))
+                    queue.append((loop, future))
             if future is None:  # paused or out of budget: check again when it should have passed
                 await asyncio.sleep(delay)
                 continue
@@ -179,12 +186,16 @@ class EndpointLimiter:
                 await future
             except asyncio.CancelledError:
                 with self._lock:
-                    self._waiters = deque(w for w in self._waiters if w[1] is not future)
+                    if urgent:
+                        self._urgent = deque(w for w in self._urgent if w[1] is not future)
+                    else:
+                        self._waiters = deque(w for w in self._waiters if w[1] is not future)
                 self._wake_next()  # a slot this waiter was woken for must not be lost
                 raise
 
-    def _admit_delay(self, now: float) -> float | None:
-        """0: admit now; a number: check again after that many seconds; None: wait for a release."""
+    def _admit_delay(self, now: float, urgent: bool = False) -> float | None:
+        """0: admit now; a number: check again after that many seconds; None: wait for a release (a first
+        request also waits while urgent ones do)."""
         if now < self._paused_until:
             return self._paused_until - now
         wait = 0.0
@@ -196,6 +207,8 @@ class EndpointLimiter:
             wait = max(wait, self._tokens.wait(0.0))
         if wait > 0:
             return max(wait, 0.005)
+        if self._urgent and not urgent:
+            return None
         return None if self.in_flight >= int(self.limit) else 0.0
 
     def _admit(self, loop: asyncio.AbstractEventLoop) -> Ticket:
@@ -228,7 +241,9 @@ class EndpointLimiter:
         """Let as many waiters re-check admission as there are free slots (at least one)."""
         with self._lock:
             free = max(1, int(self.limit) - self.in_flight)
-            woken = [self._waiters.popleft() for _ in range(min(free, len(self._waiters)))]
+            woken = [self._urgent.popleft() for _ in range(min(free, len(self._urgent)))]
+            free -= len(woken)
+            woken += [self._waiters.popleft() for _ in range(min(free, len(self._waiters)))]
         for loop, future in woken:
             loop.call_soon_threadsafe(_resolve, future)
 
@@ -267,11 +282,15 @@ class EndpointLimiter:
         self._wake_next()
 
     def latency_quantile(self, q: float) -> float | None:
-        """The q-quantile of recent successful latencies (seconds); None until there are MIN_SAMPLES."""
+        """The q-quantile of recent successful latencies (seconds): the slowest while there are fewer than
+        MIN_SAMPLES (a cautious guess that the first answers already make far better than none); None before
+        the first answer."""
         with self._lock:
             recent = sorted(self._recent)
-        if len(recent) < MIN_SAMPLES:
+        if not recent:
             return None
+        if len(recent) < MIN_SAMPLES:
+            return recent[-1]
         return recent[min(len(recent) - 1, int(q * len(recent)))]
 
     def count_hedge(self) -> None:
@@ -299,12 +318,14 @@ class EndpointLimiter:
         if self.fixed or ticket.epoch != self._epoch:
             return  # sent before the last cut: already accounted for
         answers, congestions = self._window
-        usual = min(self._closed)[1] if self._closed else 0.0
-        usual = usual if NOISE_MIN <= usual <= NOISE_MAX else 0.0
+        usual = self._usual_share()
         if congestions / max(answers, self.limit, MIN_WINDOW) <= NOISE_FACTOR * usual:
+            if usual and not self._noise_seen:  # the cuts so far answered noise: climb back as at the start
+                self._noise_seen, self._slow_start, self._plateau = True, True, None
+                log.info("%s: %.0f %% of answers are 429/503 whatever the load; not cutting for them",
+                         self.endpoint, 100 * usual)
             return  # no more frequent than usual: not caused by our load
-        if answers >= NOISE_ANSWERS:
-            self._closed.append((self._level, congestions / answers))
+        self._closed.append((self._level, answers, congestions))
         self._window = (0, 0)
         before = self.limit
         self._plateau = before
@@ -315,6 +336,20 @@ class EndpointLimiter:
         self._stats["decreases"] += 1
         self._stats["min_limit"] = min(self._stats["min_limit"], int(self.limit))
         log.info("%s: concurrency %d -> %d after a rate-limit answer", self.endpoint, int(before), int(self.limit))
+
+    def _usual_share(self) -> float:
+        """The share of 429/503s to tolerate as noise: that of the recent windows at the lowest limits, pooled
+        (short windows too: one window ended by a random 429 after a few answers says little, several say
+        what the share is, before the limit has been cut to one), if it lies between NOISE_MIN and NOISE_MAX."""
+        if not self._closed:
+            return 0.0
+        lowest = min(level for level, _, _ in self._closed)
+        low = [(a, c) for level, a, c in self._closed if level <= NOISE_LOW * lowest]
+        answers = sum(a for a, _ in low)
+        if answers < NOISE_ANSWERS:
+            return 0.0
+        share = sum(c for _, c in low) / answers
+        return share if NOISE_MIN <= share <= NOISE_MAX else 0.0
 
     def _read_headers(self, headers: Mapping[str, str], now: float) -> None:
         """OpenAI-style x-ratelimit-* headers: the stated per-minute limits pace us, and the stated `remaining`
