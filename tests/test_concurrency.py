@@ -4,10 +4,7 @@ one limiter per endpoint whatever the Settings or Gateway, hung calls stop holdi
 
 from __future__ import annotations
 
-import asyncio
-import random
 import threading
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -76,27 +73,6 @@ def test_successes_after_a_storm_grow_the_limit_again(fake_llm: FakeLLMServer, t
     stats = _stats(gateway)
     assert stats.decreases >= 1 and stats.min_limit < concurrency.START
     assert stats.limit > stats.min_limit  # additive increase after the cut
-
-
-@pytest.mark.parametrize("seed", range(8))
-def test_a_steady_share_of_random_429s_does_not_collapse_the_limit(seed: int) -> None:
-    """A provider answering 10 % of requests with 429 whatever the load, fed to the limiter answer by answer
-    with every slot in use: the first random 429s may cut the limit a few times before their share is known,
-    but never to one or two slots, and once the share is known the limit climbs back to the ceiling."""
-    rng = random.Random(seed)
-
-    async def run() -> concurrency.LimiterStats:
-        limiter = concurrency.EndpointLimiter(f"noise-{seed}", 64)
-        flying: deque[concurrency.Ticket] = deque()
-        for _ in range(3000):
-            while limiter.in_flight < int(limiter.limit):
-                flying.append(await limiter.acquire())
-            congested = rng.random() < 0.1
-            limiter.release(flying.popleft(), ok=not congested, congested=congested)
-        return limiter.snapshot()
-
-    stats = asyncio.run(run())
-    assert stats.min_limit >= 3 and stats.limit == 64, stats
 
 
 def test_retry_after_holds_every_request_to_the_endpoint(fake_llm: FakeLLMServer, tmp_path: Path) -> None:

@@ -44,9 +44,8 @@ log = logging.getLogger(__name__)
 START = 16  # first limit: safe for a hosted API's lowest tiers; slow start reaches the ceiling in a few round trips
 DECREASE = 0.7  # multiplicative decrease on a 429/503
 NOISE_FACTOR = 2.0  # a 429/503 cuts only when the window's share of them is above this many times the usual share
-NOISE_WINDOWS = 8  # the usual share: that of the lowest-limit windows among this many recent ones, pooled ...
-NOISE_ANSWERS = 10  # ... once they hold at least this many answers (one short window is no share yet)
-NOISE_LOW = 1.5  # "the lowest-limit windows": those that started at most this many times the lowest limit
+NOISE_WINDOWS = 8  # the usual share: that of the lowest-limit window among this many recent ones ...
+NOISE_ANSWERS = 10  # ... that had at least this many answers (an overloaded server's 429s come in quick bursts)
 NOISE_MIN = 0.05  # a usual share below this is no noise to tolerate: every 429 cuts (an overloaded server)
 NOISE_MAX = 0.15  # nor is one above this: a server refusing that many is overloaded even at the lowest limit seen
 MIN_WINDOW = 20  # a window's share is over at least this many answers (one early 429 is not a share of 100 %)
@@ -146,9 +145,8 @@ class EndpointLimiter:
     _stragglers_now: int = 0
     _window: tuple[int, int] = (0, 0)  # answers and 429/503s in this window (since the last cut)
     _level: float = 0.0  # the limit this window started at
-    _closed: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=NOISE_WINDOWS), repr=False)
+    _closed: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=NOISE_WINDOWS), repr=False)
     _unmetered: int = 0
-    _noise_seen: bool = False  # a steady share of 429/503s was recognised (slow start resumed once for it)
     _configured: tuple[float | None, float | None] = (None, None)
     _stated: tuple[float | None, float | None] = (None, None)
     _stats: dict[str, float] = field(default_factory=dict)
@@ -318,14 +316,12 @@ class EndpointLimiter:
         if self.fixed or ticket.epoch != self._epoch:
             return  # sent before the last cut: already accounted for
         answers, congestions = self._window
-        usual = self._usual_share()
+        usual = min(self._closed)[1] if self._closed else 0.0
+        usual = usual if NOISE_MIN <= usual <= NOISE_MAX else 0.0
         if congestions / max(answers, self.limit, MIN_WINDOW) <= NOISE_FACTOR * usual:
-            if usual and not self._noise_seen:  # the cuts so far answered noise: climb back as at the start
-                self._noise_seen, self._slow_start, self._plateau = True, True, None
-                log.info("%s: %.0f %% of answers are 429/503 whatever the load; not cutting for them",
-                         self.endpoint, 100 * usual)
             return  # no more frequent than usual: not caused by our load
-        self._closed.append((self._level, answers, congestions))
+        if answers >= NOISE_ANSWERS:
+            self._closed.append((self._level, congestions / answers))
         self._window = (0, 0)
         before = self.limit
         self._plateau = before
@@ -336,20 +332,6 @@ class EndpointLimiter:
         self._stats["decreases"] += 1
         self._stats["min_limit"] = min(self._stats["min_limit"], int(self.limit))
         log.info("%s: concurrency %d -> %d after a rate-limit answer", self.endpoint, int(before), int(self.limit))
-
-    def _usual_share(self) -> float:
-        """The share of 429/503s to tolerate as noise: that of the recent windows at the lowest limits, pooled
-        (short windows too: one window ended by a random 429 after a few answers says little, several say
-        what the share is, before the limit has been cut to one), if it lies between NOISE_MIN and NOISE_MAX."""
-        if not self._closed:
-            return 0.0
-        lowest = min(level for level, _, _ in self._closed)
-        low = [(a, c) for level, a, c in self._closed if level <= NOISE_LOW * lowest]
-        answers = sum(a for a, _ in low)
-        if answers < NOISE_ANSWERS:
-            return 0.0
-        share = sum(c for _, c in low) / answers
-        return share if NOISE_MIN <= share <= NOISE_MAX else 0.0
 
     def _read_headers(self, headers: Mapping[str, str], now: float) -> None:
         """OpenAI-style x-ratelimit-* headers: the stated per-minute limits pace us, and the stated `remaining`
