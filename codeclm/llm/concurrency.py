@@ -9,12 +9,15 @@ Settings object or Gateway in this process, asks that endpoint's limiter for a s
   eight times slower around the limit where the server pushed back last (so probing it costs few 429s);
 * a 429 or 503 multiplies it by `DECREASE` (once per window: the answers to requests sent before the cut
   carry no new information), and a Retry-After holds every new request to that endpoint until it has passed;
-  but only when 429/503s are more frequent in this window than in the recent window at the lowest limit:
-  a provider that answers a steady share of requests with 429 whatever the load (other clients on
-  the key, a flaky proxy) would otherwise drive the limit to one slot, where it stays, although sending less
-  does not make those answers rarer (an overloaded server answers no 429 once the limit is below its capacity,
-  so there every 429 cuts; and a share above `NOISE_MAX` at the lowest limit seen is overload, not noise: the
-  limit has not yet gone below the server's capacity);
+  but only when the 429/503s follow our load. A server that refuses because it is full answers them only
+  above its capacity: they rise with the number in flight and stop below it. A provider that answers a steady
+  share with 429 whatever the load (other clients on the key, a flaky proxy) answers the same share at every
+  level, and cutting would drive the limit to one slot without making them rarer. So each answer is kept
+  with the number in flight when it was sent, and a 429 cuts unless the recent answers show the same share
+  (at least `FLAT` times it, both at most `NOISE_MAX`) below the level a cut would reach as above it, or
+  below their median level as above it (a run that does not fill its limit sends at many levels); if the
+  share at the current limit is no lower than at the higher limits it was cut from, those cuts did not help
+  and the limit grows back by slow start;
 * a requests- or tokens-per-minute limit, configured or stated by the provider in `x-ratelimit-*` headers,
   paces admissions as a token bucket refilled continuously (as OpenAI describes its limits), and the stated
   `remaining` count corrects ours;
@@ -43,12 +46,10 @@ log = logging.getLogger(__name__)
 
 START = 16  # first limit: safe for a hosted API's lowest tiers; slow start reaches the ceiling in a few round trips
 DECREASE = 0.7  # multiplicative decrease on a 429/503
-NOISE_FACTOR = 2.0  # a 429/503 cuts only when the window's share of them is above this many times the usual share
-NOISE_WINDOWS = 8  # the usual share: that of the lowest-limit window among this many recent ones ...
-NOISE_ANSWERS = 10  # ... that had at least this many answers (an overloaded server's 429s come in quick bursts)
-NOISE_MIN = 0.05  # a usual share below this is no noise to tolerate: every 429 cuts (an overloaded server)
-NOISE_MAX = 0.15  # nor is one above this: a server refusing that many is overloaded even at the lowest limit seen
-MIN_WINDOW = 20  # a window's share is over at least this many answers (one early 429 is not a share of 100 %)
+HISTORY = 400  # recent answers (200s and 429/503s) kept with the number in flight when each was sent ...
+EVIDENCE = 20  # ... and a share is compared only over at least this many of them on each side of a level
+FLAT = 0.5  # the share below a level is at least this fraction of the share above it: fewer in flight would not help
+NOISE_MAX = 0.25  # a share above this is overload whatever its shape (the limit is still above the capacity)
 PROBE_WINDOWS = 8  # near the last limit that drew a 429, grow one slot per this many windows of successes
 STRAGGLER_FACTOR = 8.0  # a call in flight this many times the usual latency stops holding a slot ...
 STRAGGLER_MIN_S = 10.0  # ... but never before this many seconds
@@ -80,6 +81,7 @@ class Ticket:
     holding: bool = True
     timer: asyncio.TimerHandle | None = None
     saturated: bool = True  # sent with every slot taken: its success says the limit could be higher
+    level: int = 0  # requests in flight when it was sent, itself included
 
 
 @dataclass
@@ -143,9 +145,7 @@ class EndpointLimiter:
     _requests: _Bucket | None = None
     _tokens: _Bucket | None = None
     _stragglers_now: int = 0
-    _window: tuple[int, int] = (0, 0)  # answers and 429/503s in this window (since the last cut)
-    _level: float = 0.0  # the limit this window started at
-    _closed: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=NOISE_WINDOWS), repr=False)
+    _answers: deque[tuple[int, bool]] = field(default_factory=lambda: deque(maxlen=HISTORY), repr=False)
     _unmetered: int = 0
     _configured: tuple[float | None, float | None] = (None, None)
     _stated: tuple[float | None, float | None] = (None, None)
@@ -154,7 +154,6 @@ class EndpointLimiter:
     def __post_init__(self) -> None:
         self.ceiling = max(1, self.ceiling)
         self.limit = float(self.ceiling if self.fixed else min(self.ceiling, START))
-        self._level = self.limit
         self._stats = {"min_limit": self.limit, "max_limit": self.limit, "peak": 0, "calls": 0, "congestion": 0,
                        "decreases": 0, "paused_s": 0.0, "stragglers": 0, "hedges": 0}
         self._set_rates(self.requests_per_minute, self.tokens_per_minute, configured=True)
@@ -216,7 +215,8 @@ class EndpointLimiter:
             self._unmetered += 1  # sent before any rate was known: counted once one is
         self.in_flight += 1
         self._stats["peak"] = max(self._stats["peak"], self.in_flight)
-        ticket = Ticket(epoch=self._epoch, started=time.monotonic(), saturated=self.in_flight >= int(self.limit))
+        ticket = Ticket(epoch=self._epoch, started=time.monotonic(), saturated=self.in_flight >= int(self.limit),
+                        level=self.in_flight)
         if not self.fixed:
             ticket.timer = loop.call_later(self._straggler_after(), self._detach, ticket)
         return ticket
@@ -265,9 +265,8 @@ class EndpointLimiter:
             if self._tokens is not None and tokens:
                 self._tokens.refill(now)
                 self._tokens.level -= tokens
-            if (ok or congested) and ticket.epoch == self._epoch:
-                answers, congestions = self._window
-                self._window = (answers + 1, congestions + int(congested))
+            if ok or congested:
+                self._answers.append((ticket.level, congested))
             if ok:
                 elapsed = now - ticket.started
                 self._latency = elapsed if self._latency is None else 0.9 * self._latency + 0.1 * elapsed
@@ -315,23 +314,32 @@ class EndpointLimiter:
             self._paused_until = now + retry_after
         if self.fixed or ticket.epoch != self._epoch:
             return  # sent before the last cut: already accounted for
-        answers, congestions = self._window
-        usual = min(self._closed)[1] if self._closed else 0.0
-        usual = usual if NOISE_MIN <= usual <= NOISE_MAX else 0.0
-        if congestions / max(answers, self.limit, MIN_WINDOW) <= NOISE_FACTOR * usual:
-            return  # no more frequent than usual: not caused by our load
-        if answers >= NOISE_ANSWERS:
-            self._closed.append((self._level, congestions / answers))
-        self._window = (0, 0)
+        levels = sorted(sent for sent, _ in self._answers)
+        median = levels[len(levels) // 2] if levels else 0
+        if self._same_share_below(DECREASE * self.limit) or self._same_share_below(median):
+            return  # as frequent with fewer in flight: not caused by our load, a cut would not help
+        if self._same_share_below(self.limit):
+            self._slow_start, self._plateau = True, None  # the cuts down to here did not help: grow back
+            return
         before = self.limit
         self._plateau = before
         self._slow_start = False
         self.limit = max(1.0, before * DECREASE)
-        self._level = self.limit
         self._epoch += 1
         self._stats["decreases"] += 1
         self._stats["min_limit"] = min(self._stats["min_limit"], int(self.limit))
         log.info("%s: concurrency %d -> %d after a rate-limit answer", self.endpoint, int(before), int(self.limit))
+
+    def _same_share_below(self, level: float) -> bool:
+        """Whether the recent answers to requests sent with at most `level` in flight drew 429/503s about as
+        often as those sent with more (the share of a provider's steady noise, not of a full server, which
+        refuses none below its capacity); False without `EVIDENCE` answers on both sides."""
+        below = [congested for sent, congested in self._answers if sent <= level]
+        above = [congested for sent, congested in self._answers if sent > level]
+        if len(below) < EVIDENCE or len(above) < EVIDENCE:
+            return False
+        share_below, share_above = sum(below) / len(below), sum(above) / len(above)
+        return max(share_below, share_above) <= NOISE_MAX and share_below >= FLAT * share_above
 
     def _read_headers(self, headers: Mapping[str, str], now: float) -> None:
         """OpenAI-style x-ratelimit-* headers: the stated per-minute limits pace us, and the stated `remaining`
