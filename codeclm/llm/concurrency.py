@@ -17,7 +17,10 @@ Settings object or Gateway in this process, asks that endpoint's limiter for a s
   (at least `FLAT` times it, both at most `NOISE_MAX`) below the level a cut would reach as above it, or
   below their median level as above it (a run that does not fill its limit sends at many levels); if the
   share at the current limit is no lower than at the higher limits it was cut from, those cuts did not help
-  and the limit grows back by slow start;
+  and the limit grows back by slow start. While too few answers tell (`EVIDENCE` on each side), a 429 cuts
+  only once 429/503s are over `NOISE_MAX` of the window's answers (at least `MIN_WINDOW`) or it carries a
+  Retry-After: a server far over its capacity gets there within a round trip, random 429s at a steady share
+  do not;
 * a requests- or tokens-per-minute limit, configured or stated by the provider in `x-ratelimit-*` headers,
   paces admissions as a token bucket refilled continuously (as OpenAI describes its limits), and the stated
   `remaining` count corrects ours;
@@ -50,6 +53,7 @@ HISTORY = 400  # recent answers (200s and 429/503s) kept with the number in flig
 EVIDENCE = 20  # ... and a share is compared only over at least this many of them on each side of a level
 FLAT = 0.5  # the share below a level is at least this fraction of the share above it: fewer in flight would not help
 NOISE_MAX = 0.25  # a share above this is overload whatever its shape (the limit is still above the capacity)
+MIN_WINDOW = 20  # too few answers to tell: a 429 cuts once they are over NOISE_MAX of this many in the window
 PROBE_WINDOWS = 8  # near the last limit that drew a 429, grow one slot per this many windows of successes
 STRAGGLER_FACTOR = 8.0  # a call in flight this many times the usual latency stops holding a slot ...
 STRAGGLER_MIN_S = 10.0  # ... but never before this many seconds
@@ -145,6 +149,7 @@ class EndpointLimiter:
     _requests: _Bucket | None = None
     _tokens: _Bucket | None = None
     _stragglers_now: int = 0
+    _window: tuple[int, int] = (0, 0)  # answers and 429/503s since the last cut
     _answers: deque[tuple[int, bool]] = field(default_factory=lambda: deque(maxlen=HISTORY), repr=False)
     _unmetered: int = 0
     _configured: tuple[float | None, float | None] = (None, None)
@@ -267,6 +272,9 @@ class EndpointLimiter:
                 self._tokens.level -= tokens
             if ok or congested:
                 self._answers.append((ticket.level, congested))
+                if ticket.epoch == self._epoch:
+                    answers, congestions = self._window
+                    self._window = (answers + 1, congestions + int(congested))
             if ok:
                 elapsed = now - ticket.started
                 self._latency = elapsed if self._latency is None else 0.9 * self._latency + 0.1 * elapsed
@@ -316,11 +324,16 @@ class EndpointLimiter:
             return  # sent before the last cut: already accounted for
         levels = sorted(sent for sent, _ in self._answers)
         median = levels[len(levels) // 2] if levels else 0
-        if self._same_share_below(DECREASE * self.limit) or self._same_share_below(median):
-            return  # as frequent with fewer in flight: not caused by our load, a cut would not help
-        if self._same_share_below(self.limit):
+        below = {split: self._flat_below(split) for split in (DECREASE * self.limit, median, self.limit)}
+        if below[self.limit]:
             self._slow_start, self._plateau = True, None  # the cuts down to here did not help: grow back
-            return
+        if any(below.values()):
+            return  # as frequent with fewer in flight: not caused by our load, a cut would not help
+        answers, congestions = self._window
+        unknown = all(flat is None for flat in below.values()) and retry_after is None
+        if unknown and congestions / max(answers, MIN_WINDOW) <= NOISE_MAX:
+            return  # too few answers to tell, too few 429s for a server far over its capacity, and no Retry-After
+        self._window = (0, 0)
         before = self.limit
         self._plateau = before
         self._slow_start = False
@@ -330,14 +343,14 @@ class EndpointLimiter:
         self._stats["min_limit"] = min(self._stats["min_limit"], int(self.limit))
         log.info("%s: concurrency %d -> %d after a rate-limit answer", self.endpoint, int(before), int(self.limit))
 
-    def _same_share_below(self, level: float) -> bool:
+    def _flat_below(self, level: float) -> bool | None:
         """Whether the recent answers to requests sent with at most `level` in flight drew 429/503s about as
-        often as those sent with more (the share of a provider's steady noise, not of a full server, which
-        refuses none below its capacity); False without `EVIDENCE` answers on both sides."""
+        often as those sent with more (True: the share of a provider's steady noise; False: fewer below, as
+        from a server that refuses none below its capacity); None without `EVIDENCE` answers on both sides."""
         below = [congested for sent, congested in self._answers if sent <= level]
         above = [congested for sent, congested in self._answers if sent > level]
         if len(below) < EVIDENCE or len(above) < EVIDENCE:
-            return False
+            return None
         share_below, share_above = sum(below) / len(below), sum(above) / len(above)
         return max(share_below, share_above) <= NOISE_MAX and share_below >= FLAT * share_above
 
