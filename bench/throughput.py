@@ -63,10 +63,11 @@ def free_port() -> int:
 class Server:
     """The fake server in its own process, so its work does not share a GIL with either client."""
 
-    def __init__(self, work: Path, latency: float, slots: int, max_inflight: int | None) -> None:
+    def __init__(self, work: Path, latency: float, slots: int, max_inflight: int | None,
+                 extra: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         args = [PYTHON, "-m", "codeclm.testing.fake_llm", "--port", str(self.port), "--latency", str(latency),
-                "--slots", str(slots), "--keep-bodies"]
+                "--slots", str(slots), "--keep-bodies", *extra]
         if max_inflight:
             args += ["--max-inflight", str(max_inflight)]
         self.proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
@@ -100,13 +101,13 @@ def config(work: Path, url: str) -> Path:
     return path
 
 
-def run_generate(work: Path, seeds: Path, out: Path, cfg: Path) -> dict[str, Any]:
+def run_generate(work: Path, seeds: Path, out: Path, cfg: Path, flags: tuple[str, ...] = ()) -> dict[str, Any]:
     """`codeclm generate` as a user runs it; wall seconds, exit code and peak RSS of the process."""
     env = _env(CODECLM_HOME=str(work / "home"), PREFECT_HOME=str(work / "prefect"))
     log = (work / f"generate-{time.time_ns()}.log").open("wb")
     started = time.monotonic()
     proc = subprocess.Popen([PYTHON, "-m", "codeclm.cli", "generate", str(seeds), "--out", str(out), "--config",
-                             str(cfg)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                             str(cfg), *flags], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     ended = time.monotonic()

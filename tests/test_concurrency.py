@@ -64,6 +64,23 @@ def test_a_429_storm_shrinks_the_limit_and_nothing_is_lost(fake_llm: FakeLLMServ
     assert last.count(429) / len(last) < 0.1
 
 
+def test_a_steady_share_of_random_429s_is_not_overload(fake_llm: FakeLLMServer, tmp_path: Path) -> None:
+    """A large server that answers 10 % of requests with 429 whatever the load (no Retry-After): the share is
+    the same with few requests in flight as with many, so after the first cuts (made before any share is
+    known) the limit is no longer cut towards one slot; the 429s are retried and nothing is lost. (The
+    single-window estimate this replaced: 13 cuts, down to 1 slot, on this test.)"""
+    fake_llm.latency = 0.03
+    fake_llm.set_faults([{"kind": "http", "status": 429, "rate": 0.10}])
+    gateway = _gateway(fake_llm, tmp_path, max_concurrency=32, max_attempts=20)
+    results = gateway.run(_calls(1000))
+    _all_answered(results, fake_llm)
+    stats = _stats(gateway)
+    assert 0.06 < stats.congestion / stats.calls < 0.14  # the server really refused about 10 %
+    assert stats.min_limit >= concurrency.START // 4  # floor: a few early cuts, no collapse
+    assert stats.decreases <= 8  # against ~100 429s
+    assert stats.limit >= concurrency.START // 2
+
+
 def test_successes_after_a_storm_grow_the_limit_again(fake_llm: FakeLLMServer, tmp_path: Path) -> None:
     fake_llm.latency = 0.01
     fake_llm.set_faults([{"kind": "http", "status": 503, "times": 12}])

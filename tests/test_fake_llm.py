@@ -17,7 +17,7 @@ import jsonschema
 import pytest
 from pydantic import BaseModel, Field
 
-from codeclm.testing.fake_llm import FakeLLMServer
+from codeclm.testing.fake_llm import CHATTY_PREFIX, FakeLLMServer, codeclm_text
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,6 +231,54 @@ def test_truncate_invalid_json_and_empty_faults(server: FakeLLMServer) -> None:
         json.loads(content(chat(server, response_format=rf)))
     server.set_faults([{"kind": "empty"}])
     assert content(chat(server)) == ""
+
+
+def test_chatty_fault_prefixes_the_answer_and_breaks_its_braces(server: FakeLLMServer) -> None:
+    rf = {"type": "json_object", "schema": SCHEMA}
+    full = content(chat(server, response_format=rf))
+    server.set_faults([{"kind": "chatty"}])
+    assert content(chat(server, response_format=rf)) == CHATTY_PREFIX + full.replace("{", "(")
+
+
+def test_a_hang_that_holds_a_slot_keeps_others_waiting() -> None:
+    """`hold_slot`: the stalled request takes one of the server's slots for its seconds, client there or not
+    (a wedged server); a plain hang holds none."""
+    with FakeLLMServer(slots=1) as srv:
+        srv.set_faults([{"kind": "hang", "seconds": 1.0, "hold_slot": True, "times": 1}])
+        with pytest.raises(httpx.ReadTimeout):
+            chat(srv, timeout=0.2)  # stalls in the only slot, and the client leaves
+        started = time.monotonic()
+        assert chat(srv).status_code == 200
+        assert time.monotonic() - started >= 0.6  # waited for the slot the stalled request kept
+        srv.set_faults([{"kind": "hang", "seconds": 1.0, "times": 1}])
+        with pytest.raises(httpx.ReadTimeout):
+            chat(srv, timeout=0.2)
+        started = time.monotonic()
+        assert chat(srv).status_code == 200 and time.monotonic() - started < 0.5
+
+
+def test_the_plain_text_codeclm_model_answers_each_prompt_in_its_text_form() -> None:
+    from codeclm.llm.parsing import (
+        parse_improved_instruction,
+        parse_metadata,
+        parse_numbered_list,
+        parse_rubrics_actions,
+        parse_two_scores,
+    )
+    from codeclm.llm.prompts import load_prompt
+
+    def ask(name: str, **values: Any) -> str:
+        messages = load_prompt(name).render(structured=False, **values)
+        return codeclm_text({"messages": messages}) or ""
+
+    use_case, skills = parse_metadata(ask("encode", instruction="Explain tides.", max_skills=3))
+    assert use_case and len(skills) == 2
+    assert len(parse_numbered_list(ask("decode", n=4, use_case=use_case, skills=", ".join(skills)))) == 4
+    rubrics, actions = parse_rubrics_actions(ask("rubrics", n=3, use_case=use_case, skills="x"), 3)
+    assert len(rubrics) == len(actions) == 3
+    assert parse_improved_instruction(ask("improve", action=actions[0], instruction="Explain tides."))
+    assert all(1 <= s <= 10 for s in parse_two_scores(ask("score", question="q", answer_1="a", answer_2="b")))
+    assert codeclm_text({"messages": [], "response_format": {"type": "json_object"}}) is None
 
 
 def test_log_counts_requests_and_redacts_secrets(server: FakeLLMServer) -> None:

@@ -19,7 +19,7 @@ from conftest import settings_for
 
 from codeclm.llm.breaker import breaker_for
 from codeclm.settings import Settings
-from codeclm.testing.fake_llm import FakeLLMServer
+from codeclm.testing.fake_llm import FakeLLMServer, codeclm_text
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900, method="thread")]
 
@@ -87,6 +87,34 @@ def test_fault_mix_finishes_in_under_twice_the_clean_time(prefect_harness: None,
           f"faults {faulty_s:.1f}s ({manifest['totals']['calls']} calls, {faults}), "
           f"failed calls {manifest['totals']['failed']}, ratio {faulty_s / clean_s:.2f}")
     assert faults.get("hang", 0) > 0 and faults.get("http", 0) > 0  # the mix really was served
+    assert faulty_s < 2 * clean_s
+
+
+# issue 21's weather: plain-text mode (model names litellm does not know), 30 ms answers, chatty answers too
+WEATHER = [("hang", None, 0.01), ("http", 429, 0.10), ("http", 500, 0.05), ("chatty", None, 0.05),
+           ("truncate", None, 0.02)]
+
+
+def test_bad_weather_in_plain_text_mode_finishes_in_under_twice_the_clean_time(prefect_harness: None,
+                                                                                 tmp_path: Path) -> None:
+    """The mix of bench/weather.py (its figures are in docs/benchmarks.md): output mode `auto` picks plain
+    text for models litellm does not know, so chatty and cut answers are parse retries."""
+    rules, left = [], 1.0
+    for kind, status, share in WEATHER:
+        rules.append({"kind": kind, "rate": share / left, **({"status": status} if status else {}),
+                      **({"seconds": 300} if kind == "hang" else {})})
+        left -= share
+    with FakeLLMServer(latency=0.03, slots=SLOTS, seed=21, responder=codeclm_text) as clean:
+        clean_s, clean_manifest = _run(clean, tmp_path / "clean", output_mode="auto")
+    with FakeLLMServer(latency=0.03, slots=SLOTS, seed=21, responder=codeclm_text) as faulty:
+        faulty.set_faults(rules)
+        faulty_s, manifest = _run(faulty, tmp_path / "faults", output_mode="auto")
+    faults = pd.Series([r["fault"] for r in faulty.requests]).value_counts().to_dict()
+    print(f"\nweather: clean {clean_s:.1f}s ({clean_manifest['totals']['calls']} calls), faults {faulty_s:.1f}s "
+          f"({manifest['totals']['calls']} calls, {faults}), failed calls {manifest['totals']['failed']}, "
+          f"ratio {faulty_s / clean_s:.2f}")
+    assert faults.get("chatty", 0) > 0 and faults.get("http", 0) > 0  # the mix really was served
+    assert clean_manifest["counts"]["train"] > 0  # plain text really was parsed
     assert faulty_s < 2 * clean_s
 
 

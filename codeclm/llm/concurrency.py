@@ -9,12 +9,18 @@ Settings object or Gateway in this process, asks that endpoint's limiter for a s
   eight times slower around the limit where the server pushed back last (so probing it costs few 429s);
 * a 429 or 503 multiplies it by `DECREASE` (once per window: the answers to requests sent before the cut
   carry no new information), and a Retry-After holds every new request to that endpoint until it has passed;
-  but only when 429/503s are more frequent in this window than in the recent window at the lowest limit:
-  a provider that answers a steady share of requests with 429 whatever the load (other clients on
-  the key, a flaky proxy) would otherwise drive the limit to one slot, where it stays, although sending less
-  does not make those answers rarer (an overloaded server answers no 429 once the limit is below its capacity,
-  so there every 429 cuts; and a share above `NOISE_MAX` at the lowest limit seen is overload, not noise: the
-  limit has not yet gone below the server's capacity);
+  but only when the 429/503s follow our load. A server that refuses because it is full answers them only
+  above its capacity: they rise with the number in flight and stop below it. A provider that answers a steady
+  share with 429 whatever the load (other clients on the key, a flaky proxy) answers the same share at every
+  level, and cutting would drive the limit to one slot without making them rarer. So each answer is kept
+  with the number in flight when it was sent, and a 429 cuts unless the recent answers show the same share
+  (at least `FLAT` times it, both at most `NOISE_MAX`) below the level a cut would reach as above it, or
+  below their median level as above it (a run that does not fill its limit sends at many levels); if the
+  share at the current limit is no lower than at the higher limits it was cut from, those cuts did not help
+  and the limit grows back by slow start. While too few answers tell (`EVIDENCE` on each side), a 429 cuts
+  only once 429/503s are over `NOISE_MAX` of the window's answers (at least `MIN_WINDOW`) or it carries a
+  Retry-After: a server far over its capacity gets there within a round trip, random 429s at a steady share
+  do not;
 * a requests- or tokens-per-minute limit, configured or stated by the provider in `x-ratelimit-*` headers,
   paces admissions as a token bucket refilled continuously (as OpenAI describes its limits), and the stated
   `remaining` count corrects ours;
@@ -43,17 +49,16 @@ log = logging.getLogger(__name__)
 
 START = 16  # first limit: safe for a hosted API's lowest tiers; slow start reaches the ceiling in a few round trips
 DECREASE = 0.7  # multiplicative decrease on a 429/503
-NOISE_FACTOR = 2.0  # a 429/503 cuts only when the window's share of them is above this many times the usual share
-NOISE_WINDOWS = 8  # the usual share: that of the lowest-limit window among this many recent ones ...
-NOISE_ANSWERS = 10  # ... that had at least this many answers (an overloaded server's 429s come in quick bursts)
-NOISE_MIN = 0.05  # a usual share below this is no noise to tolerate: every 429 cuts (an overloaded server)
-NOISE_MAX = 0.15  # nor is one above this: a server refusing that many is overloaded even at the lowest limit seen
-MIN_WINDOW = 20  # a window's share is over at least this many answers (one early 429 is not a share of 100 %)
+HISTORY = 400  # recent answers (200s and 429/503s) kept with the number in flight when each was sent ...
+EVIDENCE = 20  # ... and a share is compared only over at least this many of them on each side of a level
+FLAT = 0.5  # the share below a level is at least this fraction of the share above it: fewer in flight would not help
+NOISE_MAX = 0.25  # a share above this is overload whatever its shape (the limit is still above the capacity)
+MIN_WINDOW = 20  # too few answers to tell: a 429 cuts once they are over NOISE_MAX of this many in the window
 PROBE_WINDOWS = 8  # near the last limit that drew a 429, grow one slot per this many windows of successes
 STRAGGLER_FACTOR = 8.0  # a call in flight this many times the usual latency stops holding a slot ...
 STRAGGLER_MIN_S = 10.0  # ... but never before this many seconds
 LATENCY_SAMPLES = 256  # recent successful latencies kept for quantiles
-MIN_SAMPLES = 20  # fewer than this: no quantile yet
+MIN_SAMPLES = 20  # fewer than this: the slowest stands for the quantile
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 
 
@@ -80,6 +85,7 @@ class Ticket:
     holding: bool = True
     timer: asyncio.TimerHandle | None = None
     saturated: bool = True  # sent with every slot taken: its success says the limit could be higher
+    level: int = 0  # requests in flight when it was sent, itself included
 
 
 @dataclass
@@ -133,6 +139,7 @@ class EndpointLimiter:
     in_flight: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = field(default_factory=deque, repr=False)
+    _urgent: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = field(default_factory=deque, repr=False)
     _epoch: int = 0
     _slow_start: bool = True
     _plateau: float | None = None
@@ -142,9 +149,8 @@ class EndpointLimiter:
     _requests: _Bucket | None = None
     _tokens: _Bucket | None = None
     _stragglers_now: int = 0
-    _window: tuple[int, int] = (0, 0)  # answers and 429/503s in this window (since the last cut)
-    _level: float = 0.0  # the limit this window started at
-    _closed: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=NOISE_WINDOWS), repr=False)
+    _window: tuple[int, int] = (0, 0)  # answers and 429/503s since the last cut
+    _answers: deque[tuple[int, bool]] = field(default_factory=lambda: deque(maxlen=HISTORY), repr=False)
     _unmetered: int = 0
     _configured: tuple[float | None, float | None] = (None, None)
     _stated: tuple[float | None, float | None] = (None, None)
@@ -153,25 +159,28 @@ class EndpointLimiter:
     def __post_init__(self) -> None:
         self.ceiling = max(1, self.ceiling)
         self.limit = float(self.ceiling if self.fixed else min(self.ceiling, START))
-        self._level = self.limit
         self._stats = {"min_limit": self.limit, "max_limit": self.limit, "peak": 0, "calls": 0, "congestion": 0,
                        "decreases": 0, "paused_s": 0.0, "stragglers": 0, "hedges": 0}
         self._set_rates(self.requests_per_minute, self.tokens_per_minute, configured=True)
 
     # --- admission ---------------------------------------------------------------------------------------
 
-    async def acquire(self) -> Ticket:
-        """Wait for a slot, the per-minute budgets and any Retry-After pause; returns the ticket to release."""
+    async def acquire(self, urgent: bool = False) -> Ticket:
+        """Wait for a slot, the per-minute budgets and any Retry-After pause; returns the ticket to release.
+        `urgent`: a request of a call already under way (a retry, a parse re-ask, a hedge) goes before every
+        first request waiting: its call has waited once already, and the chain behind it (the next stage,
+        the instruction's next round) waits on it, while fresh calls have the whole run to go."""
         loop = asyncio.get_running_loop()
         while True:
             with self._lock:
-                delay = self._admit_delay(time.monotonic())
+                delay = self._admit_delay(time.monotonic(), urgent)
                 if delay == 0.0:
                     return self._admit(loop)
                 future: asyncio.Future[None] | None = None
+                queue = self._urgent if urgent else self._waiters
                 if delay is None:  # all slots taken: wait for a release
                     future = loop.create_future()
-                    self._waiters.append((loop, future))
+                    queue.append((loop, future))
             if future is None:  # paused or out of budget: check again when it should have passed
                 await asyncio.sleep(delay)
                 continue
@@ -179,12 +188,16 @@ class EndpointLimiter:
                 await future
             except asyncio.CancelledError:
                 with self._lock:
-                    self._waiters = deque(w for w in self._waiters if w[1] is not future)
+                    if urgent:
+                        self._urgent = deque(w for w in self._urgent if w[1] is not future)
+                    else:
+                        self._waiters = deque(w for w in self._waiters if w[1] is not future)
                 self._wake_next()  # a slot this waiter was woken for must not be lost
                 raise
 
-    def _admit_delay(self, now: float) -> float | None:
-        """0: admit now; a number: check again after that many seconds; None: wait for a release."""
+    def _admit_delay(self, now: float, urgent: bool = False) -> float | None:
+        """0: admit now; a number: check again after that many seconds; None: wait for a release (a first
+        request also waits while urgent ones do)."""
         if now < self._paused_until:
             return self._paused_until - now
         wait = 0.0
@@ -196,6 +209,8 @@ class EndpointLimiter:
             wait = max(wait, self._tokens.wait(0.0))
         if wait > 0:
             return max(wait, 0.005)
+        if self._urgent and not urgent:
+            return None
         return None if self.in_flight >= int(self.limit) else 0.0
 
     def _admit(self, loop: asyncio.AbstractEventLoop) -> Ticket:
@@ -205,7 +220,8 @@ class EndpointLimiter:
             self._unmetered += 1  # sent before any rate was known: counted once one is
         self.in_flight += 1
         self._stats["peak"] = max(self._stats["peak"], self.in_flight)
-        ticket = Ticket(epoch=self._epoch, started=time.monotonic(), saturated=self.in_flight >= int(self.limit))
+        ticket = Ticket(epoch=self._epoch, started=time.monotonic(), saturated=self.in_flight >= int(self.limit),
+                        level=self.in_flight)
         if not self.fixed:
             ticket.timer = loop.call_later(self._straggler_after(), self._detach, ticket)
         return ticket
@@ -228,7 +244,9 @@ class EndpointLimiter:
         """Let as many waiters re-check admission as there are free slots (at least one)."""
         with self._lock:
             free = max(1, int(self.limit) - self.in_flight)
-            woken = [self._waiters.popleft() for _ in range(min(free, len(self._waiters)))]
+            woken = [self._urgent.popleft() for _ in range(min(free, len(self._urgent)))]
+            free -= len(woken)
+            woken += [self._waiters.popleft() for _ in range(min(free, len(self._waiters)))]
         for loop, future in woken:
             loop.call_soon_threadsafe(_resolve, future)
 
@@ -252,9 +270,11 @@ class EndpointLimiter:
             if self._tokens is not None and tokens:
                 self._tokens.refill(now)
                 self._tokens.level -= tokens
-            if (ok or congested) and ticket.epoch == self._epoch:
-                answers, congestions = self._window
-                self._window = (answers + 1, congestions + int(congested))
+            if ok or congested:
+                self._answers.append((ticket.level, congested))
+                if ticket.epoch == self._epoch:
+                    answers, congestions = self._window
+                    self._window = (answers + 1, congestions + int(congested))
             if ok:
                 elapsed = now - ticket.started
                 self._latency = elapsed if self._latency is None else 0.9 * self._latency + 0.1 * elapsed
@@ -267,11 +287,15 @@ class EndpointLimiter:
         self._wake_next()
 
     def latency_quantile(self, q: float) -> float | None:
-        """The q-quantile of recent successful latencies (seconds); None until there are MIN_SAMPLES."""
+        """The q-quantile of recent successful latencies (seconds): the slowest while there are fewer than
+        MIN_SAMPLES (a cautious guess that the first answers already make far better than none); None before
+        the first answer."""
         with self._lock:
             recent = sorted(self._recent)
-        if len(recent) < MIN_SAMPLES:
+        if not recent:
             return None
+        if len(recent) < MIN_SAMPLES:
+            return recent[-1]
         return recent[min(len(recent) - 1, int(q * len(recent)))]
 
     def count_hedge(self) -> None:
@@ -298,23 +322,37 @@ class EndpointLimiter:
             self._paused_until = now + retry_after
         if self.fixed or ticket.epoch != self._epoch:
             return  # sent before the last cut: already accounted for
+        levels = sorted(sent for sent, _ in self._answers)
+        median = levels[len(levels) // 2] if levels else 0
+        below = {split: self._flat_below(split) for split in (DECREASE * self.limit, median, self.limit)}
+        if below[self.limit]:
+            self._slow_start, self._plateau = True, None  # the cuts down to here did not help: grow back
+        if any(below.values()):
+            return  # as frequent with fewer in flight: not caused by our load, a cut would not help
         answers, congestions = self._window
-        usual = min(self._closed)[1] if self._closed else 0.0
-        usual = usual if NOISE_MIN <= usual <= NOISE_MAX else 0.0
-        if congestions / max(answers, self.limit, MIN_WINDOW) <= NOISE_FACTOR * usual:
-            return  # no more frequent than usual: not caused by our load
-        if answers >= NOISE_ANSWERS:
-            self._closed.append((self._level, congestions / answers))
+        unknown = all(flat is None for flat in below.values()) and retry_after is None
+        if unknown and congestions / max(answers, MIN_WINDOW) <= NOISE_MAX:
+            return  # too few answers to tell, too few 429s for a server far over its capacity, and no Retry-After
         self._window = (0, 0)
         before = self.limit
         self._plateau = before
         self._slow_start = False
         self.limit = max(1.0, before * DECREASE)
-        self._level = self.limit
         self._epoch += 1
         self._stats["decreases"] += 1
         self._stats["min_limit"] = min(self._stats["min_limit"], int(self.limit))
         log.info("%s: concurrency %d -> %d after a rate-limit answer", self.endpoint, int(before), int(self.limit))
+
+    def _flat_below(self, level: float) -> bool | None:
+        """Whether the recent answers to requests sent with at most `level` in flight drew 429/503s about as
+        often as those sent with more (True: the share of a provider's steady noise; False: fewer below, as
+        from a server that refuses none below its capacity); None without `EVIDENCE` answers on both sides."""
+        below = [congested for sent, congested in self._answers if sent <= level]
+        above = [congested for sent, congested in self._answers if sent > level]
+        if len(below) < EVIDENCE or len(above) < EVIDENCE:
+            return None
+        share_below, share_above = sum(below) / len(below), sum(above) / len(above)
+        return max(share_below, share_above) <= NOISE_MAX and share_below >= FLAT * share_above
 
     def _read_headers(self, headers: Mapping[str, str], now: float) -> None:
         """OpenAI-style x-ratelimit-* headers: the stated per-minute limits pace us, and the stated `remaining`

@@ -46,6 +46,7 @@ V = TypeVar("V")
 MemoKey = tuple[str, str, str, str]
 
 _FENCE = re.compile(r"^```(?:json)?\s*|\s*```$")
+HEDGE_RECHECK_S = 0.5  # how often a request waiting for its hedge looks at the endpoint's latency again
 
 
 class Reply(enum.StrEnum):
@@ -413,7 +414,7 @@ class Gateway:
         limiter, so hedges count against the adaptive limit."""
         limiter = self.limiter(ep)
         waited = time.monotonic()
-        ticket = await limiter.acquire()
+        ticket = await limiter.acquire(urgent=result.attempts > 0)  # a retry or re-ask goes first
         state.clock.extend(time.monotonic() - waited)
         state.clock.start()
         result.attempts += 1
@@ -421,23 +422,30 @@ class Gateway:
         first.add_done_callback(_retrieved)
         tasks = [first]
         try:
-            hedge_after = self._hedge_after(limiter, ep)
-            silent = 0.0  # seconds the attempt has gone unanswered
-            while (hedge_after is not None and state.hedges < self.settings.max_attempts - 1
-                   and silent + hedge_after < state.clock.remaining()):
-                done, _ = await asyncio.wait(tasks, timeout=hedge_after)
+            sent = time.monotonic()
+            while state.hedges < self.settings.max_attempts - 1:
+                # the threshold is looked at again while waiting: the first calls to an endpoint go out before
+                # any latency is known, and must not wait out the first guess once the answers tell better
+                hedge_after = self._hedge_after(limiter, ep)
+                if hedge_after is None:
+                    break
+                due = sent + hedge_after * (2 ** (len(tasks)) - 1)  # copies after h, 3h, 7h...
+                now = time.monotonic()
+                if due - now >= state.clock.remaining():
+                    break
+                done, _ = await asyncio.wait(tasks, timeout=max(0.0, min(due - now, HEDGE_RECHECK_S)))
                 if done:
                     break
-                silent += hedge_after
+                if time.monotonic() < due:
+                    continue
                 state.hedges += 1
                 result.attempts += 1
                 limiter.count_hedge()
-                log.info("%s %s: no answer after %.1fs; sending copy %d", call.stage, call.item_id, silent,
-                         len(tasks) + 1)
+                log.info("%s %s: no answer after %.1fs; sending copy %d", call.stage, call.item_id,
+                         time.monotonic() - sent, len(tasks) + 1)
                 hedge = asyncio.ensure_future(self._hedge(call, ep, limiter, state.clock))
                 hedge.add_done_callback(_retrieved)
                 tasks.append(hedge)
-                hedge_after *= 2
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             finished = [t for t in tasks if t.done() and not t.cancelled()]
             errors = [t.exception() for t in finished]  # retrieved, so a losing failure is not reported later
@@ -450,7 +458,8 @@ class Gateway:
 
     def _hedge_after(self, limiter: concurrency.EndpointLimiter, ep: Endpoint) -> float | None:
         """Seconds after which a request deserves a second copy: hedge_factor × the recent 95th percentile
-        latency (a quarter of the timeout before there is one), never under hedge_min_s; None: no hedging."""
+        latency (its slowest one while there are few, a quarter of the timeout before there is any), never under
+        hedge_min_s; None: no hedging."""
         if not self.settings.hedge or limiter.fixed:  # a one-slot server would only queue the copy
             return None
         p95 = limiter.latency_quantile(0.95)
@@ -459,7 +468,7 @@ class Gateway:
 
     async def _hedge(self, call: Call, ep: Endpoint, limiter: concurrency.EndpointLimiter, clock: _Clock) -> Any:
         timeout = clock.check()
-        ticket = await limiter.acquire()
+        ticket = await limiter.acquire(urgent=True)
         return await self._request(call, ep, limiter, ticket, timeout)
 
     async def _request(self, call: Call, ep: Endpoint, limiter: concurrency.EndpointLimiter,

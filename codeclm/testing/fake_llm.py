@@ -5,9 +5,11 @@ request shaping only show up over a real socket. Output is deterministic (seeded
 schema-valid when a JSON schema is requested, and fault rules reproduce what real providers do
 (429 with Retry-After, hangs, resets, truncated or broken JSON), a fraction of requests at random
 (`rate`, drawn from the request and the server's seed, so a run sees the same faults whatever the order its
-requests arrive in, and a retry of a request draws anew), an outage (the port closed for N seconds, then
-serving again), an overloaded server that answers 429 above N requests in flight, and a provider that states its
-requests-per-minute limit in `x-ratelimit-*` headers and enforces it. Stdlib only, so it starts anywhere.
+requests arrive in, and a retry of a request draws anew), a hang that holds one of the server's slots
+(`hold_slot`, as a wedged inference server does), a chatty answer (a preamble, `{` written as `(`), an outage
+(the port closed for N seconds, then serving again), an overloaded server that answers 429 above N requests in
+flight, and a provider that states its requests-per-minute limit in `x-ratelimit-*` headers and enforces it.
+Stdlib only, so it starts anywhere.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import itertools
 import json
 import math
 import random
+import re
 import socket
 import struct
 import sys
@@ -30,7 +33,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 Responder = Callable[[dict[str, Any]], str | None]
-FAULT_KINDS = frozenset({"http", "hang", "invalid_json", "truncate", "reset", "empty"})
+FAULT_KINDS = frozenset({"http", "hang", "invalid_json", "truncate", "reset", "empty", "chatty"})
+CHATTY_PREFIX = "Sure! Here is what you asked for: "  # what a chatty model puts before the asked-for answer
 _REDACTED_HEADERS = frozenset({"authorization", "api-key"})
 # status -> (OpenAI error type, code), so client libraries map injected errors to the right exception
 _ERRORS = {
@@ -143,6 +147,41 @@ def _schema_of(response_format: dict[str, Any]) -> dict[str, Any] | None:
         return (response_format.get("json_schema") or {}).get("schema")
     if response_format.get("type") == "json_object":
         return response_format.get("schema")
+    return None
+
+
+class _Stopped(Exception):
+    """The server stopped while a request was stalled in a slot."""
+
+
+def codeclm_text(body: dict[str, Any]) -> str | None:
+    """A plain-text model for the CodecLM prompts (`output_mode = "text"`, as for a model litellm does not know):
+    answers each step's prompt in the form its text format asks for, deterministically from the request; None
+    (the default content) for a request with a response_format or a prompt it does not know."""
+    if body.get("response_format"):
+        return None
+    messages = body.get("messages") or []
+    system = str(messages[0].get("content", "")) if messages and isinstance(messages[0], dict) else ""
+    user = _message_text(messages[1:])
+    rng = random.Random(_sha(messages))
+    topic = " ".join(rng.choice(_WORDS) for _ in range(2))
+    count = re.search(r"Write (\d+)", user)
+    n = int(count[1]) if count else 3
+    if system.startswith("You analyse instructions"):
+        return f"Use case: {topic} help\nSkills: {rng.choice(_WORDS)} basics, {rng.choice(_WORDS)} planning"
+    if system.startswith("You write instructions"):
+        return "\n".join(f"{i}. {_sentence(rng)[:-1]} about {topic} (item {rng.randrange(10**9)})?"
+                         for i in range(1, n + 1))
+    if system.startswith("You judge instructions"):
+        rubrics = "\n".join(f"{i}. The instruction needs {rng.choice(_WORDS)} {rng.choice(_WORDS)} depth."
+                            for i in range(1, n + 1))
+        actions = "\n".join(f"{i}. Add a {rng.choice(_WORDS)} {rng.choice(_WORDS)} requirement."
+                            for i in range(1, n + 1))
+        return f"Rubrics:\n{rubrics}\n\nActions:\n{actions}"
+    if system.startswith("You improve instructions"):
+        return f"Improved instruction: {_sentence(rng)[:-1]} with {topic} constraints (v{rng.randrange(10**9)})?"
+    if "quality of an answer" in system:
+        return f"{rng.randint(1, 10)} {rng.randint(1, 10)}"
     return None
 
 
@@ -470,11 +509,15 @@ class FakeLLMServer:
             payload = rule.get("body") or _error(status, f"injected fault: HTTP {status}")
             handler.send_json(status, payload, headers)
             return status
-        if kind == "hang" and self._stopping.wait(float(rule.get("seconds", 3600))):
+        hold = kind == "hang" and bool(rule.get("hold_slot"))
+        if kind == "hang" and not hold and self._stopping.wait(float(rule.get("seconds", 3600))):
             handler.reset_connection()  # stopped while hanging
             return None
         try:
-            content, finish = self._generate(body)
+            content, finish = self._generate(body, float(rule.get("seconds", 3600)) if hold else None)
+        except _Stopped:
+            handler.reset_connection()
+            return None
         except Exception as exc:  # a broken responder should show up as a 500, not a dropped connection
             handler.send_json(500, _error(500, f"responder failed: {exc!r}"))
             return 500
@@ -484,6 +527,8 @@ class FakeLLMServer:
             content, finish = content[: len(content) // 2], "length"
         elif kind == "empty":
             content = ""
+        elif kind == "chatty":
+            content = CHATTY_PREFIX + content.replace("{", "(")
         prompt_tokens = max(1, len(_message_text(body["messages"]).split()))
         completion_tokens = len(content.split())
         handler.send_json(200, {
@@ -496,13 +541,16 @@ class FakeLLMServer:
         }, limits)
         return 200
 
-    def _generate(self, body: dict[str, Any]) -> tuple[str, str]:
-        """Deterministic content for the request, produced while holding one of the slots."""
+    def _generate(self, body: dict[str, Any], stall: float | None = None) -> tuple[str, str]:
+        """Deterministic content for the request, produced while holding one of the slots; `stall`: hold the
+        slot that many seconds first, whether or not the client is still there (a wedged server)."""
         with self._slots or nullcontext():
             with self._lock:
                 self._active += 1
                 self.max_concurrency_seen = max(self.max_concurrency_seen, self._active)
             try:
+                if stall is not None and self._stopping.wait(stall):
+                    raise _Stopped
                 if self.latency:
                     self._stopping.wait(self.latency)
                 return self._content(body)
@@ -546,8 +594,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rpm", type=int, default=None, help="state and enforce a requests-per-minute limit")
     parser.add_argument("--keep-bodies", action="store_true", help="log request bodies (GET /_log)")
     parser.add_argument("--seed", type=int, default=0, help="fixes which requests a fault rule's `rate` picks")
+    parser.add_argument("--codeclm-text", action="store_true", help="answer CodecLM prompts sent without a "
+                        "response_format in their plain-text form (see `codeclm_text`)")
     args = parser.parse_args(argv)
     with FakeLLMServer(latency=args.latency, slots=args.slots, host=args.host, port=args.port,
+                       responder=codeclm_text if args.codeclm_text else None,
                        max_inflight=args.max_inflight, rpm=args.rpm, keep_bodies=args.keep_bodies,
                        seed=args.seed) as server:
         print(server.url, flush=True)
