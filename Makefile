@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml requirements.lock
 # more workers than cores; each worker has its own Prefect and CodecLM homes and harness (tests/conftest.py).
 # TEST_WORKERS=0 runs them in one process.
 TEST_WORKERS ?= 4
-SLOW_TEST_WORKERS ?= 3
+SLOW_TEST_WORKERS ?= 0
 XDIST = --dist loadgroup -n
 
 .PHONY: install demo test test-slow lint lock bench

@@ -120,7 +120,9 @@ def _user_errors() -> Iterator[None]:
 
         interrupt.stop()  # calls still in flight in batch threads end now
         _stop_temporary_server()
-        typer.echo(f"error: {lost}", err=True)
+        # Prefect has just logged the crashed run's traceback on stderr, maybe from another thread: start on a line
+        # of our own so that the last line is this one
+        typer.echo(f"\nerror: {lost}", err=True)
         if _STANDALONE:
             interrupt.exit_now(2)
         raise typer.Exit(2) from None

@@ -93,7 +93,9 @@ def test_cli_preset_flag_and_config_file_reach_the_manifest(prefect_harness: Non
     assert settings["drop_duplicates"] is False and settings["n_metadata"] == 4  # the file wins over the preset
     assert (settings["strong"]["max_tokens"], settings["threshold"], settings["rule"]) == (2048, 3.0, "codeclm")
 
-    in_file = _config(tmp_path / "in-file.toml", fake_llm, f'preset = "paper"\nrule = "alpagasus"\n{sizes}')
+    # judge_template from the file beats the preset's Fig. 12 template, which the fake judge cannot answer in text
+    in_file = _config(tmp_path / "in-file.toml", fake_llm,
+                      f'preset = "paper"\nrule = "alpagasus"\njudge_template = "judge"\n{sizes}')
     result = CliRunner().invoke(app, ["generate", seeds, "--out", str(tmp_path / "file"), "--config", str(in_file)])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "file" / "manifest.json").read_text())["preset"] == "paper"
@@ -105,6 +107,7 @@ def test_cli_preset_flag_and_config_file_reach_the_manifest(prefect_harness: Non
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert (summary["preset"], summary["rule"]) == ("paper", "alpagasus")  # the rule came from the config file
+    assert summary["judge_template"] == "judge"
 
 
 @pytest.mark.parametrize("command", ["generate", "evaluate", "run", "refresh", "protocol", "finetune"])
