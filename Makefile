@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml requirements.lock
 
 # The suites mostly wait (Prefect start-ups, fake-LLM latencies, timeouts), so they run on pytest-xdist workers,
 # more workers than cores; each worker has its own Prefect and CodecLM homes and harness (tests/conftest.py).
-# TEST_WORKERS=0 runs them in one process.
+# TEST_WORKERS=0 runs them in one process; the slow suite runs in one process until a parallelism hazard is found
+# (README, "Two commands").
 TEST_WORKERS ?= 4
 SLOW_TEST_WORKERS ?= 0
 XDIST = --dist loadgroup -n
