@@ -73,16 +73,22 @@ def test_seeds_needed_by_each_methods_own_recipe() -> None:
 
 # --- item 4: WizardLM evolves every seed -------------------------------------------------------------------------
 
-def test_evol_instruct_evolves_every_seed_not_the_fewest(prefect_harness: None, fake_llm: FakeLLMServer,
-                                                         tmp_path: Path) -> None:
-    """Budget 2 from 4 seeds over 2 rounds: the old plan evolved one root; every seed is evolved now."""
+def _record_kinds(server: FakeLLMServer) -> list[str]:
+    """Answer as the evolution model and record the kind of every request, in order."""
     kinds: list[str] = []
 
     def model(body: dict[str, Any]) -> str | None:
         kinds.append(_kind(body))
         return _evol_model(body)
 
-    fake_llm.responder = model
+    server.responder = model
+    return kinds
+
+
+def test_evol_instruct_evolves_every_seed_not_the_fewest(prefect_harness: None, fake_llm: FakeLLMServer,
+                                                         tmp_path: Path) -> None:
+    """Budget 2 from 4 seeds over 2 rounds: the old plan evolved one root; every seed is evolved now."""
+    kinds = _record_kinds(fake_llm)
     settings = settings_for(fake_llm, tmp_path, budget=2, baselines={"evol_rounds": 2, "evol_oversample": 1.0})
     _baseline("evol_instruct", tmp_path, settings)
     pub = _published(tmp_path / "out")
@@ -97,13 +103,7 @@ def test_evol_instruct_with_too_few_seeds_starts_lineages_of_equal_generations(
         prefect_harness: None, fake_llm: FakeLLMServer, tmp_path: Path) -> None:
     """Budget 20 from 4 seeds over 2 rounds: 3 lineages per seed, distinct methods in round 1, then one evolution
     per instruction per round, so round 2 is as large as round 1 (no tree doubling); the pool runs out: shortfall."""
-    kinds: list[str] = []
-
-    def model(body: dict[str, Any]) -> str | None:
-        kinds.append(_kind(body))
-        return _evol_model(body)
-
-    fake_llm.responder = model
+    kinds = _record_kinds(fake_llm)
     settings = settings_for(fake_llm, tmp_path, budget=20, baselines={"evol_rounds": 2, "evol_oversample": 1.0})
     _baseline("evol_instruct", tmp_path, settings)
     pub = _published(tmp_path / "out")
@@ -137,13 +137,7 @@ def test_wizardlm_plus_evolves_the_basic_instructions_of_a_codeclm_dataset(
     data = _codeclm_dataset(tmp_path, fake_llm)
     basic = [c for c in read_records(data / "stages" / "candidates.parquet", Candidate) if c.round == 1]
     assert basic
-    kinds: list[str] = []
-
-    def model(body: dict[str, Any]) -> str | None:
-        kinds.append(_kind(body))
-        return _evol_model(body)
-
-    fake_llm.responder = model
+    kinds = _record_kinds(fake_llm)
     settings = settings_for(fake_llm, tmp_path, budget=2, baselines={"evol_rounds": 2, "evol_oversample": 1.0})
     _baseline("wizardlm_plus", tmp_path, settings, basic=str(data))
     pub = _published(tmp_path / "out")
